@@ -1,0 +1,116 @@
+"""Tiny models and tokenizers for tests, docs and examples (no download, built in a second).
+
+Example:
+
+```python
+>>> from hf_asynclm.testing import tiny_tokenizer, tiny_llama
+>>> tok = tiny_tokenizer()
+>>> model = tiny_llama(tok)
+>>> model.config.vocab_size == len(tok)
+True
+
+```
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from .cml import MARKERS
+
+_CORPUS = [
+    "The weather in Paris is mild today. Let me check the flights and the hotels for you.",
+    'get_weather(city="Paris") get_flights(origin="NYC", destination="LAX", date="2026-11-25")',
+    '{"temp_c": 18, "condition": "sunny"} {"flights": [{"code": "AF12", "price": 420.5}]}',
+    "error: TimeoutError: tool did not return within 1.0 s. error: KeyError: unknown tool",
+    "I found 3 hotels. The answer is 42. Book it on Thursday at 10:30. Done!",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ()[]{}<>=,.:;'\"_-+*/\\|!?@#$%^&~`",
+    "user assistant system tool call result answer wait sum add multiply city date name price",
+]
+
+
+@functools.lru_cache(maxsize=4)
+def _build_tokenizer(with_markers: bool, vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|pad|>", "<|bos|>", "<|eos|>"] + (list(MARKERS) if with_markers else [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+
+
+def tiny_tokenizer(with_markers: bool = True, vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer trained on a few lines; CML markers as special tokens by default.
+
+    Without markers (``with_markers=False``) the markers are spelt with several tokens, which
+    exercises the text path of the monitor. Each call returns a fresh copy.
+    """
+    import copy
+
+    return copy.deepcopy(_build_tokenizer(with_markers, vocab_size))
+
+
+def tiny_llama(tokenizer: Any, seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised Llama with a few thousand parameters, sized to ``tokenizer``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
+
+
+def tiny_gemma3(tokenizer: Any, seed: int = 0, sliding_window: int = 8, **overrides: Any) -> Any:
+    """A randomly initialised Gemma 3 text model whose sliding window is ``sliding_window`` tokens."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cfg.update(overrides)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**cfg))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()
