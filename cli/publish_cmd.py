@@ -57,6 +57,13 @@ training facts for the card are read from cml_training.json in the folder, if pr
     help="License id for the card metadata (e.g. apache-2.0), if cml_training.json does not say.",
 )
 @click.option(
+    "--base-model",
+    default=None,
+    metavar="ORG/NAME",
+    help="Hub id of the model that was fine-tuned, for the card metadata (when cml_training.json names a "
+    "local folder).",
+)
+@click.option(
     "--message",
     "-m",
     "commit_message",
@@ -72,6 +79,7 @@ def publish(
     private: bool,
     revision: str | None,
     license_: str | None,
+    base_model: str | None,
     commit_message: str,
 ) -> None:
     """Publish the checkpoint folder PATH to the Hugging Face Hub with a rendered model card."""
@@ -85,7 +93,7 @@ def publish(
             endpoint=endpoint,
             private=private,
             revision=revision,
-            card_data={"license": license_} if license_ else None,
+            card_data={k: v for k, v in (("license", license_), ("base_model", base_model)) if v} or None,
             commit_message=commit_message,
         )
     except (InvalidCheckpointError, HubError, FileNotFoundError) as err:

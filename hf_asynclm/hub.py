@@ -272,23 +272,35 @@ def check_checkpoint_folder(folder: str | os.PathLike[str]) -> CheckpointInfo:
 def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``cml_training.json`` from a checkpoint folder (``{}`` when there is none).
 
-    Every field is optional; unknown fields are ignored. The fields the model card uses:
+    :func:`hf_asynclm.training.train` writes it (``"format": "hf-asynclm/cml-training/1"``);
+    it may also be written or completed by hand. Every field is optional; unknown fields are
+    ignored. The fields the model card uses:
 
     - ``model_name`` (str): title of the card (default: the repo name).
     - ``description`` (str): a paragraph under the title.
     - ``base_model`` (str): Hub id of the model that was fine-tuned (card metadata
-      ``base_model``; for an adapter the default is ``adapter_config.json``'s
-      ``base_model_name_or_path`` when that is a Hub id).
+      ``base_model``; a local path is left out of the metadata with a warning; for an adapter
+      the default is ``adapter_config.json``'s ``base_model_name_or_path`` when that is a Hub id).
     - ``license`` (str), ``language`` (str or list): card metadata.
     - ``datasets`` (list of str): Hub dataset ids used for training (card metadata and the
       "Training data" section).
     - ``data`` (dict): training data, shown as a table, e.g. ``{"sources": ["bfcl:parallel",
-      "synthetic"], "num_traces": 20000, "values": "random syllable names"}``.
+      "synthetic"], "num_traces": 20000, "values": "random syllable names"}``. Without it the
+      trainer's ``data_files`` (names only), ``examples`` and ``dataset`` counts
+      (``read``, ``kept``, ``too_long``, ``truncated``, ``tokens``, ``trained_tokens``...) are shown.
     - ``simulator`` (dict): simulator settings of paper §4, shown as a table, e.g.
-      ``{"call_time_ms": [1, 1000], "token_time_ms": [5, 30], "scheduling": "LPT", "seed": 0}``.
+      ``{"call_time_ms": [1, 1000], "token_time_ms": [5, 30], "scheduling": "LPT", "seed": 0}``;
+      or the trainer's summary of the traces, ``{"mode": {mode: count}, "meta": {key: {"mean",
+      "min", "max", ...} or {value: count}}}``.
     - ``training`` (dict): hyper-parameters and run facts, shown as a table, e.g.
       ``{"steps": 1500, "learning_rate": 0.002, "batch_size": 32, "lora_r": null,
-      "hardware": "2-core CPU", "train_seconds": 2280, "final_loss": 0.10}``.
+      "hardware": "2-core CPU", "train_seconds": 2280, "final_loss": 0.10}``. Without it the
+      trainer's ``mode``, ``steps``, ``epochs``, ``final_train_loss``, ``mean_train_loss``,
+      ``train_time_s``, ``parameters``, ``trainable_parameters``, ``vocab_size`` and from its
+      ``config``: ``preset``, ``learning_rate``, ``max_steps``, ``num_epochs``, ``batch_size``,
+      ``grad_accum``, ``max_length``, ``warmup``, ``lr_scheduler``, ``weight_decay``, ``seed``,
+      ``model_dtype``, ``lora`` (and ``lora_r``, ``lora_alpha``, ``lora_dropout``,
+      ``merge_lora`` when ``lora`` is on) are shown.
     - ``metrics`` (dict ``name -> value``, or list of ``{"name", "value", "dataset"?,
       "notes"?}``): evaluation results, shown as a table.
     - ``limitations`` (list of str): added to the card's limitations.
@@ -353,6 +365,67 @@ def _rows(table: Any) -> list[tuple[str, str]]:
     if not isinstance(table, Mapping):
         return []
     return [(str(k), _fmt(v)) for k, v in table.items()]
+
+
+def _is_hub_id(name: Any) -> bool:
+    """A Hub repo id (``org/name``), not a local path that happens to look like one."""
+    return (
+        isinstance(name, str) and bool(_REPO_ID.match(name)) and ".." not in name and not Path(name).exists()
+    )
+
+
+# what the trainer's record (``"format": "hf-asynclm/cml-training/1"``) holds, shown in the card
+_RUN_KEYS = ("mode", "steps", "epochs", "final_train_loss", "mean_train_loss", "train_time_s", "parameters",
+             "trainable_parameters", "vocab_size")
+_CONFIG_KEYS = ("preset", "learning_rate", "max_steps", "num_epochs", "batch_size", "grad_accum", "max_length",
+                "warmup", "lr_scheduler", "weight_decay", "seed", "model_dtype", "lora", "lora_r", "lora_alpha",
+                "lora_dropout", "merge_lora")
+_DATASET_KEYS = ("read", "kept", "too_long", "truncated", "invalid", "tokens", "trained_tokens", "max_tokens")
+
+
+def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if isinstance(record.get("training"), Mapping):
+        return _rows(record["training"])
+    table = {k: record[k] for k in _RUN_KEYS if record.get(k) is not None}
+    config = record.get("config") if isinstance(record.get("config"), Mapping) else {}
+    lora = bool(config.get("lora"))
+    table.update({
+        k: config[k] for k in _CONFIG_KEYS
+        if config.get(k) is not None and (lora or not k.startswith(("lora_", "merge_lora")))
+    })
+    return _rows(table)
+
+
+def _data_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if isinstance(record.get("data"), Mapping):
+        return _rows(record["data"])
+    table: dict[str, Any] = {}
+    if record.get("data_files"):
+        table["files"] = [Path(str(f)).name for f in record["data_files"]]
+    if record.get("examples") is not None:
+        table["examples"] = record["examples"]
+    stats = record.get("dataset") if isinstance(record.get("dataset"), Mapping) else {}
+    for key in _DATASET_KEYS:  # zero counts (nothing truncated...) are left out, read/kept are not
+        if stats.get(key) is not None and (stats[key] or key in ("read", "kept")):
+            table[f"examples {key}" if key in ("read", "kept") else key] = stats[key]
+    return _rows(table)
+
+
+def _simulator_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Settings (a flat dict) or the trainer's summary (``{"mode": {...}, "meta": {key: stats}}``)."""
+    sim = record.get("simulator")
+    if not isinstance(sim, Mapping):
+        return []
+    if not ({"mode", "meta"} >= set(sim) and sim):
+        return _rows(sim)
+    rows = []
+    if isinstance(sim.get("mode"), Mapping):
+        rows.append(("calling modes in the traces", _fmt(sim["mode"])))
+    for key, value in (sim.get("meta") or {}).items():
+        if isinstance(value, Mapping) and {"mean", "min", "max"} <= set(value):
+            value = f"mean {_fmt(value['mean'])} (min {_fmt(value['min'])}, max {_fmt(value['max'])})"
+        rows.append((str(key), _fmt(value)))
+    return rows
 
 
 def _metric_rows(metrics: Any) -> list[dict[str, str]]:
@@ -440,11 +513,15 @@ def render_model_card(
     record = read_training_record(info.folder)
     overrides = dict(card_data or {})
 
-    base_model = record.get("base_model")
-    if base_model is None and info.adapter_config:
-        candidate = info.adapter_config.get("base_model_name_or_path")
-        if isinstance(candidate, str) and _REPO_ID.match(candidate) and not Path(candidate).exists():
-            base_model = candidate
+    # base_model must be a Hub id in the metadata (a local path is useless there, and leaks paths)
+    base_model = record.get("base_model") if _is_hub_id(record.get("base_model")) else None
+    if base_model is None and _is_hub_id(info.adapter_config.get("base_model_name_or_path")):
+        base_model = info.adapter_config["base_model_name_or_path"]
+    if base_model is None and record.get("base_model") and "base_model" not in overrides:
+        logger.warning(
+            "base model %r of %s is not a Hub id: set card_data={'base_model': 'org/name'}",
+            record["base_model"], repo_id,
+        )
     extra_tags = overrides.pop("tags", None) or []
     if isinstance(extra_tags, str):
         extra_tags = [extra_tags]
@@ -493,10 +570,10 @@ def render_model_card(
         dtypes=", ".join(info.dtypes) or None,
         has_cml_markers=info.has_cml_markers,
         markers={"call": CALL, "intr": INTR, "trap": TRAP, "head": HEAD, "end": END},
-        data_rows=_rows(record.get("data")),
+        data_rows=_data_rows(record),
         dataset_ids=list(record.get("datasets") or []),
-        simulator_rows=_rows(record.get("simulator")),
-        training_rows=_rows(record.get("training")),
+        simulator_rows=_simulator_rows(record),
+        training_rows=_training_rows(record),
         metric_rows=_metric_rows(record.get("metrics")),
         cml_example=_cml_example(),
         limitations=limitations,

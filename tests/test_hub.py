@@ -299,6 +299,42 @@ def test_adapter_card(tmp_path: Path) -> None:
     assert "PEFT adapter" in card.text
 
 
+def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The record hf_asynclm.training.train writes (format hf-asynclm/cml-training/1) fills the card."""
+    folder = _tiny_folder(tmp_path / "trained")
+    record = {
+        "format": "hf-asynclm/cml-training/1",
+        "mode": "lora",
+        "base_model": str(tmp_path / "gemma-3-270m"),              # a local folder: not for the metadata
+        "data_files": ["/data/traces/train.jsonl"],
+        "examples": 120,
+        "dataset": {"files": ["/data/traces/train.jsonl"], "read": 128, "kept": 120, "too_long": 8,
+                    "truncated": 0, "invalid": 0, "tokens": 16000, "trained_tokens": 5200, "max_tokens": 480},
+        "steps": 50, "epochs": 1.7, "final_train_loss": 0.4123, "mean_train_loss": 1.2, "train_time_s": 81.5,
+        "parameters": 268000000, "trainable_parameters": 1500000, "vocab_size": 262149,
+        "simulator": {"mode": {"async": 100, "sync": 20},
+                      "meta": {"call_time_ms": {"count": 120, "mean": 110.2, "min": 30, "max": 500},
+                               "scheduling": {"LPT": 120}}},
+        "config": {"learning_rate": 0.0002, "batch_size": 8, "max_length": 512, "lora": True, "lora_r": 16,
+                   "seed": 0, "preset": None},
+        "loss_history": [{"step": 10, "loss": 2.0}],
+    }
+    (tmp_path / "gemma-3-270m").mkdir()
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="hf_asynclm.hub"):
+        card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"})
+    assert card.data.base_model is None and "is not a Hub id" in caplog.text
+    text = card.text
+    for row in ("| mode | lora |", "| steps | 50 |", "| final_train_loss | 0.4123 |", "| learning_rate | 0.0002 |",
+                "| lora_r | 16 |", "| files | train.jsonl |", "| examples kept | 120 |", "| too_long | 8 |",
+                "| calling modes in the traces | async=100, sync=20 |",
+                "| call_time_ms | mean 110.2 (min 30, max 500) |", "| scheduling | LPT=120 |"):
+        assert row in text, row
+    assert "truncated" not in text and "loss_history" not in text and "/data/traces" not in text
+    card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
+    assert card.data.base_model == "google/gemma-3-270m"
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -307,10 +343,11 @@ def test_adapter_card(tmp_path: Path) -> None:
 def test_cli_publish(fake_hub: FakeHub, tiny_checkpoint: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(publish, [str(tiny_checkpoint), "--repo-id", "org/cli", "--endpoint", fake_hub.url,
-                                     "--license", "mit", "-m", "from the CLI"])
+                                     "--license", "mit", "--base-model", "org/base", "-m", "from the CLI"])
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == f"{fake_hub.url}/org/cli"
-    assert ModelCard(fake_hub.files("org/cli")["README.md"].decode()).data.license == "mit"
+    card = ModelCard(fake_hub.files("org/cli")["README.md"].decode())
+    assert (card.data.license, card.data.base_model) == ("mit", "org/base")
     assert fake_hub.repos["org/cli"].resolve("main").message == "from the CLI"
 
     bad = runner.invoke(publish, [str(tmp_path), "--repo-id", "org/cli", "--endpoint", fake_hub.url])
