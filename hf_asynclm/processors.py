@@ -77,7 +77,7 @@ class CMLLogitsProcessor(LogitsProcessor):
         self.monitor = CMLMonitor(tokenizer)
         self._owns_executor = executor is None and dispatch
         if executor is None and dispatch:
-            from .executor import ToolExecutor
+            from .executor.executor import ToolExecutor
 
             executor = ToolExecutor(tools, **executor_kwargs)
         self.executor = executor

@@ -114,3 +114,45 @@ def tiny_gemma3(tokenizer: Any, seed: int = 0, sliding_window: int = 8, **overri
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
+
+
+class ScriptedPolicy:
+    """A logits processor that forces a model to write a fixed script, token by token.
+
+    The script is a list of text pieces, each encoded on its own (so CML markers stay single
+    tokens); after the last token it forces EOS. The runtime's injections do not disturb it:
+    it counts only the tokens it forced. Used by tests and by the oracle benchmark policy to
+    drive a real model's forward passes with a known CML schedule.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_asynclm.testing import ScriptedPolicy, tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> policy = ScriptedPolicy(tok, ["Hi", " [TRAP] [END]"])
+    >>> scores = policy(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, len(tok)))
+    >>> int(scores.argmax()) == tok.encode("Hi", add_special_tokens=False)[0]
+    True
+
+    ```
+    """
+
+    def __init__(self, tokenizer: Any, pieces: list[str] | str, eos: bool = True) -> None:
+        if isinstance(pieces, str):
+            pieces = [pieces]
+        self.tokens: list[int] = []
+        for piece in pieces:
+            self.tokens += tokenizer.encode(piece, add_special_tokens=False)
+        if eos:
+            self.tokens.append(tokenizer.eos_token_id)
+        self.position = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        target = self.tokens[min(self.position, len(self.tokens) - 1)]
+        self.position += 1
+        forced = torch.full_like(scores, -float("inf"))
+        forced[..., target] = 0.0
+        return forced

@@ -1,0 +1,436 @@
+"""`AsyncLM`: asynchronous function calling for any transformers causal LM, in one object.
+
+Example:
+
+```python
+>>> from hf_asynclm import AsyncLM
+>>> from hf_asynclm.testing import tiny_tokenizer, tiny_llama
+>>> tok = tiny_tokenizer(); model = tiny_llama(tok)
+>>> def get_weather(city: str) -> dict:
+...     '''Current weather.
+...
+...     Args:
+...         city: The city.
+...     '''
+...     return {"city": city, "temp_c": 18}
+>>> alm = AsyncLM(model, tok, tools=[get_weather])
+>>> result = alm.generate("Weather in Oslo?", max_new_tokens=8, do_sample=False)
+>>> result.stats.generated_tokens <= 8, result.stats.forward_passes <= result.stats.generated_tokens + 1
+(True, True)
+>>> out = model.generate(**tok("Hi", return_tensors="pt"), custom_generate=alm.custom_generate, max_new_tokens=4)
+>>> out.shape[0]
+1
+
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .cml import visible_text
+from .executor.executor import ToolExecutor
+from .executor.registry import ToolRegistry
+from .generation import MODES, GenerationSession, GenerationStats, Mode, cml_decode_loop
+from .prompting import build_prompt
+from .streamer import CMLIteratorStreamer, StreamEvent
+
+logger = logging.getLogger(__name__)
+
+#: Folder of the checkpoint shipped inside the package (the default model).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "cml-tiny"
+
+
+@dataclass
+class AsyncResult:
+    """What one asynchronous generation produced.
+
+    Attributes:
+        text: the user-visible text (CML blocks removed).
+        raw_text: everything after the prompt, CML blocks and injected interrupts included.
+        calls: one record per call (id, name, arguments, times, result or error, status).
+        timeline: every event with its monotonic timestamp.
+        stats: counters (forward passes, generated / injected tokens, trap time, wall time).
+        sequences: token ids of prompt + generated + injected tokens, shape ``[1, n]``.
+        prompt_length: number of prompt tokens at the start of ``sequences``.
+        interrupts: the interrupts injected, in order.
+        leftover_interrupts: results that were ready but never injected (generation ended).
+        malformed: blocks that broke the protocol.
+        mode: the mode the generation ran in.
+    """
+
+    text: str
+    raw_text: str
+    calls: list[Any]
+    timeline: list[StreamEvent]
+    stats: GenerationStats
+    sequences: torch.Tensor
+    prompt_length: int
+    interrupts: list[Any] = field(default_factory=list)
+    leftover_interrupts: list[Any] = field(default_factory=list)
+    malformed: list[Any] = field(default_factory=list)
+    mode: str = "async"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (for ``--json`` output and benchmark files)."""
+        return {
+            "mode": self.mode,
+            "text": self.text,
+            "raw_text": self.raw_text,
+            "calls": [_record_dict(c) for c in self.calls],
+            "stats": self.stats.to_dict(),
+            "timeline": [e.to_dict() for e in self.timeline],
+            "malformed": [{"raw": b.raw, "error": b.error} for b in self.malformed],
+        }
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    keys = ("call_id", "name", "arguments", "body", "status", "submitted_at", "started_at", "finished_at", "result_text", "error")
+    out = {}
+    for k in keys:
+        v = getattr(record, k, None)
+        try:
+            import json
+
+            json.dumps(v)
+        except (TypeError, ValueError):
+            v = repr(v)
+        out[k] = v
+    return out
+
+
+def _streamer_of_calling_generate() -> Any | None:
+    """The ``streamer`` passed to the ``generate`` call that invoked ``custom_generate``.
+
+    transformers (5.2x) gives a callable ``custom_generate`` only the keyword arguments its
+    signature adds, so the caller's streamer (which already received the prompt) does not reach
+    the loop. It is still a local of ``GenerationMixin.generate`` two frames up: take it from
+    there, and only from there.
+    """
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+        while caller is not None:
+            if caller.f_code.co_name == "generate" and "streamer" in caller.f_locals and "decoding_method" in caller.f_locals:
+                return caller.f_locals["streamer"]
+            caller = caller.f_back
+        return None
+    finally:
+        del frame
+
+
+class AsyncLM:
+    """A transformers causal LM with asynchronous function calling.
+
+    Args:
+        model: a causal LM (``PreTrainedModel``; a ``PeftModel`` works too).
+        tokenizer: its tokenizer.
+        tools: callables (documented, type-hinted), ``Tool`` objects, ``(schema, handler)``
+            pairs or a ``ToolRegistry``.
+        mode: ``async`` (default), ``sync`` or ``sync-parallel`` (see the README).
+        call_timeout_s: longest run of one call before it becomes an error interrupt.
+        trap_timeout_s: longest pause in a trap.
+        max_result_chars: interrupts longer than this are truncated with a marker.
+        max_in_flight: calls running at once (more wait their turn).
+        max_workers: threads for synchronous tools.
+        system_prompt: for models whose chat template does not know CML: ``True`` adds the
+            default CML system prompt with tools and examples, a string replaces it, ``False``
+            adds nothing.
+        drain_on_eos: wait for owed results when the model ends early (see
+            :class:`~hf_asynclm.generation.GenerationSession`).
+        trap_cache_policy: ``keep`` or ``offload`` the KV cache during traps.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        tools: Iterable[Any] | ToolRegistry | None = None,
+        mode: Mode = "async",
+        *,
+        call_timeout_s: float = 30.0,
+        trap_timeout_s: float = 60.0,
+        max_result_chars: int = 4096,
+        max_in_flight: int = 32,
+        max_workers: int = 8,
+        system_prompt: bool | str = True,
+        drain_on_eos: bool = True,
+        trap_cache_policy: str = "keep",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.registry = ToolRegistry.coerce(tools)
+        self.mode: Mode = mode
+        self.call_timeout_s = call_timeout_s
+        self.trap_timeout_s = trap_timeout_s
+        self.max_result_chars = max_result_chars
+        self.max_in_flight = max_in_flight
+        self.max_workers = max_workers
+        self.system_prompt = system_prompt
+        self.drain_on_eos = drain_on_eos
+        self.trap_cache_policy = trap_cache_policy
+        self._session: GenerationSession | None = None
+        self._lock = threading.Lock()
+        self.last_session: GenerationSession | None = None
+
+    # construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | Path | None = None,
+        tools: Iterable[Any] | ToolRegistry | None = None,
+        mode: Mode = "async",
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        device: str | torch.device | None = None,
+        dtype: Any = None,
+        **kwargs: Any,
+    ) -> "AsyncLM":
+        """Load a CML checkpoint (a local folder or a Hub repo id) with its tokenizer.
+
+        Without ``path_or_repo`` the checkpoint shipped in the package (``cml-tiny``) is used,
+        so everything works offline. LoRA adapters (``adapter_config.json``) are loaded on top
+        of their base model with ``peft``. Remaining keyword arguments go to the
+        :class:`AsyncLM` constructor.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if path_or_repo is None:
+            if not (DEFAULT_CHECKPOINT / "config.json").exists():
+                raise FileNotFoundError(
+                    f"the default checkpoint is missing from {DEFAULT_CHECKPOINT}; reinstall hf-asynclm "
+                    "or pass a checkpoint path / Hub repo id"
+                )
+            folder = DEFAULT_CHECKPOINT
+        else:
+            from .hub import resolve_checkpoint
+
+            folder = resolve_checkpoint(
+                path_or_repo, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+            )
+        folder = Path(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        load_kwargs: dict[str, Any] = {}
+        if dtype is not None:
+            load_kwargs["dtype"] = dtype
+        if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+            try:
+                from peft import AutoPeftModelForCausalLM
+            except ImportError as exc:  # pragma: no cover - depends on the environment
+                raise ImportError(f"{folder} holds a LoRA adapter: install peft (pip install 'hf-asynclm[train]')") from exc
+            model = AutoPeftModelForCausalLM.from_pretrained(folder, **load_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
+        if device is not None:
+            model = model.to(device)
+        model.eval()
+        return cls(model, tokenizer, tools=tools, mode=mode, **kwargs)
+
+    # sessions ----------------------------------------------------------------------------------
+    def new_session(self, mode: Mode | None = None) -> GenerationSession:
+        """A fresh runtime session (executor, monitor, counters) for one generation."""
+        executor = ToolExecutor(
+            self.registry,
+            timeout_s=self.call_timeout_s,
+            max_workers=self.max_workers,
+            max_in_flight=self.max_in_flight,
+            max_result_chars=self.max_result_chars,
+        )
+        return GenerationSession(
+            self.tokenizer,
+            executor,
+            mode=mode or self.mode,
+            trap_timeout_s=self.trap_timeout_s,
+            drain_on_eos=self.drain_on_eos,
+            owns_executor=True,
+            trap_cache_policy=self.trap_cache_policy,  # type: ignore[arg-type]
+        )
+
+    @property
+    def custom_generate(self) -> Callable[..., Any]:
+        """The decode loop for ``model.generate(..., custom_generate=alm.custom_generate)``.
+
+        Works in pipelines too: ``pipe(prompt, custom_generate=alm.custom_generate)``. Pass
+        ``asynclm_mode="sync"`` to ``generate`` to pick a mode per call.
+        """
+        alm = self
+
+        def custom_generate(
+            model: Any,
+            input_ids: torch.LongTensor,
+            logits_processor: Any,
+            stopping_criteria: Any,
+            generation_config: Any,
+            synced_gpus: bool = False,
+            streamer: Any | None = None,
+            asynclm_session: GenerationSession | None = None,
+            asynclm_mode: str | None = None,
+            asynclm_streamer: Any | None = None,
+            **model_kwargs: Any,
+        ) -> Any:
+            session = asynclm_session or alm.new_session(asynclm_mode)  # type: ignore[arg-type]
+            if asynclm_streamer is not None:
+                streamer = asynclm_streamer
+                streamer.put(input_ids.cpu())  # generate() did not see this streamer: give it the prompt
+            elif streamer is None:
+                streamer = _streamer_of_calling_generate()
+            with alm._lock:
+                alm._session = session
+            try:
+                return cml_decode_loop(
+                    session, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+                )
+            finally:
+                with alm._lock:
+                    alm._session = None
+                    alm.last_session = session
+
+        return custom_generate
+
+    # generation --------------------------------------------------------------------------------
+    def encode_prompt(self, prompt_or_messages: str | Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Tokenise a prompt or chat messages with the tools (see :func:`~hf_asynclm.prompting.build_prompt`)."""
+        prompt = build_prompt(self.tokenizer, prompt_or_messages, self.registry.schemas(), self.system_prompt)
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not templated)
+        device = getattr(self.model, "device", torch.device("cpu"))
+        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def generate(
+        self,
+        prompt_or_messages: str | Sequence[dict[str, Any]],
+        *,
+        mode: Mode | None = None,
+        streamer: Any | None = None,
+        **generation_kwargs: Any,
+    ) -> AsyncResult:
+        """Generate with asynchronous function calling.
+
+        Args:
+            prompt_or_messages: a prompt string or chat messages.
+            mode: override the instance's mode for this call.
+            streamer: a transformers streamer (a :class:`~hf_asynclm.streamer.CMLStreamer`
+                also receives call / interrupt / trap events).
+            **generation_kwargs: anything ``model.generate`` takes (``max_new_tokens``,
+                ``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty``,
+                ``generation_config``, ``logits_processor``, ``stopping_criteria`` ...).
+        """
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        inputs = self.encode_prompt(prompt_or_messages)
+        session = self.new_session(mode)
+        self.model.generate(
+            **inputs,
+            custom_generate=self.custom_generate,
+            asynclm_session=session,
+            asynclm_streamer=streamer,
+            **generation_kwargs,
+        )
+        return self.result_of(session)
+
+    def result_of(self, session: GenerationSession) -> AsyncResult:
+        """Build the :class:`AsyncResult` of a finished session."""
+        seq = session.sequences if session.sequences is not None else torch.zeros(1, 0, dtype=torch.long)
+        raw = self.tokenizer.decode(seq[0, session.prompt_length :], skip_special_tokens=False)
+        for special in (self.tokenizer.eos_token, self.tokenizer.pad_token):
+            if special and raw.endswith(special):
+                raw = raw[: -len(special)]
+        events = session.events
+        text = "".join(e.text for e in events if e.kind == "text") if events else visible_text(raw)
+        malformed = [b for b in session.blocks if b.kind == "malformed"]
+        return AsyncResult(
+            text=text,
+            raw_text=raw,
+            calls=list(session.executor.calls),
+            timeline=sorted(events, key=lambda e: e.time),
+            stats=session.stats,
+            sequences=seq,
+            prompt_length=session.prompt_length,
+            interrupts=list(session.injected),
+            leftover_interrupts=list(session.leftover_interrupts),
+            malformed=malformed,
+            mode=session.mode,
+        )
+
+    def stream(
+        self, prompt_or_messages: str | Sequence[dict[str, Any]], *, mode: Mode | None = None, **generation_kwargs: Any
+    ) -> Iterator[StreamEvent]:
+        """Generate in a background thread and yield :class:`StreamEvent` objects as they happen.
+
+        The last event is ``done``; its ``data["result"]`` holds the :class:`AsyncResult`.
+        An exception raised by the generation is re-raised here.
+        """
+        streamer = CMLIteratorStreamer(self.tokenizer)
+        inputs = self.encode_prompt(prompt_or_messages)
+        session = self.new_session(mode)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(
+                    **inputs,
+                    custom_generate=self.custom_generate,
+                    asynclm_session=session,
+                    asynclm_streamer=streamer,
+                    **generation_kwargs,
+                )
+            except BaseException as exc:  # re-raised in the caller's thread
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="hf-asynclm-generate", daemon=True)
+        thread.start()
+        try:
+            for event in streamer:
+                if event.kind == "done":
+                    thread.join()
+                    if failure:
+                        raise failure[0]
+                    event.data["result"] = self.result_of(session)
+                yield event
+                if event.kind == "done":
+                    return
+        finally:
+            if thread.is_alive():
+                session.cancel()
+                thread.join(timeout=30)
+
+    # control -----------------------------------------------------------------------------------
+    def interrupt(self, text: str) -> None:
+        """Send a user interrupt to the generation in progress (thread-safe).
+
+        It is injected as ``[INTR] user [HEAD] text [END]`` at the next safe point.
+        Raises ``RuntimeError`` when nothing is generating.
+        """
+        with self._lock:
+            session = self._session
+        if session is None:
+            raise RuntimeError("no generation in progress: AsyncLM.interrupt works while generate/stream runs")
+        session.interrupt(text)
+
+    def cancel(self) -> bool:
+        """Stop the generation in progress at its next step; True when one was running."""
+        with self._lock:
+            session = self._session
+        if session is None:
+            return False
+        session.cancel()
+        return True
+
+    @property
+    def generating(self) -> bool:
+        """True while a generation runs."""
+        return self._session is not None

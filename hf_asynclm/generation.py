@@ -1,0 +1,462 @@
+"""The asynchronous decode loop, as a transformers ``custom_generate`` callable.
+
+``model.generate(**inputs, custom_generate=fn)`` prepares everything as usual (generation
+config, cache, masks, positions, logits processors, stopping criteria, streamer) and then
+hands the loop to :func:`cml_decode_loop` through the function an
+:class:`~hf_asynclm.asynclm.AsyncLM` exposes as ``alm.custom_generate``. At every step the loop
+
+1. runs the caller's logits processors (sampling warpers, penalties ...) and masks ``[INTR]``;
+2. samples a token (greedy or multinomial, as the generation config says);
+3. feeds it to the CML monitor; a complete ``[CALL] ... [END]`` starts on the executor at
+   once (``async``), after a wait for its result (``sync``) or at the next trap (``sync-parallel``);
+   a ``[TRAP] [END]`` pauses until a result is ready;
+4. at a safe point (outside any block) takes every ready interrupt and feeds
+   ``[sampled token] + [interrupt tokens]`` in ONE forward pass (the ride-along), so an
+   interrupt costs no extra forward pass.
+
+``max_new_tokens`` counts only tokens the model generated; the returned sequence holds what
+the model conditioned on: prompt, generated and injected tokens, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from transformers import StoppingCriteriaList
+from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+from .cache_inject import CacheDriver, TrapCachePolicy
+from .cml import PROTOCOL_ERROR_ID, TRAP_ID, USER_ID, Block, format_error
+from .monitor import CMLMonitor
+from .streamer import CMLStreamer, StreamEvent
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["async", "sync", "sync-parallel"]
+MODES: tuple[str, ...] = ("async", "sync", "sync-parallel")
+
+_WAIT_SLICE_S = 0.05  # waits wake this often to notice a cancellation
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generation.
+
+    Attributes:
+        forward_passes: model forward calls (prefill included).
+        prompt_tokens: tokens of the prompt.
+        generated_tokens: tokens the model sampled.
+        injected_tokens: interrupt tokens the runtime fed.
+        interrupts: interrupts injected.
+        trap_wait_s: time decoding was paused in traps (and draining at EOS).
+        sync_wait_s: time spent blocked on calls in ``sync`` / ``sync-parallel`` mode.
+        wall_s: wall time of the decode loop.
+        ttft_s: time from the start of the loop to the first sampled token.
+        stop_reason: ``eos``, ``max_new_tokens``, ``stopping_criteria`` or ``cancelled``.
+    """
+
+    forward_passes: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    injected_tokens: int = 0
+    interrupts: int = 0
+    trap_wait_s: float = 0.0
+    sync_wait_s: float = 0.0
+    wall_s: float = 0.0
+    ttft_s: float = 0.0
+    stop_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class _Recorder(CMLStreamer):
+    """The session's own streamer: keeps every event and forwards it to the user's streamer."""
+
+    def __init__(self, tokenizer: Any, user_streamer: Any | None) -> None:
+        super().__init__(tokenizer, skip_prompt=True)
+        self.user = user_streamer
+
+    def on_stream_event(self, event: StreamEvent) -> None:
+        if self.user is not None and hasattr(self.user, "on_event") and not isinstance(self.user, _Recorder):
+            # CMLStreamer subclasses decode tokens themselves; pass only runtime events
+            if event.kind not in ("text", "call_written", "malformed", "done", "interrupt"):
+                self.user.on_event(event)
+
+
+class GenerationSession:
+    """Runtime state of ONE generation: executor, monitor, events, counters.
+
+    Created by :class:`~hf_asynclm.asynclm.AsyncLM` for each ``generate`` call; user code
+    talks to it through ``AsyncLM.interrupt`` / ``AsyncLM.cancel``.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        executor: a :class:`~hf_asynclm.executor.ToolExecutor`.
+        mode: ``async``, ``sync`` or ``sync-parallel``.
+        trap_timeout_s: longest pause in a trap (an error interrupt then goes in).
+        drain_on_eos: when the model ends while calls it named are still running, wait for
+            them and inject their results instead of ending (nothing is lost).
+        owns_executor: close the executor when the generation ends.
+        trap_cache_policy: ``keep`` the KV cache in place during traps or ``offload`` it to CPU.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        executor: Any,
+        mode: Mode = "async",
+        trap_timeout_s: float = 60.0,
+        drain_on_eos: bool = True,
+        owns_executor: bool = True,
+        trap_cache_policy: TrapCachePolicy = "keep",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        self.tokenizer = tokenizer
+        self.executor = executor
+        self.mode = mode
+        self.trap_timeout_s = trap_timeout_s
+        self.drain_on_eos = drain_on_eos
+        self.owns_executor = owns_executor
+        self.trap_cache_policy = trap_cache_policy
+        self.stats = GenerationStats()
+        self.blocks: list[Block] = []
+        self.injected: list[Any] = []
+        self.leftover_interrupts: list[Any] = []
+        self.sequences: torch.Tensor | None = None
+        self.prompt_length = 0
+        self._deferred: list[Block] = []
+        self._finished_reported: set[int] = set()
+        self._cancel = threading.Event()
+        self._recorder: _Recorder | None = None
+        self.started = threading.Event()
+        self.finished = threading.Event()
+
+    # control from other threads ----------------------------------------------------------------
+    def interrupt(self, text: str) -> None:
+        """Queue ``[INTR] user [HEAD] text [END]``; it goes in at the next safe point."""
+        self.executor.push_interrupt(USER_ID, " ".join(str(text).split()))
+        self._emit(StreamEvent("user_interrupt", time.monotonic(), text=text, call_id=USER_ID))
+
+    def cancel(self) -> None:
+        """Stop the generation at the next step (calls in flight are cancelled)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    # events ------------------------------------------------------------------------------------
+    @property
+    def events(self) -> list[StreamEvent]:
+        return self._recorder.events if self._recorder is not None else []
+
+    def _emit(self, event: StreamEvent) -> None:
+        if self._recorder is not None:
+            self._recorder.on_event(event)
+
+    # block handling ----------------------------------------------------------------------------
+    def handle_block(self, block: Block, driver: CacheDriver) -> None:
+        self.blocks.append(block)
+        if block.kind == "call":
+            if self.mode == "sync-parallel":
+                self._deferred.append(block)
+            else:
+                record = self._submit(block)
+                if self.mode == "sync":
+                    self._wait_call(record)
+        elif block.kind == "trap":
+            self.trap(driver)
+        elif block.kind == "malformed":
+            target = block.call_id if block.call_id and block.call_id.isidentifier() else PROTOCOL_ERROR_ID
+            self.executor.push_interrupt(target, format_error("CMLSyntaxError", block.error or "malformed block"), is_error=True)
+        # an [INTR] block can only come from the model spelling it around the mask: report it
+        elif block.kind == "interrupt":
+            self.executor.push_interrupt(
+                PROTOCOL_ERROR_ID, format_error("CMLSyntaxError", "the model may not write [INTR] blocks"), is_error=True
+            )
+
+    def _submit(self, block: Block) -> Any:
+        record = self.executor.submit(block.call_id, block.body)
+        self._emit(
+            StreamEvent(
+                "call_started",
+                record.submitted_at,
+                text=block.body,
+                call_id=block.call_id,
+                name=record.name,
+                data={"arguments": record.arguments, "status": record.status},
+            )
+        )
+        return record
+
+    def _wait(self, predicate_wait: Any, timeout: float | None) -> bool:
+        """Wait in slices until ``predicate_wait(slice)`` is true, the timeout, or a cancel."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.cancelled:
+            remaining = _WAIT_SLICE_S if deadline is None else min(_WAIT_SLICE_S, deadline - time.monotonic())
+            if remaining <= 0:
+                return False
+            if predicate_wait(remaining):
+                return True
+        return False
+
+    def _wait_call(self, record: Any) -> None:
+        t0 = time.monotonic()
+        self._wait(lambda s: self.executor.wait_for(record, s), None)
+        self.stats.sync_wait_s += time.monotonic() - t0
+
+    def _start_deferred(self) -> list[Any]:
+        records = [self._submit(b) for b in self._deferred]
+        self._deferred = []
+        return records
+
+    def trap(self, driver: CacheDriver, reason: str = "trap") -> None:
+        """Pause until at least one interrupt is ready (sync-parallel: until the bundle returns)."""
+        t0 = time.monotonic()
+        self._emit(StreamEvent("trap", t0, data={"reason": reason}))
+        if self.mode == "sync-parallel" and self._deferred:
+            records = self._start_deferred()
+            for record in records:
+                self._wait(lambda s, r=record: self.executor.wait_for(r, s), None)
+            waited = time.monotonic() - t0
+            self.stats.sync_wait_s += waited
+        elif not self.executor.has_ready():
+            if not self.executor.pending_ids():
+                if reason == "trap":
+                    self.executor.push_interrupt(
+                        TRAP_ID, format_error("TrapError", "nothing is in flight: no result will arrive"), is_error=True
+                    )
+            else:
+                if self.trap_cache_policy == "offload":
+                    driver.offload()
+                ok = self._wait(self.executor.wait_ready, self.trap_timeout_s)
+                if not ok and not self.cancelled and reason == "trap":
+                    self.executor.push_interrupt(
+                        TRAP_ID,
+                        format_error("TrapTimeoutError", f"no result arrived within {self.trap_timeout_s:g} s"),
+                        is_error=True,
+                    )
+            waited = time.monotonic() - t0
+            self.stats.trap_wait_s += waited
+        else:
+            waited = 0.0
+        self._emit(StreamEvent("resume", time.monotonic(), data={"waited_s": waited, "reason": reason}))
+
+    def owes_results(self) -> bool:
+        """Calls the model named are still running, deferred or un-injected."""
+        return bool(self._deferred) or bool(self.executor.pending_ids()) or self.executor.has_ready()
+
+    def take_interrupts(self) -> list[Any]:
+        interrupts = self.executor.pop_ready()
+        for intr in interrupts:
+            record = getattr(intr, "record", None)
+            if record is not None:
+                self._report_finished(record)
+        return interrupts
+
+    def _report_finished(self, record: Any) -> None:
+        if id(record) in self._finished_reported:
+            return
+        self._finished_reported.add(id(record))
+        self._emit(
+            StreamEvent(
+                "call_finished",
+                record.finished_at or time.monotonic(),
+                call_id=record.call_id,
+                name=record.name,
+                data={"status": record.status, "result": record.result_text, "error": record.error},
+            )
+        )
+
+    def finish(self) -> None:
+        """Cancel what is still running and report every call's final state."""
+        self.leftover_interrupts = self.executor.pop_ready()
+        self.executor.cancel_all("generation ended")
+        for record in list(self.executor.calls):
+            if record.finished_at is not None or record.status in ("cancelled", "timeout", "error", "done"):
+                self._report_finished(record)
+        if self.owns_executor:
+            self.executor.close(wait=False)
+
+
+def _eos_ids(generation_config: Any) -> set[int]:
+    eos = getattr(generation_config, "_eos_token_tensor", None)
+    if eos is None:
+        eos = generation_config.eos_token_id
+    if eos is None:
+        return set()
+    if isinstance(eos, torch.Tensor):
+        return {int(x) for x in eos.flatten().tolist()}
+    if isinstance(eos, int):
+        return {eos}
+    return {int(x) for x in eos}
+
+
+def _token_budget(generation_config: Any, prompt_len: int) -> float:
+    if getattr(generation_config, "max_new_tokens", None) is not None:
+        return int(generation_config.max_new_tokens)
+    if getattr(generation_config, "max_length", None) is not None:
+        return max(0, int(generation_config.max_length) - prompt_len)
+    return math.inf
+
+
+def _output(generation_config: Any, sequences: torch.Tensor, scores: tuple | None, cache: Any) -> Any:
+    if not getattr(generation_config, "return_dict_in_generate", False):
+        return sequences
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    names = {f.name for f in fields(GenerateDecoderOnlyOutput)}
+    kwargs: dict[str, Any] = {"sequences": sequences}
+    if scores is not None:
+        kwargs["scores"] = scores
+    kwargs["cache" if "cache" in names else "past_key_values"] = cache
+    return GenerateDecoderOnlyOutput(**kwargs)
+
+
+def cml_decode_loop(
+    session: GenerationSession,
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    streamer: Any | None = None,
+    **model_kwargs: Any,
+) -> Any:
+    """Run asynchronous generation for one sequence (see the module docstring)."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"hf-asynclm generates one sequence at a time; got a batch of {input_ids.shape[0]}. "
+            "Call generate once per prompt (each generation has its own calls and interrupts)."
+        )
+    if getattr(generation_config, "num_beams", 1) not in (None, 1):
+        raise ValueError("hf-asynclm does not support beam search (num_beams > 1): tool calls cannot be undone")
+    t_start = time.monotonic()
+    tokenizer = session.tokenizer
+    recorder = _Recorder(tokenizer, streamer)
+    recorder.put(input_ids.cpu())  # the prompt (skipped)
+    session._recorder = recorder
+    session.started.set()
+    monitor = CMLMonitor(tokenizer)
+    stats = session.stats
+    scores_out: tuple | None = () if getattr(generation_config, "output_scores", False) else None
+
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    attention_mask = model_kwargs.get("attention_mask")
+    position_ids = model_kwargs.get("position_ids")
+    driver = CacheDriver(model, cache, attention_mask)
+    prompt_len = input_ids.shape[1]
+    session.prompt_length = prompt_len
+    stats.prompt_tokens = prompt_len
+    past = driver.seq_length
+    if past >= prompt_len:  # keep at least one token to feed
+        driver.cache.crop(-(past - prompt_len + 1))
+        past = driver.seq_length
+    start_pos = int(position_ids[0, past]) if position_ids is not None and position_ids.shape[1] > past else past
+    driver.next_position = start_pos
+
+    budget = _token_budget(generation_config, prompt_len)
+    criteria = StoppingCriteriaList([c for c in (stopping_criteria or []) if not isinstance(c, MaxLengthCriteria)])
+    eos_ids = _eos_ids(generation_config)
+    do_sample = bool(getattr(generation_config, "do_sample", False))
+    device = input_ids.device
+
+    try:
+        logits = driver.forward(input_ids[:, past:])
+        generated = 0
+        while True:
+            if session.cancelled:
+                stats.stop_reason = "cancelled"
+                break
+            scores = logits_processor(input_ids, logits) if logits_processor is not None else logits
+            scores = monitor.mask_scores(scores)
+            if scores_out is not None:
+                scores_out += (scores,)
+            if do_sample:
+                probs = torch.nn.functional.softmax(scores, dim=-1)
+                token = int(torch.multinomial(probs, num_samples=1)[0, 0])
+            else:
+                token = int(torch.argmax(scores, dim=-1)[0])
+            generated += 1
+            stats.generated_tokens = generated
+            if generated == 1:
+                stats.ttft_s = time.monotonic() - t_start
+            token_t = torch.tensor([[token]], dtype=input_ids.dtype, device=device)
+
+            if token in eos_ids and session.drain_on_eos and generated < budget and not monitor.in_block and session.owes_results():
+                # The model wants to stop but results it asked for are still owed: wait for them and
+                # let it go on with them in context (the EOS is not kept).
+                session.trap(driver, reason="eos")
+                interrupts = session.take_interrupts()
+                if interrupts and not session.cancelled:
+                    input_ids, feed = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
+                    monitor.reset_context()
+                    logits = driver.forward(feed)
+                    continue
+
+            input_ids = torch.cat([input_ids, token_t], dim=-1)
+            recorder.put(token_t[0].cpu())
+            if streamer is not None:
+                streamer.put(token_t[0].cpu())
+            for event in monitor.feed_token(token):
+                if isinstance(event, Block):
+                    session.handle_block(event, driver)
+
+            if token in eos_ids:
+                stats.stop_reason = "eos"
+                break
+            if generated >= budget:
+                stats.stop_reason = "max_new_tokens"
+                break
+            if len(criteria) and bool(criteria(input_ids, scores).any()):
+                stats.stop_reason = "stopping_criteria"
+                break
+
+            feed = token_t
+            if monitor.at_safe_point:
+                interrupts = session.take_interrupts()
+                if interrupts:
+                    input_ids, extra = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
+                    feed = torch.cat([token_t, extra], dim=-1)
+                    monitor.reset_context()
+            logits = driver.forward(feed)
+    finally:
+        stats.forward_passes = driver.forward_calls
+        for event in monitor.flush():
+            if isinstance(event, Block):
+                session.blocks.append(event)
+        session.finish()
+        recorder.end()
+        if streamer is not None:
+            streamer.end()
+        stats.wall_s = time.monotonic() - t_start
+        session.sequences = input_ids
+        session.finished.set()
+    return _output(generation_config, input_ids, scores_out, driver.cache)
+
+
+def _append_interrupts(
+    session: GenerationSession, recorder: _Recorder, streamer: Any | None, input_ids: torch.Tensor, interrupts: list[Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ids: list[int] = []
+    for intr in interrupts:
+        ids += session.tokenizer.encode(intr.text(), add_special_tokens=False)
+    extra = torch.tensor([ids], dtype=input_ids.dtype, device=input_ids.device)
+    session.injected.extend(interrupts)
+    session.stats.injected_tokens += len(ids)
+    session.stats.interrupts += len(interrupts)
+    recorder.put_injected(extra[0].cpu(), interrupts)
+    if streamer is not None:
+        if hasattr(streamer, "put_injected"):
+            streamer.put_injected(extra[0].cpu(), interrupts)
+        else:
+            streamer.put(extra[0].cpu())
+    return torch.cat([input_ids, extra], dim=-1), extra

@@ -1,0 +1,548 @@
+"""The decode loop: exact injection, ride-along, overlap, modes, bad input, cancellation."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import pytest
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from hf_asynclm import AsyncLM
+from hf_asynclm.cml import parse_blocks
+from hf_asynclm.streamer import CMLStreamer
+from hf_asynclm.testing import ScriptedPolicy, tiny_gemma3, tiny_llama, tiny_tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# tools
+# --------------------------------------------------------------------------------------------
+def make_tools(delay: float = 0.0):
+    def lookup(key: str) -> dict:
+        """Look a key up.
+
+        Args:
+            key: The key.
+        """
+        time.sleep(delay)
+        return {"key": key, "value": len(key)}
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+            a: First.
+            b: Second.
+        """
+        time.sleep(delay)
+        return a + b
+
+    def boom(x: int) -> int:
+        """Always fails.
+
+        Args:
+            x: Anything.
+        """
+        raise RuntimeError(f"kaboom {x}")
+
+    def slow(x: int) -> int:
+        """Sleeps a long time.
+
+        Args:
+            x: Anything.
+        """
+        time.sleep(1.0)
+        return x
+
+    def huge(n: int) -> str:
+        """Returns n characters.
+
+        Args:
+            n: Size.
+        """
+        return "x" * n
+
+    return [lookup, add, boom, slow, huge]
+
+
+class Recorder(LogitsProcessor):
+    """Records the raw logits and the ids the loop saw at each step."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append((input_ids.clone(), scores.clone()))
+        return scores
+
+
+def run_script(alm, pieces, mode="async", extra_processors=(), **kw):
+    policy = ScriptedPolicy(alm.tokenizer, pieces)
+    procs = LogitsProcessorList([*extra_processors, policy])
+    return alm.generate("Start.", mode=mode, logits_processor=procs, max_new_tokens=kw.pop("max_new_tokens", 400), do_sample=False, **kw)
+
+
+SCRIPT = [
+    "Let me look.",
+    ' [CALL] a1 [HEAD] lookup(key="alpha") [END]',
+    ' [CALL] a2 [HEAD] add(a=2, b=3) [END]',
+    " Meanwhile some words go by while the calls run in the background.",
+    " [TRAP] [END]",
+    " Got one.",
+    " [TRAP] [END]",
+    " Both are back, the sum is there.",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# exactness and ride-along
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_injected_interrupts_are_exact(family):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok) if family == "llama" else tiny_gemma3(tok, sliding_window=8)
+    alm = AsyncLM(model, tok, tools=make_tools(0.01))
+    rec = Recorder()
+    result = run_script(alm, SCRIPT, extra_processors=[rec])
+    assert result.stats.interrupts >= 2 and result.stats.injected_tokens > 10
+    seq = result.sequences
+    assert seq.shape[1] > 8 * 3, "the sequence must be longer than the sliding window"
+    with torch.no_grad():
+        full = model(input_ids=seq).logits[0].float()
+    for ids, scores in rec.steps:
+        n = ids.shape[1]
+        assert torch.equal(seq[0, :n], ids[0]), "the loop's ids must be a prefix of the final sequence"
+        torch.testing.assert_close(scores[0], full[n - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_ride_along_costs_no_forward_pass():
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    calls = {"n": 0}
+    original = model.forward
+
+    @functools.wraps(original)
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    alm = AsyncLM(model, tok, tools=make_tools(0.01))
+    result = run_script(alm, SCRIPT)
+    assert result.stats.interrupts >= 2
+    assert calls["n"] <= result.stats.generated_tokens + 1
+    assert calls["n"] == result.stats.forward_passes
+
+
+def test_sequence_holds_prompt_generated_and_injected_tokens_in_order():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    result = run_script(alm, SCRIPT)
+    text = tok.decode(result.sequences[0, result.prompt_length :])
+    blocks = parse_blocks(text)
+    kinds = [b.kind for b in blocks]
+    assert kinds.count("call") == 2
+    # results were back before the traps, so each trap got an error interrupt (nothing in flight)
+    intr = {b.call_id: b.body for b in blocks if b.kind == "interrupt"}
+    assert set(intr) == {"a1", "a2", "trap"} and intr["trap"].startswith("error: TrapError")
+    assert intr["a2"] == "5"
+    assert '"value": 5' in intr["a1"]
+    # interrupts never inside a call block: every interrupt comes after its call's [END]
+    assert text.index("[INTR] a1") > text.index("lookup(")
+    assert result.stats.generated_tokens + result.stats.injected_tokens + result.prompt_length == result.sequences.shape[1]
+    assert "Both are back" in result.text and "[CALL]" not in result.text
+
+
+# --------------------------------------------------------------------------------------------
+# overlap: async vs sync vs sync-parallel
+# --------------------------------------------------------------------------------------------
+def test_async_overlaps_calls_with_decoding():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.4), system_prompt=False)
+    script = [
+        ' [CALL] a1 [HEAD] lookup(key="one") [END]',
+        ' [CALL] a2 [HEAD] lookup(key="two") [END]',
+        ' [CALL] a3 [HEAD] add(a=1, b=2) [END]',
+        " writing while they run",
+        " [TRAP] [END] [TRAP] [END] [TRAP] [END] done",
+    ]
+    res = {mode: run_script(alm, script, mode=mode) for mode in ("async", "sync", "sync-parallel")}
+    tool_time = 3 * 0.4
+    assert res["sync"].stats.wall_s >= tool_time
+    assert res["async"].stats.wall_s < res["sync"].stats.wall_s
+    assert res["sync-parallel"].stats.wall_s < res["sync"].stats.wall_s
+    # each call starts before the model's next token after its [END]
+    r = res["async"]
+    timeline = r.timeline
+    for ev in [e for e in timeline if e.kind == "call_started"]:
+        later_text = [e for e in timeline if e.kind in ("text", "call_written") and e.time > ev.time]
+        assert later_text, "the model kept writing after the call started"
+    written = [e for e in timeline if e.kind == "call_written"]
+    started = [e for e in timeline if e.kind == "call_started"]
+    assert [e.call_id for e in written] == [e.call_id for e in started]
+    for w, s in zip(written, started):
+        nxt = [e for e in timeline if e.time > w.time and e.kind in ("text", "call_written")]
+        assert s.time <= nxt[0].time
+    for c in r.calls:
+        assert c.status == "done"
+    # all three modes produced the same results
+    for mode in ("sync", "sync-parallel"):
+        def results(x):
+            return sorted(i.value for i in x.interrupts if i.call_id != "trap")
+
+        assert results(res[mode]) == results(r)
+
+
+def test_sync_injects_each_result_right_after_its_call():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.05))
+    r = run_script(alm, [' [CALL] a1 [HEAD] add(a=1, b=1) [END]', " x", ' [CALL] a2 [HEAD] add(a=2, b=2) [END]', " y"], mode="sync")
+    text = r.raw_text
+    assert text.index("[INTR] a1") < text.index(" x") < text.index("[CALL] a2") < text.index("[INTR] a2") < text.index(" y")
+
+
+def test_sync_parallel_starts_calls_at_the_trap_and_injects_together():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.05))
+    r = run_script(
+        alm, [' [CALL] a1 [HEAD] add(a=1, b=1) [END]', ' [CALL] a2 [HEAD] add(a=2, b=2) [END]', " [TRAP] [END]", " after"], mode="sync-parallel"
+    )
+    written = [e for e in r.timeline if e.kind == "call_written"]
+    trap = [e for e in r.timeline if e.kind == "trap"][0]
+    started = [e for e in r.timeline if e.kind == "call_started"]
+    assert all(s.time >= trap.time for s in started) and all(w.time <= trap.time for w in written)
+    text = r.raw_text
+    i1, i2 = text.index("[INTR] a1"), text.index("[INTR] a2")
+    assert text.index("[TRAP]") < min(i1, i2) and max(i1, i2) < text.index(" after")
+
+
+def test_sync_parallel_without_trap_runs_bundle_at_eos():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    r = run_script(alm, [' [CALL] a1 [HEAD] add(a=4, b=1) [END]'], mode="sync-parallel", max_new_tokens=60)
+    assert [i.value for i in r.interrupts] == ["5"]
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: each has a defined outcome, nothing hangs
+# --------------------------------------------------------------------------------------------
+def _values(result):
+    return {i.call_id: i.value for i in result.interrupts}
+
+
+@pytest.mark.parametrize(
+    "piece, call_id, expected",
+    [
+        (' [CALL] e1 [HEAD] nosuch(x=1) [END]', "e1", "UnknownToolError"),
+        (' [CALL] e1 [HEAD] add(a="two", b=1) [END]', "e1", "ArgumentError"),
+        (' [CALL] e1 [HEAD] add(a=1 b=2 [END]', "e1", "CallParseError"),
+        (' [CALL] e1 [HEAD] add(a=__import__("os"), b=1) [END]', "e1", "CallParseError"),
+        (' [CALL] e1 [HEAD] boom(x=3) [END]', "e1", "RuntimeError: kaboom 3"),
+        (' [CALL] 1bad [HEAD] add(a=1, b=2) [END]', "cml", "CMLSyntaxError"),
+        (" [END]", "cml", "CMLSyntaxError"),
+        (" [TRAP] [END]", "trap", "TrapError"),
+    ],
+)
+def test_bad_input_becomes_an_error_interrupt(piece, call_id, expected):
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    r = run_script(alm, [piece, " [TRAP] [END] ok"], max_new_tokens=80)
+    values = _values(r)
+    assert call_id in values, values
+    assert values[call_id].startswith("error:") and expected in values[call_id]
+    assert r.stats.stop_reason == "eos"
+
+
+def test_tool_outliving_its_timeout():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), call_timeout_s=0.1)
+    t0 = time.monotonic()
+    r = run_script(alm, [' [CALL] s1 [HEAD] slow(x=1) [END]', " [TRAP] [END] ok"], max_new_tokens=60)
+    assert "TimeoutError" in _values(r)["s1"]
+    assert time.monotonic() - t0 < 1.0  # did not wait for the 1 s tool
+
+
+def test_duplicate_id_is_an_error_and_keeps_the_first_call():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    r = run_script(
+        alm,
+        [' [CALL] d1 [HEAD] add(a=1, b=1) [END]', " [TRAP] [END]", ' [CALL] d1 [HEAD] add(a=5, b=5) [END]', " [TRAP] [END] ok"],
+        max_new_tokens=120,
+    )
+    vals = [i.value for i in r.interrupts if i.call_id == "d1"]
+    assert vals[0] == "2" and "DuplicateIdError" in vals[1]
+
+
+def test_huge_result_is_truncated_with_a_marker():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), max_result_chars=200)
+    r = run_script(alm, [' [CALL] h1 [HEAD] huge(n=1000000) [END]', " [TRAP] [END] ok"], max_new_tokens=60)
+    value = _values(r)["h1"]
+    assert len(value) < 300 and value.endswith("[truncated 999800 chars]")
+    assert r.stats.injected_tokens < 300  # not a million
+
+
+def test_eos_inside_a_call_block_stops_cleanly_without_dispatch():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    r = run_script(alm, [' [CALL] z1 [HEAD] add(a=1, b=1)'], max_new_tokens=60)
+    assert r.stats.stop_reason == "eos"
+    assert r.calls == [] and len(r.malformed) == 1 and "unterminated" in r.malformed[0].error
+
+
+def test_eos_with_results_owed_waits_for_them():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.1))
+    policy = ScriptedPolicy(tok, [' [CALL] w1 [HEAD] add(a=1, b=1) [END]'], eos=True)
+    policy.tokens += tok.encode(" done", add_special_tokens=False) + [tok.eos_token_id]
+    r = alm.generate("Go.", logits_processor=LogitsProcessorList([policy]), max_new_tokens=40, do_sample=False)
+    assert [i.value for i in r.interrupts] == ["2"]
+    assert r.raw_text.endswith(" done")
+
+
+def test_no_drain_on_eos_cancels_calls():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), drain_on_eos=False)
+    r = run_script(alm, [' [CALL] s1 [HEAD] slow(x=1) [END]'], max_new_tokens=60)
+    assert r.calls[0].status == "cancelled"
+
+
+def test_user_cancel_mid_run_stops_and_cancels_calls():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), trap_timeout_s=30)
+    done = {}
+
+    def go():
+        done["r"] = run_script(alm, [' [CALL] s1 [HEAD] slow(x=1) [END]', " [TRAP] [END] ok"], max_new_tokens=60)
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not alm.generating and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.1)
+    assert alm.cancel()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    r = done["r"]
+    assert r.stats.stop_reason == "cancelled"
+    assert all(c.status == "cancelled" for c in r.calls)
+
+
+def test_trap_timeout_becomes_an_error_interrupt():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), trap_timeout_s=0.1)
+    r = run_script(alm, [' [CALL] s1 [HEAD] slow(x=1) [END]', " [TRAP] [END] ok"], max_new_tokens=60)
+    assert "TrapTimeoutError" in _values(r)["trap"]
+
+
+def test_threads_return_to_baseline():
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    baseline = threading.active_count()
+    alm = AsyncLM(model, tok, tools=make_tools(0.01), call_timeout_s=0.05)
+    run_script(alm, SCRIPT)
+    run_script(alm, [' [CALL] s1 [HEAD] slow(x=1) [END]', " [TRAP] [END] ok"], max_new_tokens=60)
+    deadline = time.monotonic() + 5
+    while threading.active_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= baseline
+
+
+def test_user_interrupt_from_another_thread_reaches_the_model():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.3))
+    out = {}
+
+    def go():
+        out["r"] = run_script(alm, [' [CALL] a1 [HEAD] lookup(key="k") [END]', " [TRAP] [END]", " [TRAP] [END] fine"], max_new_tokens=60)
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not alm.generating and time.monotonic() < deadline:
+        time.sleep(0.002)
+    alm.interrupt("make it Thursday")
+    t.join(timeout=20)
+    r = out["r"]
+    assert "[INTR] user [HEAD] make it Thursday [END]" in r.raw_text
+    assert any(e.kind == "user_interrupt" for e in r.timeline)
+
+
+def test_interrupt_without_generation_raises():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok)
+    with pytest.raises(RuntimeError, match="no generation in progress"):
+        alm.interrupt("hello")
+
+
+# --------------------------------------------------------------------------------------------
+# the model never writes [INTR]
+# --------------------------------------------------------------------------------------------
+class PreferIntr(LogitsProcessor):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[..., self.ids] += 1000.0
+        return scores
+
+
+@pytest.mark.parametrize("with_markers", [True, False])
+def test_intr_is_masked_even_when_the_model_prefers_it(with_markers):
+    tok = tiny_tokenizer(with_markers=with_markers)
+    alm = AsyncLM(tiny_llama(tok), tok)
+    pieces = tok.encode("[INTR]", add_special_tokens=False)
+    r = alm.generate("Start.", logits_processor=LogitsProcessorList([PreferIntr(pieces)]), max_new_tokens=30, do_sample=False)
+    assert "[INTR]" not in r.raw_text
+
+
+def test_text_path_markers_split_over_tokens():
+    tok = tiny_tokenizer(with_markers=False)
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    r = run_script(alm, [' [CALL] a1 [HEAD] add(a=2, b=2) [END]', " [TRAP] [END] ok"], max_new_tokens=120)
+    assert _values(r) == {"a1": "4"}
+
+
+# --------------------------------------------------------------------------------------------
+# GenerationConfig, processors, criteria, pipelines
+# --------------------------------------------------------------------------------------------
+def test_greedy_matches_plain_generate_without_calls():
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    alm = AsyncLM(model, tok)
+    inputs = tok("The weather", return_tensors="pt")
+    plain = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    ours = model.generate(**inputs, max_new_tokens=20, do_sample=False, custom_generate=alm.custom_generate)
+    assert torch.equal(plain, ours)
+
+
+def test_sampling_settings_are_honoured():
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    alm = AsyncLM(model, tok)
+    inputs = tok("The weather", return_tensors="pt")
+    torch.manual_seed(0)
+    a = model.generate(**inputs, max_new_tokens=15, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, custom_generate=alm.custom_generate)
+    torch.manual_seed(0)
+    b = model.generate(**inputs, max_new_tokens=15, do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    assert torch.equal(a, b)
+    # top_k=1 is greedy
+    g = model.generate(**inputs, max_new_tokens=15, do_sample=True, top_k=1, custom_generate=alm.custom_generate)
+    assert torch.equal(g, model.generate(**inputs, max_new_tokens=15, do_sample=False))
+    # repetition penalty changes the output like it does for plain generate
+    rp = model.generate(**inputs, max_new_tokens=15, do_sample=False, repetition_penalty=5.0, custom_generate=alm.custom_generate)
+    assert torch.equal(rp, model.generate(**inputs, max_new_tokens=15, do_sample=False, repetition_penalty=5.0))
+
+
+def test_max_new_tokens_counts_only_generated_tokens():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    policy = ScriptedPolicy(tok, [' [CALL] a1 [HEAD] huge(n=300) [END]', " [TRAP] [END]", " x" * 100], eos=False)
+    r = alm.generate("Go.", logits_processor=LogitsProcessorList([policy]), max_new_tokens=60, do_sample=False)
+    assert r.stats.generated_tokens == 60
+    assert r.stats.injected_tokens > 20
+    assert r.sequences.shape[1] == r.prompt_length + 60 + r.stats.injected_tokens
+    assert r.stats.stop_reason == "max_new_tokens"
+
+
+def test_generation_config_object_and_user_stopping_criteria():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok)
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([self.n_calls() >= 5])
+
+        count = 0
+
+        def n_calls(self):
+            StopAfter.count += 1
+            return StopAfter.count
+
+    cfg = GenerationConfig(max_new_tokens=50, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    r = alm.generate("Go.", generation_config=cfg, stopping_criteria=StoppingCriteriaList([StopAfter()]))
+    assert r.stats.generated_tokens == 5 and r.stats.stop_reason == "stopping_criteria"
+
+
+def test_batch_larger_than_one_is_a_clear_error():
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    alm = AsyncLM(model, tok)
+    tok.padding_side = "left"
+    inputs = tok(["a b", "c"], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        model.generate(**inputs, max_new_tokens=3, custom_generate=alm.custom_generate)
+
+
+def test_pipeline_with_custom_generate():
+    from transformers import pipeline
+
+    tok = tiny_tokenizer(with_markers=False)  # the pipeline drops special tokens when it decodes
+    model = tiny_llama(tok)
+    alm = AsyncLM(model, tok, tools=make_tools(0.0))
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    policy = ScriptedPolicy(tok, [' [CALL] p1 [HEAD] add(a=20, b=22) [END]', " [TRAP] [END] it is 42"])
+    out = pipe("Go.", custom_generate=alm.custom_generate, logits_processor=LogitsProcessorList([policy]), max_new_tokens=60, do_sample=False)
+    text = out[0]["generated_text"]
+    assert "[INTR] p1 [HEAD] 42 [END]" in text and text.endswith("it is 42")
+
+
+def test_streamer_receives_text_and_runtime_events():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.02))
+    streamer = CMLStreamer(tok)
+    r = run_script(alm, SCRIPT, streamer=streamer)
+    kinds = [e.kind for e in streamer.events]
+    for k in ("text", "call_written", "call_started", "trap", "resume", "interrupt", "done"):
+        assert k in kinds, k
+    assert streamer.visible_text == r.text
+    times = [e.time for e in r.timeline]
+    assert times == sorted(times), "the result's timeline is in time order"
+    finished = {e.call_id: e.time for e in r.timeline if e.kind == "call_finished"}
+    injected = {e.call_id: e.time for e in r.timeline if e.kind == "interrupt"}
+    for call_id, t in finished.items():
+        assert t <= injected[call_id]
+
+
+def test_streamer_passed_to_model_generate_directly():
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    alm = AsyncLM(model, tok, tools=make_tools(0.02))
+    streamer = CMLStreamer(tok)
+    policy = ScriptedPolicy(tok, SCRIPT)
+    model.generate(
+        **tok("Start.", return_tensors="pt"),
+        custom_generate=alm.custom_generate,
+        streamer=streamer,
+        logits_processor=LogitsProcessorList([policy]),
+        max_new_tokens=300,
+        do_sample=False,
+    )
+    kinds = [e.kind for e in streamer.events]
+    assert "call_started" in kinds and "interrupt" in kinds and kinds[-1] == "done"
+    assert "Both are back" in streamer.visible_text
+
+
+def test_stream_yields_events_and_the_result():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.02))
+    policy = ScriptedPolicy(tok, SCRIPT)
+    events = list(alm.stream("Start.", logits_processor=LogitsProcessorList([policy]), max_new_tokens=300, do_sample=False))
+    assert events[-1].kind == "done"
+    result = events[-1].data["result"]
+    assert result.stats.interrupts == 2
+    assert "".join(e.text for e in events if e.kind == "text") == result.text
+
+
+def test_messages_use_the_chat_template_and_cml_system_prompt():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
+    enc = alm.encode_prompt([{"role": "user", "content": "Hello"}])
+    text = tok.decode(enc["input_ids"][0])
+    assert text.startswith("<|system|>") and "lookup(key)" in text and "[TRAP]" in text and "<|user|>Hello" in text
