@@ -93,11 +93,12 @@ def emulate_speed(
             time.sleep(remaining)
         return out
 
+    had_instance_forward = "forward" in vars(model)
     model.forward = forward
     try:
         yield profile
     finally:
-        if "forward" in vars(model):
-            del model.forward
-        if model.forward != original and getattr(model.forward, "__wrapped__", None) is not None:
+        if had_instance_forward:
             model.forward = original
+        else:
+            del model.forward
