@@ -1,0 +1,237 @@
+"""``hf-asynclm data``: build CML training data (simulated traces, JSONL).
+
+Wired into the app with ``app.add_command(data)`` (see ``cli/main.py``).
+
+Example:
+
+```python
+>>> from click.testing import CliRunner
+>>> from hf_asynclm_cli.data_cmd import data
+>>> result = CliRunner().invoke(data, ["build", "--out", "x.jsonl", "--n", "0"])
+>>> result.exit_code, "--n" in result.output
+(2, True)
+
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import click
+
+logger = logging.getLogger(__name__)
+
+_MODES = ("async", "sync", "sync-parallel")
+#: BFCL categories used for training data (the live ones are held out for evaluation).
+_BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "multi_turn_base")
+
+
+def _parse_modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in value.split(",") if m.strip())
+    bad = [m for m in modes if m not in _MODES]
+    if bad or not modes:
+        raise click.BadParameter(f"unknown mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(_MODES)}")
+    return tuple(dict.fromkeys(modes))
+
+
+def _parse_shapes(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    from hf_asynclm.data.synthetic import SHAPES
+
+    shapes = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad or not shapes:
+        raise click.BadParameter(f"unknown shape(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SHAPES)}")
+    return shapes
+
+
+def bfcl_tasks(n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5) -> list[Any]:
+    """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
+    first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
+
+    A share ``cheat_sheet`` of them get the plan with per-call latencies in the prompt
+    (``bfcl.with_cheat_sheet``); the latencies (1-1000 ms) become the calls' ``latency_s``,
+    which the simulator then uses as both expected and execution time.
+
+    Raises ``ImportError`` when ``hf_asynclm.data.bfcl`` is missing and ``FileNotFoundError``
+    when the BFCL data is.
+    """
+    from hf_asynclm.data import bfcl
+    from hf_asynclm.data.simulate import sample_latency_ms
+
+    rng = random.Random(f"bfcl:{seed}:{split}")
+    available = set(bfcl.available_categories(data_dir))
+    if not available & set(_BFCL_CATEGORIES):
+        raise FileNotFoundError(f"no BFCL data files in {data_dir or bfcl.bfcl_data_dir()}")
+    pool: list[Any] = []
+    multi_turn: list[Any] = []
+    for cat in _BFCL_CATEGORIES:
+        if cat not in available:
+            logger.warning("BFCL category %s not found; skipped", cat)
+            continue
+        tasks = [bfcl.to_task(e, cat) for e in bfcl.load_category(cat, data_dir)]
+        train, ev = bfcl.split(tasks, seed=seed)
+        part = train if split == "train" else ev
+        pool.extend(part)
+        if cat == "multi_turn_base":
+            multi_turn = part
+    if len([t for t in multi_turn if 1 <= len(t.calls) <= 5]) >= 3:
+        pool.extend(bfcl.multistep_parallel_tasks(max(1, n // 5), seed, pool=multi_turn))
+    pool = [t for t in pool if t.calls]
+    rng.shuffle(pool)
+    out = []
+    for t in pool[:n]:
+        if rng.random() < cheat_sheet:
+            t = bfcl.with_cheat_sheet(t, {c.call_id: sample_latency_ms(rng) for c in t.calls})
+        out.append(t)
+    return out
+
+
+@click.group("data")
+def data() -> None:
+    """Build CML training data: simulated async / sync traces of tool-use tasks."""
+
+
+@data.command(
+    "build",
+    epilog="""\b
+Examples:
+  hf-asynclm data build --out data/train.jsonl --n 20000 --seed 0
+  hf-asynclm data build --out data/eval.jsonl --n 300 --seed 1 --split eval --modes async
+  hf-asynclm data build --out data/mix.jsonl --n 5000 --source both --tokenizer out/cml-tiny
+
+\b
+Each line is one trace: {"task_id", "mode", "source", "category", "messages", "tools",
+"segments", "meta"}; see hf_asynclm.data.simulate. --n counts tasks per source; every
+task gives one trace per mode.
+""",
+)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSONL file to write.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=1000, show_default=True, help="Tasks per source.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of tasks and timings.")
+@click.option(
+    "--source", type=click.Choice(["synthetic", "bfcl", "both"]), default="synthetic", show_default=True, help="Where tasks come from."
+)
+@click.option(
+    "--modes", default=",".join(_MODES), show_default=True, callback=_parse_modes, help="Comma-separated trace modes."
+)
+@click.option(
+    "--split", type=click.Choice(["train", "eval"]), default="train", show_default=True,
+    help="Synthetic: which half of the value pools; BFCL: which side of the seeded split.",
+)
+@click.option("--shapes", default=None, callback=_parse_shapes, help="Synthetic task shapes, comma-separated (default: all).")
+@click.option(
+    "--tokenizer", "tokenizer_path", default=None, metavar="PATH",
+    help="Tokenizer (folder or Hub id) to count tokens for timing and --max-tokens. Default: ~4 chars per token.",
+)
+@click.option(
+    "--max-tokens", type=click.IntRange(min=0), default=512, show_default=True,
+    help="Drop traces longer than this (prompt + trace); 0 keeps all.",
+)
+@click.option(
+    "--user-interrupt-rate", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+    help="Share of async traces with a user interrupt (an extra request mid-task).",
+)
+@click.option(
+    "--jitter", type=click.FloatRange(0.0, 0.99), default=0.25, show_default=True,
+    help="Execution time = expected time x U(1-jitter, 1+jitter).",
+)
+@click.option(
+    "--demo-prompt", type=click.FloatRange(0.0, 1.0), default=0.3, show_default=True,
+    help="Synthetic: share of prompts listing all demo tools with their real latencies.",
+)
+@click.option(
+    "--cheat-sheet", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+    help="BFCL: share of tasks with the plan and per-call latencies in the prompt.",
+)
+@click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
+@click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")
+def build(
+    out: Path,
+    n: int,
+    seed: int,
+    source: str,
+    modes: tuple[str, ...],
+    split: str,
+    shapes: list[str] | None,
+    tokenizer_path: str | None,
+    max_tokens: int,
+    user_interrupt_rate: float,
+    jitter: float,
+    demo_prompt: float,
+    cheat_sheet: float,
+    data_dir: str | None,
+    stats_path: Path | None,
+) -> None:
+    """Simulate tasks in each mode and write the traces as JSONL."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hf_asynclm.data.simulate import build_dataset
+    from hf_asynclm.data.synthetic import generate_tasks
+
+    console = Console(stderr=True)
+    tokenizer = None
+    if tokenizer_path:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        except Exception as exc:  # noqa: BLE001 - any loading failure is a usage error here
+            raise click.ClickException(f"cannot load tokenizer {tokenizer_path!r}: {exc}") from exc
+
+    tasks: list[Any] = []
+    if source in ("synthetic", "both"):
+        tasks += generate_tasks(n, seed=seed, shapes=shapes, split=split, demo_prompt_p=demo_prompt)
+    if source in ("bfcl", "both"):
+        try:
+            found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet)
+        except (ImportError, FileNotFoundError, ValueError) as exc:
+            if source == "bfcl":
+                raise click.ClickException(f"BFCL tasks unavailable: {exc}") from exc
+            console.print(f"[yellow]BFCL skipped: {exc}[/yellow]")
+            found = []
+        if source == "bfcl" and not found:
+            raise click.ClickException("no BFCL tasks found")
+        tasks += found
+
+    with Progress(
+        TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False
+    ) as bar:
+        job = bar.add_task("tasks", total=len(tasks))
+        try:
+            stats = build_dataset(
+                tasks,
+                out,
+                modes=modes,
+                seed=seed,
+                tokenizer=tokenizer,
+                user_interrupt_rate=user_interrupt_rate,
+                jitter=jitter,
+                max_tokens=max_tokens or None,
+                progress=lambda k: bar.advance(job, k),
+            )
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {out}: {exc}") from exc
+    if stats_path is not None:
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        stats_path.write_text(json.dumps(stats, indent=2))
+    by_mode = ", ".join(
+        f"{m}: {s['n']} (mean {s['mean_latency_ms']} ms)" for m, s in stats["by_mode"].items()
+    )
+    click.echo(f"wrote {stats['n_examples']} traces of {stats['n_tasks']} tasks to {out}")
+    click.echo(f"  {by_mode}")
+    if stats.get("mean_sync_over_async"):
+        click.echo(f"  sync / async simulated latency: {stats['mean_sync_over_async']}x")
+    if stats.get("n_too_long"):
+        click.echo(f"  dropped {stats['n_too_long']} traces longer than {max_tokens} tokens")
+    if stats.get("n_rejected"):
+        click.echo(f"  rejected {stats['n_rejected']} traces that broke a rule: {stats['violations'][:3]}", err=True)
+    if stats["n_examples"] == 0:
+        raise click.ClickException("no trace was written")
