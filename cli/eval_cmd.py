@@ -1,0 +1,106 @@
+"""``hf-asynclm eval``: score a CML checkpoint on held-out tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("eval")
+@click.option("--model", "model_path", default=None, help="Checkpoint folder or Hub repo id (default: the shipped cml-tiny).")
+@click.option("--synthetic", "n_synthetic", type=click.IntRange(min=0), default=100, show_default=True, help="Held-out synthetic tasks.")
+@click.option("--bfcl", "n_bfcl", type=click.IntRange(min=0), default=0, show_default=True, help="BFCL tasks (eval split, cheat sheet in the prompt).")
+@click.option("--bfcl-categories", default="simple_python,multiple,parallel,parallel_multiple", show_default=True)
+@click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--latency-scale", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="Tools sleep their prompt latency times this.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="BFCL data folder.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
+def eval_command(
+    model_path: str | None,
+    n_synthetic: int,
+    n_bfcl: int,
+    bfcl_categories: str,
+    modes: str,
+    seed: int,
+    max_new_tokens: int,
+    latency_scale: float,
+    data_dir: Path | None,
+    out: Path | None,
+) -> None:
+    """Print CML validity and task success of a checkpoint on held-out tasks.
+
+    \b
+    Examples:
+      hf-asynclm eval --synthetic 200
+      hf-asynclm eval --model out/gemma-3-270m-cml --synthetic 0 --bfcl 200 --modes sync,async
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console()
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in mode_list if m not in ("async", "sync", "sync-parallel")]
+    if bad or not mode_list:
+        raise click.UsageError(f"unknown mode(s) {bad}: use async, sync, sync-parallel")
+    if n_synthetic == 0 and n_bfcl == 0:
+        raise click.UsageError("nothing to evaluate: give --synthetic N and/or --bfcl N")
+
+    from hf_asynclm import AsyncLM
+    from hf_asynclm.evaluation import evaluate_bfcl, evaluate_synthetic, format_report
+
+    try:
+        alm = AsyncLM.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
+
+    reports = []
+    with Progress(console=console, transient=True) as progress:
+        if n_synthetic:
+            from hf_asynclm.data.synthetic import generate_tasks
+
+            tasks = generate_tasks(n_synthetic, seed=seed, split="eval")
+            for mode in mode_list:
+                bar = progress.add_task(f"synthetic ({mode})", total=len(tasks))
+                reports.append(
+                    evaluate_synthetic(
+                        alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
+                        latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
+                    )
+                )
+        if n_bfcl:
+            from hf_asynclm.data import bfcl
+
+            try:
+                all_tasks = []
+                for cat in [c.strip() for c in bfcl_categories.split(",") if c.strip()]:
+                    all_tasks += bfcl.load_tasks(cat, data_dir=data_dir)
+            except (FileNotFoundError, KeyError, ValueError) as exc:
+                raise click.ClickException(str(exc).splitlines()[0]) from None
+            _, eval_tasks = bfcl.split(all_tasks, seed=0)
+            import random
+
+            rng = random.Random(seed)
+            rng.shuffle(eval_tasks)
+            chosen = []
+            for t in eval_tasks[:n_bfcl]:
+                lat = {c.call_id: rng.randint(30, 500) for c in t.calls}
+                chosen.append(bfcl.with_cheat_sheet(t, lat))
+            for mode in mode_list:
+                bar = progress.add_task(f"bfcl ({mode})", total=len(chosen))
+                reports.append(
+                    evaluate_bfcl(
+                        alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
+                        latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
+                    )
+                )
+    for report in reports:
+        console.print(format_report(report))
+        console.print()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([r.to_dict() for r in reports], indent=1, default=str))
+        console.print(f"report written to {out}")

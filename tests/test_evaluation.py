@@ -1,0 +1,59 @@
+"""The evaluation command: scoring rules, and a scripted perfect policy scores 100 %."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from hf_asynclm.data.simulate import simulate
+from hf_asynclm.data.synthetic import generate_tasks
+from hf_asynclm.evaluation import evaluate_synthetic, format_report, score_synthetic
+from hf_asynclm.prompting import CML_CHAT_TEMPLATE
+from hf_asynclm.testing import ScriptedPolicy, tiny_llama, tiny_tokenizer
+
+
+def _scripted(tok):
+    def processors_for(task):
+        trace = simulate(task, "async", seed=0)
+        return [ScriptedPolicy(tok, [s["text"] for s in trace["segments"] if s["role"] == "model"])]
+
+    return processors_for
+
+
+def test_scripted_simulator_policy_scores_perfectly():
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    model = tiny_llama(tok)
+    tasks = generate_tasks(4, seed=3, split="eval")
+    report = evaluate_synthetic(model, tok, tasks, max_new_tokens=400, latency_scale=0.02, processors_for=_scripted(tok))
+    assert report.n == 4
+    assert report.cml_validity == 1.0
+    assert report.success_rate == 1.0, [t for t in report.tasks if not t.success]
+    assert "task success | 100.0%" in format_report(report)
+
+
+def test_random_model_fails_and_scoring_catches_near_misses():
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    tasks = generate_tasks(2, seed=3, split="eval")
+    report = evaluate_synthetic(tiny_llama(tok), tok, tasks, max_new_tokens=20, latency_scale=0.0)
+    assert report.success_rate == 0.0
+    task = tasks[0]
+    calls = [(c.name, dict(c.arguments)) for c in task.calls]
+    answer = task.answer
+    assert score_synthetic(task, calls, answer).success
+    wrong = [(n, {k: (v + "x" if isinstance(v, str) else v) for k, v in a.items()}) for n, a in calls]
+    assert not score_synthetic(task, wrong, answer).calls_right
+    assert not score_synthetic(task, calls[:-1], answer).success
+    assert not score_synthetic(task, calls, answer[: len(answer) // 2]).answer_right
+
+
+def test_eval_cli_bad_input():
+    from hf_asynclm_cli.eval_cmd import eval_command
+
+    runner = CliRunner()
+    r = runner.invoke(eval_command, ["--synthetic", "0", "--bfcl", "0"])
+    assert r.exit_code != 0 and "nothing to evaluate" in r.output
+    r = runner.invoke(eval_command, ["--modes", "fast"])
+    assert r.exit_code != 0 and "unknown mode" in r.output
+    r = runner.invoke(eval_command, ["--model", "/no/such/dir", "--synthetic", "1"])
+    assert r.exit_code != 0 and "Traceback" not in r.output and "cannot load model" in r.output
