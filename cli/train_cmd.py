@@ -1,0 +1,118 @@
+"""``hf-asynclm train``: train a CML checkpoint from simulator traces (JSONL).
+
+Also runnable on its own, which is what ``accelerate launch`` needs for several GPUs::
+
+    accelerate launch --multi_gpu --num_processes 4 -m hf_asynclm_cli.train_cmd --data traces.jsonl --out ckpt ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import click
+
+EPILOG = """\b
+Examples:
+  # a ~5M-parameter model from scratch (CPU is fine)
+  hf-asynclm train --data traces.jsonl --out ckpt/tiny --preset tiny --steps 2000
+\b
+  # LoRA on a pretrained base (markers added as special tokens), then merge
+  hf-asynclm train --data train.jsonl,extra.jsonl --out ckpt/llama1b \\
+      --base meta-llama/Llama-3.2-1B-Instruct --lora --merge --steps 1000
+\b
+  # continue an interrupted run from its last checkpoint
+  hf-asynclm train --data traces.jsonl --out ckpt/tiny --preset tiny --steps 2000 --resume
+"""
+
+
+@click.command("train", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", required=True, metavar="FILE[,FILE]", help="Training traces (JSONL from the simulator); comma-separated for several.")
+@click.option("--out", "output_dir", required=True, metavar="DIR", help="Output directory (checkpoints and the final model).")
+@click.option("--base", "base_model", default=None, metavar="MODEL", help="Fine-tune this base (Hub id or local dir) instead of training from scratch.")
+@click.option("--lora", is_flag=True, default=None, help="LoRA fine-tuning of --base (marker embedding rows trained too).")
+@click.option("--lora-r", type=click.IntRange(min=1), default=None, help="LoRA rank [16].")
+@click.option("--merge", "merge_lora", is_flag=True, default=None, help="Also merge the LoRA adapter into a full model (adapter kept in DIR/adapter).")
+@click.option("--preset", type=click.Choice(["tiny", "micro", "lora"]), default=None, help="Named settings (tiny: ~5M-parameter model from scratch); explicit options win.")
+@click.option("--steps", "max_steps", type=int, default=None, help="Optimizer steps [1000]; 0 to train --epochs instead.")
+@click.option("--epochs", "num_epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Epochs, when --steps is 0.")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate [2e-3 scratch, 2e-4 LoRA, 2e-5 full].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Examples per device per step [8].")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps [1].")
+@click.option("--max-length", type=click.IntRange(min=8), default=None, help="Longest example in tokens; longer ones are skipped [1024].")
+@click.option("--truncate", is_flag=True, default=None, help="Truncate over-long examples instead of skipping them.")
+@click.option("--warmup", type=click.FloatRange(min=0), default=None, help="Warmup: fraction of the steps (<1) or steps (>=1) [0.05].")
+@click.option("--schedule", "lr_scheduler", type=click.Choice(["cosine", "linear", "constant_with_warmup", "cosine_with_min_lr"]), default=None, help="Learning-rate schedule [cosine].")
+@click.option("--vocab-size", type=click.IntRange(min=268), default=None, help="Tokenizer size when training from scratch [512].")
+@click.option("--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="dtype to load --base in [float32].")
+@click.option("--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [500].")
+@click.option("--logging-steps", type=click.IntRange(min=1), default=None, help="Log the loss every N steps [10].")
+@click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, default=None, help="Delete earlier checkpoints in --out and start over.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def train_command(quiet: bool, **options: Any) -> None:
+    """Train a CML checkpoint: a tiny model from scratch, or fine-tune --base (full or --lora).
+
+    The loss is only on what the model writes (not on the prompt or injected interrupts). The
+    result in --out loads with AutoModelForCausalLM (or, for an unmerged LoRA adapter, with
+    hf_asynclm.training.load_trained) and holds cml_training.json.
+    """
+    from hf_asynclm.training.dataset import ExampleError
+    from hf_asynclm.training.train import TrainConfig, train
+
+    preset = options.pop("preset")
+    # flags not given are left to the preset / defaults (click may report them as False)
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    if given.get("max_steps") == 0:
+        given["max_steps"] = -1
+    restore = _setup_logging(quiet)
+    try:
+        config = TrainConfig.from_preset(preset, **given) if preset else TrainConfig(**given)
+        config.validate()
+        out = train(config)
+    except (ValueError, FileNotFoundError, ImportError, ExampleError, OSError) as e:
+        raise click.ClickException(_one_line(e)) from None
+    finally:
+        restore()
+    if os.environ.get("RANK", "0") == "0":  # one line, also under accelerate / torchrun
+        click.echo(f"saved {out}")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _setup_logging(quiet: bool) -> Any:
+    """Log hf_asynclm's progress (rich) for the duration of the command; returns the undo."""
+    level = logging.WARNING if quiet else logging.INFO
+    log = logging.getLogger("hf_asynclm")
+    old_level, old_propagate = log.level, log.propagate
+    try:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+    except ImportError:  # pragma: no cover - rich is a dependency
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+    def restore() -> None:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        log.propagate = old_propagate
+
+    return restore
+
+
+def main() -> None:
+    train_command()
+
+
+if __name__ == "__main__":
+    main()
