@@ -195,6 +195,7 @@ class AsyncLM:
         token: str | bool | None = None,
         cache_dir: str | Path | None = None,
         local_files_only: bool | None = None,
+        endpoint: str | None = None,
         device: str | torch.device | None = None,
         dtype: Any = None,
         **kwargs: Any,
@@ -202,7 +203,9 @@ class AsyncLM:
         """Load a CML checkpoint (a local folder or a Hub repo id) with its tokenizer.
 
         Without ``path_or_repo`` the checkpoint shipped in the package (``cml-tiny``) is used,
-        so everything works offline. LoRA adapters (``adapter_config.json``) are loaded on top
+        so everything works offline. Hub downloads go through ``huggingface_hub``
+        (``revision``, ``token``, ``cache_dir``, ``local_files_only`` / ``HF_HUB_OFFLINE``,
+        ``endpoint`` / ``HF_ENDPOINT``). LoRA adapters (``adapter_config.json``) are loaded on top
         of their base model with ``peft``. Remaining keyword arguments go to the
         :class:`AsyncLM` constructor.
         """
@@ -219,7 +222,12 @@ class AsyncLM:
             from .hub import resolve_checkpoint
 
             folder = resolve_checkpoint(
-                path_or_repo, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+                path_or_repo,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                endpoint=endpoint,
             )
         folder = Path(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)

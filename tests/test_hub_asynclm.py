@@ -1,0 +1,71 @@
+"""The Hub round trip through AsyncLM: publish a CML checkpoint, download it, generate with tools."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import pytest
+from huggingface_hub import constants
+from transformers import LogitsProcessorList
+
+from hf_asynclm import AsyncLM
+from hf_asynclm.hub import HubError, publish_checkpoint
+from hf_asynclm.prompting import CML_CHAT_TEMPLATE
+from hf_asynclm.testing import ScriptedPolicy, tiny_llama, tiny_tokenizer
+from hub_server import FakeHub
+
+
+@pytest.fixture(autouse=True)
+def _hub_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with FakeHub() as h:
+        yield h
+
+
+def add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: First.
+        b: Second.
+    """
+    time.sleep(0.05)
+    return a + b
+
+
+def test_publish_download_generate(hub, tmp_path):
+    folder = tmp_path / "cml-test"
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    tiny_llama(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    url = publish_checkpoint(folder, "acme/cml-test", endpoint=hub.url, card_data={"license": "apache-2.0"})
+    assert "acme/cml-test" in url
+
+    cache = tmp_path / "cache"
+    alm = AsyncLM.from_pretrained("acme/cml-test", tools=[add], endpoint=hub.url, cache_dir=cache)
+    assert "[CALL]" in alm.tokenizer.chat_template  # the CML template travelled with the checkpoint
+    policy = ScriptedPolicy(alm.tokenizer, [" [CALL] s1 [HEAD] add(a=40, b=2) [END]", " [TRAP] [END]", " The sum is 42."])
+    result = alm.generate(
+        [{"role": "user", "content": "What is 40 + 2?"}],
+        logits_processor=LogitsProcessorList([policy]),
+        max_new_tokens=60,
+        do_sample=False,
+    )
+    assert [(i.call_id, i.value) for i in result.interrupts] == [("s1", "42")]
+    assert result.text.strip() == "The sum is 42."
+
+    # offline: the cached snapshot is enough, and a repo never downloaded fails clearly
+    again = AsyncLM.from_pretrained("acme/cml-test", endpoint=hub.url, cache_dir=cache, local_files_only=True)
+    assert again.model.config.vocab_size == alm.model.config.vocab_size
+    with pytest.raises(HubError, match="offline|cache"):
+        AsyncLM.from_pretrained("acme/other", endpoint=hub.url, cache_dir=cache, local_files_only=True)
