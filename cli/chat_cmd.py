@@ -30,14 +30,13 @@ from .common import (
     LiveDisplay,
     ModelSettings,
     describe_alm,
-    emulation,
     load_alm,
     load_tools,
     make_console,
     model_options,
     one_line,
     result_json,
-    seed_everything,
+    stream_generation,
     summary_text,
     transcript_prompt,
     user_errors,
@@ -62,11 +61,14 @@ _START_TIMEOUT_S = 30.0  # model load done; this is prompt encoding + prefill be
 class _Answer:
     """One answer generating in a background thread, rendered live; ``on_done(self)`` runs at its end."""
 
-    def __init__(self, alm: Any, user: str, prompt: Any, settings: ModelSettings, display: LiveDisplay, on_done: Callable[["_Answer"], None]) -> None:
+    def __init__(
+        self, alm: Any, user: str, prompt: Any, settings: ModelSettings, seed: int, display: LiveDisplay, on_done: Callable[["_Answer"], None]
+    ) -> None:
         self.alm = alm
         self.user = user
         self.prompt = prompt
         self.settings = settings
+        self.seed = seed
         self.display = display
         self.on_done = on_done
         self.result: Any = None
@@ -85,15 +87,7 @@ class _Answer:
 
     def _run(self) -> None:
         try:
-            self.display.t0 = time.monotonic()
-            events = self.alm.stream(self.prompt, **self.settings.generation_kwargs())
-            try:
-                for event in events:
-                    self.display.handle(event)
-                    if event.kind == "done":
-                        self.result = event.data.get("result")
-            finally:
-                events.close()
+            self.result = stream_generation(self.alm, self.prompt, self.settings, self.display, seed=self.seed)
         except BaseException as exc:  # reported below, in this thread
             self.error = exc
         finally:
@@ -154,9 +148,7 @@ def chat(transcript: Path | None, **options: Any) -> None:
     console.print(describe_alm(alm, settings), style="dim")
     console.print("Type a message. While the model answers, a line you send interrupts it. /quit or Ctrl-D to leave.", style="dim")
 
-    session = _ChatSession(alm, settings, console, transcript)
-    with emulation(alm, settings):
-        session.loop()
+    _ChatSession(alm, settings, console, transcript).loop()
 
 
 class _ChatSession:
@@ -228,10 +220,9 @@ class _ChatSession:
         return transcript_prompt(self.history, user)
 
     def start_answer(self, text: str) -> None:
-        if self.settings.backend == "local":
-            seed_everything(self.settings.seed + len(self.turns))
         display = LiveDisplay(self.console, mode=self.settings.mode)
-        self.answer = _Answer(self.alm, text, self.build_prompt(text), self.settings, display, self.on_answer_done)
+        seed = self.settings.seed + len(self.turns)  # reproducible, but not the same sample each turn
+        self.answer = _Answer(self.alm, text, self.build_prompt(text), self.settings, seed, display, self.on_answer_done)
         self.answer.start()
 
     def on_answer_done(self, answer: _Answer) -> None:
@@ -254,18 +245,15 @@ class _ChatSession:
         if not answer.quiet:
             self.prompt()
 
-    def _error_line(self, error: BaseException) -> str:
-        """A user error as one line; anything else with its traceback (it is a bug)."""
-        try:
-            with user_errors(network=self.settings.backend != "local"):
-                raise error
-        except click.ClickException as exc:
-            return exc.message
-        except BaseException:
-            import traceback
+    @staticmethod
+    def _error_line(error: BaseException) -> str:
+        """User errors (already one line); anything else with its traceback: it is a bug."""
+        if isinstance(error, click.ClickException):
+            return error.message
+        import traceback
 
-            traceback.print_exception(error)
-            return f"{type(error).__name__}: {one_line(error)}"
+        traceback.print_exception(error)
+        return f"{type(error).__name__}: {one_line(error)}"
 
     def wait_answer(self) -> None:
         if self.answer is not None:

@@ -135,11 +135,11 @@ class ModelSettings:
     def emulated(self) -> bool:
         return bool(self.emulate_tpot_ms) or bool(self.emulate_ttft_ms)
 
-    def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``AsyncLM.generate`` / ``stream``."""
+    def generation_kwargs(self, seed: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``AsyncLM.generate`` / ``stream`` (``seed``: override ``--seed``)."""
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
         if self.backend != "local":  # RemoteAsyncLM: temperature 0 is greedy; the server seeds its sampler
-            kwargs.update(temperature=self.temperature, seed=self.seed)
+            kwargs.update(temperature=self.temperature, seed=self.seed if seed is None else seed)
         elif self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature)
         else:
@@ -286,16 +286,6 @@ def tool_functions(module: Any) -> list[Callable[..., Any]]:
     return sorted(found, key=lambda f: f.__code__.co_firstlineno)
 
 
-def _demo_tools() -> list[Callable[..., Any]]:
-    try:
-        from hf_asynclm.demo_tools import demo_tools
-    except ModuleNotFoundError as exc:
-        if exc.name == "hf_asynclm.demo_tools":
-            return []
-        raise
-    return list(demo_tools(simulate_latency=True))
-
-
 def load_tools(spec: str | None) -> Any:
     """The tools of ``--tools`` as a :class:`~hf_asynclm.executor.ToolRegistry`.
 
@@ -305,7 +295,9 @@ def load_tools(spec: str | None) -> Any:
     from hf_asynclm.executor.registry import ToolRegistry
 
     if spec is None:
-        functions, where = _demo_tools(), "the demo tools"
+        from hf_asynclm.demo_tools import demo_tools
+
+        functions, where = list(demo_tools(simulate_latency=True)), "the demo tools"
     elif spec.strip().lower() == "none":
         return ToolRegistry()
     else:
@@ -562,23 +554,25 @@ def stream_generation(
     settings: ModelSettings,
     display: LiveDisplay | None,
     mode: str | None = None,
+    seed: int | None = None,
     **extra: Any,
 ) -> Any:
-    """Generate with live display; return the result (``done`` event's ``data["result"]``)."""
-    kwargs = dict(settings.generation_kwargs(), **extra)
+    """Generate with live display; return the result (``done`` event's ``data["result"]``).
+
+    ``mode`` and ``seed`` override the settings' for this generation; ``extra`` goes to
+    ``alm.stream``. Runs under the speed emulation the settings ask for; user errors become
+    one-line ``click.ClickException``s.
+    """
+    seed = settings.seed if seed is None else seed
+    kwargs = dict(settings.generation_kwargs(seed), **extra)
     mode = mode or settings.mode
     if settings.backend == "local":
-        seed_everything(settings.seed)
+        seed_everything(seed)
     result = None
     with user_errors(network=settings.backend != "local"), emulation(alm, settings):
         if display is not None:
             display.t0 = time.monotonic()
             display.mode = mode
-        if not hasattr(alm, "stream"):
-            result = alm.generate(prompt, mode=mode, **kwargs)
-            if display is not None:
-                display.replay(result)
-            return result
         events = alm.stream(prompt, mode=mode, **kwargs)
         try:
             for event in events:

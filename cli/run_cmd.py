@@ -115,9 +115,7 @@ def run(ctx: click.Context, prompt: str, as_json: bool, timeline: Path | None, c
             extra["logits_processor"] = LogitsProcessorList([ScriptedPolicy(alm.tokenizer, [script])])
         try:
             result = stream_generation(alm, prompt, settings, display, mode=mode, **extra)
-        except KeyboardInterrupt:
-            if hasattr(alm, "cancel"):
-                alm.cancel()
+        except KeyboardInterrupt:  # the generation was cancelled on the way out of stream_generation
             click.echo("\ncancelled", err=True)
             ctx.exit(130)
         if result is None:

@@ -374,16 +374,15 @@ def test_chat_quit_and_new_turn_uses_history(checkpoint, tmp_path):
 
 def test_chat_cancel_stops_the_answer(checkpoint, tmp_path):
     from hf_asynclm_cli import chat_cmd
-    from hf_asynclm_cli.common import ModelSettings, emulation, load_alm, make_console
+    from hf_asynclm_cli.common import ModelSettings, load_alm, make_console
 
     settings = ModelSettings(model=checkpoint, max_new_tokens=200, emulate_tpot_ms=20)
     alm = load_alm(settings, None)
     session = chat_cmd._ChatSession(alm, settings, make_console(), tmp_path / "t.json")
-    with emulation(alm, settings):
-        session.handle_line("go on forever\n")
-        time.sleep(0.5)
-        assert session.answer.running
-        session.cancel_answer()
+    session.handle_line("go on forever\n")
+    time.sleep(0.5)
+    assert session.answer.running
+    session.cancel_answer()
     assert not session.answer.running
     turn = json.loads((tmp_path / "t.json").read_text())["turns"][0]
     assert turn["cancelled"] and turn["result"]["stats"]["stop_reason"] == "cancelled"
