@@ -349,6 +349,8 @@ def load_alm(settings: ModelSettings, tools: Any) -> Any:
             if settings.device and "device" in str(exc).lower():
                 raise click.ClickException(f"cannot use device {settings.device!r}: {one_line(exc)}") from None
             raise
+    if not hasattr(AsyncLM, "remote"):  # an install without hf_asynclm.remote
+        raise click.ClickException(f"the {settings.backend} backend is not available in this version of hf-asynclm")
     kwargs = dict(common, backend=settings.backend)
     if settings.model:
         kwargs["model"] = settings.model
