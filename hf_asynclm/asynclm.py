@@ -442,3 +442,32 @@ class AsyncLM:
     def generating(self) -> bool:
         """True while a generation runs."""
         return self._session is not None
+
+    @classmethod
+    def remote(cls, endpoint: str, backend: str = "tgi", **kwargs: Any) -> "RemoteAsyncLM":
+        """Asynchronous function calling on a remote serving engine, with this class's API.
+
+        Returns a :class:`~hf_asynclm.remote.RemoteAsyncLM` (``generate``, ``stream``,
+        ``interrupt``, ``cancel``) that streams from ``endpoint`` and re-submits the prompt
+        with the interrupts at safe points.
+
+        Args:
+            endpoint: the server, e.g. ``http://127.0.0.1:8080``.
+            backend: ``"tgi"`` (Text Generation Inference through ``InferenceClient``) or
+                ``"openai"`` (``/v1/completions``: vLLM, SGLang, llama.cpp, ``transformers serve``).
+            **kwargs: :class:`~hf_asynclm.remote.RemoteAsyncLM` options (``tokenizer``, ``tools``,
+                ``mode``, ``model``, ``timeout_s``, ``max_retries`` ...).
+
+        Example:
+
+        ```python
+        >>> from hf_asynclm import AsyncLM
+        >>> rlm = AsyncLM.remote("http://127.0.0.1:8080", backend="tgi", mode="sync")
+        >>> type(rlm).__name__, rlm.mode
+        ('RemoteAsyncLM', 'sync')
+
+        ```
+        """
+        from .remote import RemoteAsyncLM
+
+        return RemoteAsyncLM(endpoint, backend=backend, **kwargs)

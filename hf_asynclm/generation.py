@@ -71,6 +71,12 @@ class GenerationStats:
     wall_s: float = 0.0
     ttft_s: float = 0.0
     stop_reason: str = ""
+    #: remote engines: requests sent after the first to continue the same generation
+    resubmissions: int = 0
+    #: remote engines: time to first token of each streamed segment (request), in seconds
+    segment_ttft_s: list[float] = field(default_factory=list)
+    #: remote engines: backend, endpoint, retries, resumes and one summary per segment
+    remote: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
