@@ -1,0 +1,192 @@
+"""The latency benchmark: analysis of a constructed run, and a small end-to-end run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hf_asynclm.bench.latency import (
+    BENCH_MODES,
+    CallTiming,
+    LatencyConfig,
+    RunTrace,
+    analyse_run,
+    load_bench_model,
+    load_workload,
+    median_task,
+    run_latency,
+    summarize,
+)
+from hf_asynclm.bench.latency_model import SimCall, ideal_schedule, l_async_independent
+from hf_asynclm.bench.report import latency_markdown, latency_overview_markdown, plot_timeline, plot_timeline_detail, write_json
+from hf_asynclm.cml import format_call, format_interrupt, format_trap
+from hf_asynclm.data.tasks import PlannedCall, Task
+
+MINI = "tests/data/bfcl_mini"
+
+
+@pytest.fixture(scope="module")
+def bm():
+    return load_bench_model("random")
+
+
+def _constructed(tok):
+    """An async run built by hand: 10 ms per token, 50 ms to the first token, c1 (E = 300 ms)
+    then c2 (E = 100 ms), a trap, the answer; 5 ms dispatch delays, a 2 ms tail."""
+    dt, ttft = 0.01, 0.05
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    b1, b2 = enc(format_call("f(x=1)", "c1")), enc(format_call("f(x=22)", "c2"))
+    trap, answer = enc(format_trap()), enc(" Done.") + [tok.eos_token_id]
+    intr = enc(format_interrupt("c2", "{}")) + enc(format_interrupt("c1", "{}"))
+    prompt = [5, 6, 7, 8]
+    seq = list(prompt)
+    enter: list[float] = []
+    lengths: list[int] = []
+    t = ttft
+    for tid in b1 + b2 + trap:
+        lengths.append(len(seq))
+        enter.append(t)
+        seq.append(tid)
+        t += dt
+    t -= dt
+    end1 = enter[len(b1) - 1]
+    end2 = enter[len(b1) + len(b2) - 1]
+    c1 = CallTiming("c1", "f", {"x": 1}, "f(x=1)", "done", end1 + 1e-4, end1 + 0.005, end1 + 0.305)
+    c2 = CallTiming("c2", "f", {"x": 22}, "f(x=22)", "done", end2 + 1e-4, end2 + 0.005, end2 + 0.105)
+    trap_end = enter[-1]
+    resume = max(c1.finished, c2.finished) + 0.001  # a 1 ms wake-up
+    seq += intr
+    t = resume
+    for tid in answer:
+        t += dt
+        lengths.append(len(seq))
+        enter.append(t)
+        seq.append(tid)
+    t_end = enter[-1] + 0.002
+    forwards = [(0.001, ttft - 0.001, len(prompt), True)] + [(e - dt + 0.0005, e - 0.0005, 1, False) for e in enter[1:]]
+    trace = RunTrace(
+        mode="async", t_start=0.0, t_end=t_end, request_starts=[0.0], enter=enter, exit=[e + 1e-5 for e in enter],
+        lengths=lengths, forwards=forwards, sequence=seq, prompt_len=len(prompt),
+        waits=[(trap_end, resume, "trap:trap")], calls=[c1, c2], injected_tokens=len(intr),
+    )
+    task = Task("t", "bfcl", "parallel", [], [], [PlannedCall("c1", "f", {"x": 1}), PlannedCall("c2", "f", {"x": 22})])
+    return trace, task, dict(dt=dt, ttft=ttft, n1=len(b1), n2=len(b2), n_trap=len(trap), n_answer=len(answer), t_end=t_end)
+
+
+def test_efficiency_of_a_constructed_run(bm) -> None:
+    trace, task, k = _constructed(bm.tokenizer)
+    m = analyse_run(trace, task, bm.tokenizer, tpot_ms=10, ttft_ms=50)
+    dt = k["dt"]
+    g1 = (k["n1"] - 1) * dt  # the first token came with the prefill: it is time to first token
+    g2 = k["n2"] * dt
+    calls = {c["call_id"]: c for c in m["calls"]}
+    assert calls["c1"]["G_s"] == pytest.approx(g1) and calls["c2"]["G_s"] == pytest.approx(g2)
+    assert calls["c1"]["E_s"] == pytest.approx(0.3) and calls["c2"]["E_s"] == pytest.approx(0.1)
+    assert calls["c1"]["dispatch_s"] == pytest.approx(0.005 - 1e-5)
+    assert m["ttft_s"] == pytest.approx(k["ttft"])
+    assert m["answer_s"] == pytest.approx(k["n_answer"] * dt)
+    assert m["trap_tokens"] == k["n_trap"] and m["trap_token_s"] == pytest.approx(k["n_trap"] * dt)
+    # the ideal: appendix A's formula for independent calls, plus the first token and the answer
+    ideal = k["ttft"] + l_async_independent([g1, g2], [0.3, 0.1]) + k["n_answer"] * dt
+    sim = ideal_schedule([SimCall("c1", g1, 0.3), SimCall("c2", g2, 0.1)], "async", answer_s=k["n_answer"] * dt).total_s + k["ttft"]
+    assert sim == pytest.approx(ideal)
+    assert m["ideal_s"] == pytest.approx(ideal)
+    assert m["latency_s"] == pytest.approx(k["t_end"])
+    assert m["efficiency"] == pytest.approx(ideal / k["t_end"])
+    assert 0.9 < m["efficiency"] < 1.0  # the dispatch delay, trap tokens and wake-up cost something
+    # model-time variant: forward passes of 9 ms instead of 10 ms steps
+    assert m["efficiency_model"] < m["efficiency"]
+    assert m["loop_ms_per_step"] == pytest.approx(1.0, abs=1e-6)
+    assert m["wake_s"] == pytest.approx(0.001)
+    assert m["cml_tokens"] > 0 and m["generated_tokens"] == k["n1"] + k["n2"] + k["n_trap"] + k["n_answer"]
+
+
+def test_sync_baseline_ideal_charges_every_request() -> None:
+    from hf_asynclm.bench.latency import _ideal
+
+    sims = [SimCall("c1", 0.1, 0.2), SimCall("c2", 0.1, 0.3)]
+    # three requests (two results sent back) of 0.05 s each, answer 0.02 s
+    assert _ideal("sync", sims, [0.05, 0.05, 0.05], 0.02) == pytest.approx(3 * 0.05 + 0.2 + 0.5 + 0.02)
+    assert _ideal("sync-cached", sims, [0.05], 0.02) == pytest.approx(0.05 + 0.2 + 0.5 + 0.02)
+    assert _ideal("sync-parallel", sims, [0.05], 0.02) == pytest.approx(0.05 + 0.2 + 0.3 + 0.02)
+
+
+def test_summary_speedups() -> None:
+    def row(lat: dict[str, float]) -> dict:
+        modes = {}
+        for mode, v in lat.items():
+            modes[mode] = {"latency_s": v, "ideal_s": v * 0.98, "efficiency": 0.98, "efficiency_model": math.nan, "efficiency_nominal": math.nan,
+                           "generated_tokens": 10, "cml_tokens": 4, "trap_tokens": 2, "injected_tokens": 5, "ttft_s": 0.05,
+                           "requests": 1, "loop_ms_per_step": 0.1, "step_ms_median": 5.1, "forward_ms_median": 5.0,
+                           "calls": [{"dispatch_s": 0.001, "tokens": 5, "G_s": 0.1, "E_s": 0.2}], "trap_token_s": 0.01,
+                           "wake_s": 0.0, "teardown_s": 0.001, "errors": 0}
+        return {"task_id": "t", "n_calls": 1, "modes": modes}
+
+    rows = [row({"sync": 2.0, "sync-cached": 1.5, "sync-parallel": 1.2, "async": 1.0}), row({"sync": 3.0, "sync-cached": 2.0, "sync-parallel": 2.0, "async": 1.0})]
+    s = summarize(rows, BENCH_MODES)
+    assert s["speedups"]["async/sync"]["median"] == pytest.approx(2.5)
+    assert s["speedups"]["async/sync-parallel"]["median"] == pytest.approx(1.6)
+    assert s["speedups"]["sync-parallel/sync"]["min"] == pytest.approx(1.5)
+    assert s["modes"]["async"]["efficiency_aggregate"] == pytest.approx(0.98)
+    assert "sync/async" not in s["speedups"]
+
+
+def test_workloads_from_the_mini_fixture() -> None:
+    tasks, info = load_workload("bfcl-parallel", 10, 0, data_dir=MINI)
+    assert tasks and all(len(t.calls) >= 2 for t in tasks)
+    assert {t.category for t in tasks} <= {"parallel", "live_parallel"}
+    ms, _ = load_workload("bfcl-multistep-parallel", 2, 0, data_dir=MINI, split="all")
+    assert len(ms) == 2 and all(len(t.meta["chains"]) == 3 for t in ms)
+    syn, _ = load_workload("synthetic", 3, 0)
+    assert len(syn) == 3 and all(t.source == "synthetic" for t in syn)
+    with pytest.raises(ValueError, match="unknown workload"):
+        load_workload("nope", 1)
+    with pytest.raises(ValueError, match="tpot_ms and ttft_ms"):
+        LatencyConfig(tpot_ms=5)
+    with pytest.raises(ValueError, match="unknown modes"):
+        LatencyConfig(modes=("fast",))
+
+
+def test_end_to_end_ordering_async_le_sync_parallel_le_sync(bm, tmp_path) -> None:
+    """Oracle policy, emulated decode (2 ms/token, 20 ms/request), real tool latencies (30-500 ms)."""
+    cfg = LatencyConfig(workload="bfcl-parallel", n=2, seed=0, tpot_ms=2, ttft_ms=20, data_dir=MINI, warmup=True, threads=1)
+    report = run_latency(cfg, bm)
+    rows = report["tasks"]
+    assert len(rows) == 2
+    for r in rows:
+        lat = {m: r["modes"][m]["latency_s"] for m in BENCH_MODES}
+        assert lat["sync-parallel"] <= lat["sync"], lat
+        assert lat["sync-cached"] <= lat["sync"], lat  # the plain loop pays a request per result
+        assert lat["async"] <= lat["sync-parallel"] + 0.010, lat  # 10 ms for a busy CPU
+        for m in BENCH_MODES:
+            mm = r["modes"][m]
+            assert mm["n_calls"] == r["n_calls"] and mm["errors"] == 0
+            assert 0.5 < mm["efficiency"] <= 1.02, (m, mm["efficiency"])
+        assert r["modes"]["sync"]["requests"] == r["n_calls"] + 1
+        assert r["modes"]["async"]["requests"] == 1
+        # LPT: the async run wrote the calls longest-expected-first
+        exp = r["expected_latency_s"]
+        assert r["modes"]["async"]["write_order"] == sorted(exp, key=lambda c: -exp[c])
+    total = {m: sum(r["modes"][m]["latency_s"] for r in rows) for m in BENCH_MODES}
+    assert total["async"] < total["sync-parallel"] < total["sync"]
+    s = report["summary"]
+    assert s["speedups"]["async/sync"]["median"] > 1.0
+    # outputs
+    md = latency_markdown(report)
+    assert "async (hf-asynclm)" in md and "Paper" in md
+    assert "1.6x" in latency_overview_markdown([report])
+    path = write_json(report, tmp_path / "r.json")
+    assert path.stat().st_size > 1000
+    task = median_task(report)
+    assert plot_timeline(task, tmp_path / "t.png").stat().st_size > 1000
+    assert plot_timeline_detail(task, tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_model_policy_runs_with_a_random_model(bm) -> None:
+    cfg = LatencyConfig(workload="bfcl-parallel", n=1, policy="model", tpot_ms=0.5, ttft_ms=2, max_new_tokens=12,
+                        latency_scale=0.05, data_dir=MINI, warmup=False, threads=1)
+    report = run_latency(cfg, bm)
+    modes = report["tasks"][0]["modes"]
+    assert set(modes) == set(BENCH_MODES)
+    assert all(m["latency_s"] > 0 and m["generated_tokens"] <= 12 for m in modes.values())
