@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 
 import click
 
+from .common import one_line
+
 WORKLOADS = ("bfcl-parallel", "bfcl-multistep-parallel", "synthetic")  # hf_asynclm.bench.latency.WORKLOADS
 BENCH_MODES = ("sync", "sync-cached", "sync-parallel", "async")
 DEFAULT_OUT = Path("benchmarks") / "results"
@@ -41,10 +43,6 @@ timeline PNG of its median task to --out; a combined table goes to latency_summa
 """
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _run_guarded(fn: Callable[[], Any]) -> Any:
     """Turn user errors into one-line click errors (tracebacks with HF_ASYNCLM_DEBUG=1)."""
     if os.environ.get(DEBUG_ENV):
@@ -52,7 +50,7 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
-        raise click.ClickException(_one_line(exc)) from exc
+        raise click.ClickException(one_line(exc)) from exc
 
 
 def _parse_csv(choices: Sequence[str]) -> Callable[[click.Context, click.Parameter, str | None], tuple[str, ...] | None]:
@@ -183,7 +181,7 @@ def latency_command(
                 md += f"\nTimeline of task {task['task_id']} (median async/sync speedup): ![timeline]({png.name}) ![detail]({detail.name})\n"
                 (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
                 reports.append(report)
-                console.print(md)
+                bar.console.print(md, markup=False, highlight=False, soft_wrap=True)
         overview = latency_overview_markdown(reports)
         name = "latency_summary.md" if policy == "oracle" else f"latency_summary_{policy}.md"
         (out_dir / name).write_text(overview, encoding="utf-8")

@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from .common import one_line
+
 EPILOG = """\b
 Examples:
   # a ~5M-parameter model from scratch (CPU is fine)
@@ -74,16 +76,11 @@ def train_command(quiet: bool, **options: Any) -> None:
         config.validate()
         out = train(config)
     except (ValueError, FileNotFoundError, ImportError, ExampleError, OSError) as e:
-        raise click.ClickException(_one_line(e)) from None
+        raise click.ClickException(one_line(e)) from None
     finally:
         restore()
     if os.environ.get("RANK", "0") == "0":  # one line, also under accelerate / torchrun
         click.echo(f"saved {out}")
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _setup_logging(quiet: bool) -> Any:
