@@ -1065,7 +1065,14 @@ def run_latency(
         raise ValueError(f"workload {config.workload!r} gave no tasks")
     rows: list[dict[str, Any]] = []
     emu = emulate_speed(bm.model, config.tpot_ms, config.ttft_ms) if config.emulated else contextlib.nullcontext()
-    with torch_threads(config.threads), torch.inference_mode(), emu, forward_clock(bm.model) as records:
+    gc.collect()
+    gc.freeze()  # what is loaded now is never collected: collections between runs stay cheap
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.unfreeze)
+        stack.enter_context(torch_threads(config.threads))
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(emu)
+        records = stack.enter_context(forward_clock(bm.model))
         env = _environment()
         if config.warmup:
             run_task(bm, tasks[0], config, records)
@@ -1082,6 +1089,7 @@ def run_latency(
                     "chains": task.meta.get("chains"),
                     "expected_latency_s": _toolset(task, config).planned_latencies(),
                     "modes": modes,
+                    "projection": _projection(task, modes, config),
                 }
             )
             if progress is not None:
@@ -1102,6 +1110,27 @@ def run_latency(
     }
     report["summary"] = summarize(rows, config.modes)
     return report
+
+
+def _projection(task: Task, modes: Mapping[str, Any], config: LatencyConfig) -> dict[str, float] | None:
+    """Ideal latencies (latency model only) if each call were written in ``len(body) / 4 + 4``
+    tokens (about what a large-vocabulary BPE tokenizer needs) at the emulated speed, with the
+    execution times measured in this run: separates the effect of our small tokenizer from the system."""
+    if not config.emulated or "async" not in modes:
+        return None
+    from .latency_model import _default_call_tokens
+
+    E = {c["call_id"]: c["E_s"] for c in modes["async"]["calls"] if c["E_s"] is not None}
+    if set(E) != {c.call_id for c in task.calls}:
+        return None
+    tpot, ttft = config.tpot_ms / 1000.0, config.ttft_ms / 1000.0  # type: ignore[operator]
+    answer = modes["async"]["answer_tokens"] * tpot
+    sims = [SimCall(c.call_id, _default_call_tokens(c.body()) * tpot, E[c.call_id], tuple(c.depends_on)) for c in task.calls]
+    out = {}
+    for m in BENCH_MODES:
+        out[m] = _ideal(m, sims, [ttft] * (len(sims) + 1 if m == "sync" else 1), answer)
+    out["tokens_per_call"] = statistics.fmean(_default_call_tokens(c.body()) for c in task.calls)
+    return out
 
 
 def _speedups(rows: Sequence[dict[str, Any]], base: str, mode: str, key: str = "latency_s") -> list[float]:
@@ -1138,6 +1167,8 @@ def summarize(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str,
             "step_ms_median": _stats([m["step_ms_median"] for m in ms]),
             "forward_ms_median": _stats([m["forward_ms_median"] for m in ms]),
             "dispatch_ms": _stats([c["dispatch_s"] * 1e3 for m in ms for c in m["calls"] if c["dispatch_s"] is not None]),
+            "dispatch_first_ms": _stats([m["calls"][0]["dispatch_s"] * 1e3 for m in ms if m["calls"] and m["calls"][0]["dispatch_s"] is not None]),
+            "dispatch_later_ms": _stats([c["dispatch_s"] * 1e3 for m in ms for c in m["calls"][1:] if c["dispatch_s"] is not None]),
             "trap_token_s": _stats([m["trap_token_s"] for m in ms]),
             "wake_s": _stats([m["wake_s"] for m in ms]),
             "teardown_s": _stats([m["teardown_s"] for m in ms]),
@@ -1160,6 +1191,14 @@ def summarize(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str,
             key = f"{mode}/{base}"
             summary["speedups"][key] = _stats(_speedups(rows, base, mode))
             summary["ideal_speedups"][key] = _stats(_speedups(rows, base, mode, "ideal_s"))
+    proj = [r["projection"] for r in rows if r.get("projection")]
+    if proj:
+        summary["projection"] = {
+            "tokens_per_call": _stats([p["tokens_per_call"] for p in proj]),
+            "speedups": {
+                f"async/{b}": _stats([p[b] / p["async"] for p in proj if p["async"] > 0]) for b in ("sync", "sync-cached", "sync-parallel")
+            },
+        }
     if "async" in modes and "sync" in modes:
         extra = [r["modes"]["async"]["generated_tokens"] - r["modes"]["sync"]["generated_tokens"] for r in rows]
         summary["cml_extra_tokens_async_vs_sync"] = _stats(extra)

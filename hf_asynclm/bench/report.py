@@ -97,8 +97,8 @@ def latency_markdown(report: Mapping[str, Any], title: str | None = None) -> str
         f"- run: {env.get('date', '?')}, {env.get('cpu_count', '?')} CPU cores, torch threads {env.get('torch_threads', '?')}, "
         f"load average {_load(env)}",
         "",
-        "| mode | latency median (s) | p10 - p90 (s) | ideal median (s) | efficiency median (min) | efficiency aggregate | strict efficiency | requests |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | latency median (s) | p10 - p90 (s) | ideal median (s) | efficiency median (min) | efficiency aggregate | strict efficiency | requests | decode step / forward (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in modes:
         ms = s["modes"][m]
@@ -107,9 +107,17 @@ def latency_markdown(report: Mapping[str, Any], title: str | None = None) -> str
         lines.append(
             f"| {_MODE_LABEL[m]} | {_num(lat['median'])} | {_num(lat['p10'])} - {_num(lat['p90'])} | {_num(ms['ideal_s']['median'])} "
             f"| {_num(eff['median'])} ({_num(eff['min'])}) | {_num(ms['efficiency_aggregate'])} | {_num(ms['efficiency_model']['median'])} "
-            f"| {_num(ms['requests']['median'], '{:.0f}')} |"
+            f"| {_num(ms['requests']['median'], '{:.0f}')} | {_num(ms['step_ms_median']['median'], '{:.2f}')} / {_num(ms['forward_ms_median']['median'], '{:.2f}')} |"
         )
-    lines += ["", "| speedup (median [p10, p90]) | measured | ideal (same run) |", "|---|---|---|"]
+    lines += [
+        "",
+        "Efficiency = ideal / measured, per task; the ideal is the mode's schedule simulated with the G (writing time of each "
+        "call on the timeline), E (execution time) and time to first token measured in the same run and no system overhead. "
+        "Strict efficiency counts only forward-pass time as model time (the per-token work of the decode loop becomes overhead).",
+        "",
+        "| speedup (median [p10, p90]) | measured | ideal (same run) |",
+        "|---|---|---|",
+    ]
     for key, st in s["speedups"].items():
         lines.append(f"| {key} | {fmt_ratio(st)} | {fmt_ratio(s['ideal_speedups'].get(key))} |")
     paper = _paper_key(report)
@@ -127,13 +135,23 @@ def latency_markdown(report: Mapping[str, Any], title: str | None = None) -> str
         f"Calls per task {_num(c['per_task']['mean'], '{:.1f}')}; tokens per call (CML block) median {_num(c['tokens_per_call']['median'], '{:.0f}')}; "
         f"G (writing time) median {_num(c['G_s']['median'])} s; E (execution) median {_num(c['E_s']['median'])} s.",
     ]
+    proj = s.get("projection")
+    if proj:
+        sp = proj["speedups"]
+        lines.append(
+            f"Projection (latency model only, not measured): with calls of ~{_num(proj['tokens_per_call']['median'], '{:.0f}')} tokens "
+            f"(len(body)/4 + 4, about what a large-vocabulary tokenizer writes) instead of ours, and the execution times measured here, "
+            f"the ideal async speedups would be {fmt_ratio(sp.get('async/sync'))} over sync, {fmt_ratio(sp.get('async/sync-cached'))} over "
+            f"sync-cached and {fmt_ratio(sp.get('async/sync-parallel'))} over sync-parallel."
+        )
     if "async" in s["modes"]:
         a = s["modes"]["async"]
         lines.append(
             f"async: CML tokens per task (markers, ids, traps) median {_num(a['cml_tokens']['median'], '{:.0f}')}, "
             f"trap tokens {_num(a['trap_tokens']['median'], '{:.0f}')}, extra generated tokens vs sync "
             f"{_num(s.get('cml_extra_tokens_async_vs_sync', {}).get('median'), '{:.0f}')}; injected tokens {_num(a['injected_tokens']['median'], '{:.0f}')}; "
-            f"dispatch ([END] sampled -> tool started) median {_num(a['dispatch_ms']['median'], '{:.2f}')} ms, max {_num(a['dispatch_ms']['max'], '{:.2f}')} ms; "
+            f"dispatch ([END] sampled -> tool started) median {_num(a['dispatch_ms']['median'], '{:.2f}')} ms, max {_num(a['dispatch_ms']['max'], '{:.2f}')} ms "
+            f"(first call of a generation {_num(a.get('dispatch_first_ms', {}).get('median'), '{:.2f}')} ms, later calls {_num(a.get('dispatch_later_ms', {}).get('median'), '{:.2f}')} ms); "
             f"decode step median {_num(a['step_ms_median']['median'], '{:.2f}')} ms of which forward {_num(a['forward_ms_median']['median'], '{:.2f}')} ms; "
             f"gap measured - ideal median {_num(a['gap_s']['median'] * 1e3 if a['gap_s']['median'] is not None else None, '{:.1f}')} ms."
         )
@@ -155,8 +173,8 @@ def latency_overview_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     from .latency import PAPER_FIGURES
 
     lines = [
-        "| workload | policy | condition | n | async / sync | async / sync-cached | async / sync-parallel | sync-parallel / sync | async efficiency median (min) | paper |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | policy | condition | n | async / sync | async / sync max | async / sync-cached | async / sync-parallel | sync-parallel / sync | async efficiency median (min) | paper (async / sync) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         cfg, s = r["config"], r["summary"]
@@ -169,6 +187,7 @@ def latency_overview_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
             pfig = f"up to {PAPER_FIGURES[paper]['speedup']}x"
         lines.append(
             f"| {cfg['workload']} | {cfg['policy']} | {r['condition']} | {s['n_tasks']} | {fmt_ratio(sp.get('async/sync'))} "
+            f"| {_num((sp.get('async/sync') or {}).get('max'), '{:.2f}x')} "
             f"| {fmt_ratio(sp.get('async/sync-cached'))} | {fmt_ratio(sp.get('async/sync-parallel'))} | {fmt_ratio(sp.get('sync-parallel/sync'))} "
             f"| {_num(eff.get('median'))} ({_num(eff.get('min'))}) | {pfig} |"
         )
