@@ -351,6 +351,8 @@ def cml_decode_loop(
     recorder.put(input_ids.cpu())  # the prompt (skipped)
     session._recorder = recorder
     session.started.set()
+    if len(getattr(session.executor, "tools", ()) or ()):
+        session.executor.start()  # no thread start-up cost on the first call's dispatch
     monitor = CMLMonitor(tokenizer)
     stats = session.stats
     scores_out: tuple | None = () if getattr(generation_config, "output_scores", False) else None

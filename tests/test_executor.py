@@ -816,3 +816,28 @@ def test_records_are_kept_in_submission_order(make_executor) -> None:
     assert all(isinstance(r, CallRecord) for r in records)
     assert executor.wait_all(5)
     assert [r.status for r in executor.calls] == ["done", "error", "done"]
+
+
+def test_start_warms_the_loop_and_a_tool_thread_and_close_returns_to_baseline():
+    import threading
+    import time as _time
+
+    def noop() -> int:
+        """Nothing.
+        """
+        return 1
+
+    baseline = threading.active_count()
+    ex = ToolExecutor([noop])
+    ex.start()
+    names = {t.name for t in threading.enumerate()}
+    assert "hf-asynclm-loop" in names and any(n.startswith("hf-asynclm-tool") for n in names)
+    record = ex.submit("a", "noop()")
+    assert ex.wait_for(record, 5) and record.status == "done"
+    ex.close()
+    with pytest.raises(RuntimeError):
+        ex.start()
+    deadline = _time.monotonic() + 5
+    while threading.active_count() > baseline and _time.monotonic() < deadline:
+        _time.sleep(0.02)
+    assert threading.active_count() <= baseline

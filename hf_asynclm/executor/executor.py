@@ -426,6 +426,17 @@ class ToolExecutor:
         """True after :meth:`close`."""
         return self._closed
 
+    def start(self) -> None:
+        """Start the event-loop thread and one tool thread now, so the first call dispatches as fast
+        as the later ones (otherwise they start lazily at the first :meth:`submit`)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this ToolExecutor is closed")
+            self._start_locked()
+            pool = self._pool
+        if pool is not None:
+            pool.submit(int)  # spawns the pool's first worker thread
+
     def cancel_all(self, reason: str = "generation ended") -> None:
         """Cancel every call still queued or running; no interrupt is queued for them.
 
