@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -182,11 +183,21 @@ def latency_command(
                 (out_dir / f"{stem}.md").write_text(md, encoding="utf-8")
                 reports.append(report)
                 bar.console.print(md, markup=False, highlight=False, soft_wrap=True)
+        # the summary covers every report of this policy in --out (earlier commands included)
+        stems = {f"latency_{r['config']['workload']}_{policy}_{_condition_tag(r['config']['tpot_ms'], r['config']['ttft_ms'])}" for r in reports}
+        for path in sorted(out_dir.glob(f"latency_*_{policy}_*.json")):
+            if path.stem not in stems:
+                try:
+                    reports.append(json.loads(path.read_text(encoding="utf-8")))
+                except (OSError, ValueError):
+                    continue
+        order = {w: i for i, w in enumerate(WORKLOADS)}
+        reports.sort(key=lambda r: (order.get(r["config"]["workload"], 9), r["config"].get("ttft_ms") or 0))
         overview = latency_overview_markdown(reports)
         name = "latency_summary.md" if policy == "oracle" else f"latency_summary_{policy}.md"
         (out_dir / name).write_text(overview, encoding="utf-8")
         click.echo(overview)
-        click.echo(f"wrote {len(reports)} report(s) to {out_dir}")
+        click.echo(f"wrote {len(configs)} report(s) to {out_dir}")
 
     _run_guarded(run)
 

@@ -158,11 +158,11 @@ def test_end_to_end_ordering_async_le_sync_parallel_le_sync(bm, tmp_path) -> Non
         lat = {m: r["modes"][m]["latency_s"] for m in BENCH_MODES}
         assert lat["sync-parallel"] <= lat["sync"], lat
         assert lat["sync-cached"] <= lat["sync"], lat  # the plain loop pays a request per result
-        assert lat["async"] <= lat["sync-parallel"] + 0.010, lat  # 10 ms for a busy CPU
+        assert lat["async"] <= lat["sync-parallel"] + 0.025, lat  # per task, 25 ms of slack for a busy shared CPU
         for m in BENCH_MODES:
             mm = r["modes"][m]
             assert mm["n_calls"] == r["n_calls"] and mm["errors"] == 0
-            assert 0.5 < mm["efficiency"] <= 1.02, (m, mm["efficiency"])
+            assert 0.5 < mm["efficiency"] <= 1.05, (m, mm["efficiency"])
         assert r["modes"]["sync"]["requests"] == r["n_calls"] + 1
         assert r["modes"]["async"]["requests"] == 1
         # LPT: the async run wrote the calls longest-expected-first

@@ -715,6 +715,15 @@ def _overlap(a: float, b: float, intervals: Sequence[tuple[float, float, str]]) 
     return total
 
 
+def _dispatch_ref(trace: RunTrace, end_t: float) -> float:
+    """When a call written at ``end_t`` should start: at once, except in ``sync-parallel``,
+    where calls start at the next trap (the time that trap began)."""
+    if trace.mode != "sync-parallel":
+        return end_t
+    later = [s for s, _, kind in trace.waits if s >= end_t and kind.startswith("trap")]
+    return min(later) if later else end_t
+
+
 def _segment(trace: RunTrace, tokenizer: Any) -> tuple[list[str], list[dict[str, Any]]]:
     """Classify each step's token: ``call`` / ``trap`` / ``malformed`` block, or ``text``."""
     from ..monitor import CMLMonitor
@@ -862,7 +871,7 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
             "submitted": c.submitted - trace.t_start if c.submitted is not None else None,
             "started": c.started - trace.t_start if c.started is not None else None,
             "finished": c.finished - trace.t_start if c.finished is not None else None,
-            "dispatch_s": (c.started - end_t) if (c.started is not None and end_t is not None) else None,
+            "dispatch_s": (c.started - _dispatch_ref(trace, end_t)) if (c.started is not None and end_t is not None) else None,
             "error": c.error,
         }
         call_rows.append(row)

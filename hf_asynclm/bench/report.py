@@ -39,9 +39,11 @@ _MODE_LABEL = {
 
 
 def _clean(value: Any) -> Any:
-    """NaN / inf become None (JSON has no NaN)."""
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
+    """NaN / inf become None (JSON has no NaN); floats keep 6 significant decimals (microseconds)."""
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return None
+        return round(value, 6)
     if isinstance(value, Mapping):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -53,7 +55,16 @@ def write_json(data: Any, path: str | Path) -> Path:
     """Write ``data`` as indented JSON (NaN as null) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(data), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    data = _clean(data)
+    if isinstance(data, dict) and isinstance(data.get("tasks"), list):
+        # everything but the per-task records indented; one line per task record (small files, readable diffs)
+        head = {k: v for k, v in data.items() if k != "tasks"}
+        body = json.dumps(head, indent=1, ensure_ascii=False)[:-2]
+        tasks = ",\n  ".join(json.dumps(t, ensure_ascii=False) for t in data["tasks"])
+        text = body + (',\n "tasks": [\n  ' + tasks + "\n ]\n}" if data["tasks"] else ',\n "tasks": []\n}')
+    else:
+        text = json.dumps(data, indent=1, ensure_ascii=False)
+    path.write_text(text + "\n", encoding="utf-8")
     return path
 
 
