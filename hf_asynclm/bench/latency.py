@@ -598,6 +598,8 @@ def run_sync_baseline(
     if markers.end is not None:
         eos = model.generation_config.eos_token_id
         eos_list = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if tok.eos_token_id is not None and tok.eos_token_id not in eos_list:
+            eos_list.append(tok.eos_token_id)
         stop = {"eos_token_id": eos_list + [markers.end]}
     else:
         stop = {"stop_strings": "[END]", "tokenizer": tok}
@@ -802,11 +804,18 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def _ideal(mode: str, sims: list[SimCall], requests: list[float], answer_s: float) -> float:
+    return _ideal_schedule(mode, sims, requests, answer_s)[0]
+
+
+def _ideal_schedule(mode: str, sims: list[SimCall], requests: list[float], answer_s: float) -> tuple[float, list[str]]:
+    """Ideal latency of ``mode``'s schedule and the order it writes the calls in."""
     if not requests:
-        return math.nan
+        return math.nan, []
     if mode == "sync":  # the plain loop: every request pays its time to first token
-        return ideal_schedule(sims, "sync", request_overhead_s=statistics.fmean(requests), answer_s=answer_s).total_s
-    return ideal_schedule(sims, RUNTIME_MODE[mode], answer_s=answer_s).total_s + requests[0]
+        sched = ideal_schedule(sims, "sync", request_overhead_s=statistics.fmean(requests), answer_s=answer_s)
+        return sched.total_s, sched.write_order
+    sched = ideal_schedule(sims, RUNTIME_MODE[mode], answer_s=answer_s)
+    return sched.total_s + requests[0], sched.write_order
 
 
 def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | None = None, ttft_ms: float | None = None) -> dict[str, Any]:
@@ -891,7 +900,7 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
     answer_tl = total(text_steps, dur)
     answer_model = total(text_steps, fwd)
     latency = trace.t_end - trace.t_start
-    ideal_tl = _ideal(trace.mode, sims_tl, req_tl, answer_tl)
+    ideal_tl, ideal_order = _ideal_schedule(trace.mode, sims_tl, req_tl, answer_tl)
     ideal_model = _ideal(trace.mode, sims_model, req_model, answer_model) if aligned else math.nan
     ideal_nominal = math.nan
     if tpot_ms is not None and ttft_ms is not None:
@@ -950,6 +959,10 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
         "malformed": trace.malformed,
         "stop_reason": trace.stop_reason,
         "write_order": [r["call_id"] for r in call_rows],
+        # the simulated schedule writes the calls in the same order as the run did (False: a
+        # near-tie of execution times or a late result made the simulation choose otherwise)
+        "ideal_write_order": ideal_order,
+        "ideal_order_matches": ideal_order == [r["call_id"] for r in call_rows if r["call_id"] in {s.call_id for s in sims_tl}],
         "policy_log": [list(x) if isinstance(x, tuple) else x for x in trace.policy_log],
         "timeline": _timeline(trace, classes, blocks, dur),
     }
@@ -1183,8 +1196,10 @@ def summarize(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str,
             "teardown_s": _stats([m["teardown_s"] for m in ms]),
             "gap_s": _stats([m["latency_s"] - m["ideal_s"] for m in ms]),
             "errors": sum(m["errors"] for m in ms),
+            "ideal_order_mismatches": sum(1 for m in ms if m.get("ideal_order_matches") is False),
         }
-    calls = [c for r in rows for mode in modes[:1] for c in r["modes"][mode]["calls"]]
+    ref = "async" if "async" in modes else modes[0]  # calls as written in one request (no prefill inside a call)
+    calls = [c for r in rows for c in r["modes"][ref]["calls"]]
     summary["calls"] = {
         "per_task": _stats([r["n_calls"] for r in rows]),
         "tokens_per_call": _stats([c["tokens"] for c in calls]),

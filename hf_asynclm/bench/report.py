@@ -164,7 +164,8 @@ def latency_markdown(report: Mapping[str, Any], title: str | None = None) -> str
             f"dispatch ([END] sampled -> tool started) median {_num(a['dispatch_ms']['median'], '{:.2f}')} ms, max {_num(a['dispatch_ms']['max'], '{:.2f}')} ms "
             f"(first call of a generation {_num(a.get('dispatch_first_ms', {}).get('median'), '{:.2f}')} ms, later calls {_num(a.get('dispatch_later_ms', {}).get('median'), '{:.2f}')} ms); "
             f"decode step median {_num(a['step_ms_median']['median'], '{:.2f}')} ms of which forward {_num(a['forward_ms_median']['median'], '{:.2f}')} ms; "
-            f"gap measured - ideal median {_num(a['gap_s']['median'] * 1e3 if a['gap_s']['median'] is not None else None, '{:.1f}')} ms."
+            f"gap measured - ideal median {_num(a['gap_s']['median'] * 1e3 if a['gap_s']['median'] is not None else None, '{:.1f}')} ms; "
+            f"tasks where the simulated ideal wrote the calls in another order than the run: {a.get('ideal_order_mismatches', 'n/a')}."
         )
     return "\n".join(lines) + "\n"
 

@@ -209,7 +209,12 @@ class SimulatedTool:
 
     def latency_s(self, arguments: Mapping[str, Any]) -> float:
         """The call's latency in seconds (sampled in ms, or the schema's ``x-latency-ms``, times ``latency_scale``)."""
-        ms = self.fixed_latency_ms if self.fixed_latency_ms is not None else sample_latency_ms(self.key(arguments))
+        if self.fixed_latency_ms is not None:
+            # the advertised latency is an estimate: the call takes it +-10 % (seeded per call), so
+            # that two calls of one tool do not tie exactly
+            ms = self.fixed_latency_ms * (0.9 + 0.2 * _unit("jitter|" + self.key(arguments)))
+        else:
+            ms = sample_latency_ms(self.key(arguments))
         return ms * self.latency_scale / 1000.0
 
     def result(self, arguments: Mapping[str, Any]) -> Any:
@@ -243,7 +248,8 @@ class ToolSet:
         latency_scale: multiply every latency (tests use small values).
         result_fn: ``(name, arguments) -> result`` replacing the schema-shaped results.
         latency_from_schema: a function whose schema has ``"x-latency-ms"`` (the synthetic
-            tasks show it to the model) takes that latency instead of a sampled one.
+            tasks show it to the model) takes that latency, +-10 % per call, instead of a
+            sampled one.
     """
 
     def __init__(
