@@ -86,6 +86,7 @@ class CacheDriver:
         self.next_position = int(next_position) if next_position is not None else self.cache.get_seq_length()
         self.forward_calls = 0
         self._offloaded: list[tuple[Any, str, torch.device]] | None = None
+        self._device = model.device
 
     @property
     def seq_length(self) -> int:
@@ -94,7 +95,8 @@ class CacheDriver:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        """The model's device (read once: ``model.device`` walks the parameters)."""
+        return self._device
 
     def forward(self, input_ids: torch.LongTensor, position_ids: torch.LongTensor | None = None) -> torch.Tensor:
         """Feed ``input_ids`` (shape ``[1, n]``) and return the logits at the last position (float32)."""

@@ -168,7 +168,13 @@ def test_async_overlaps_calls_with_decoding():
         " writing while they run",
         " [TRAP] [END] [TRAP] [END] [TRAP] [END] done",
     ]
-    res = {mode: run_script(alm, script, mode=mode) for mode in ("async", "sync", "sync-parallel")}
+    run_script(alm, [" warm up"], max_new_tokens=5)  # first-use costs stay out of the comparison
+    res = {}
+    for _ in range(2):  # best of two per mode: a busy machine adds noise, never removes it
+        for mode in ("sync", "async", "sync-parallel"):
+            r = run_script(alm, script, mode=mode)
+            if mode not in res or r.stats.wall_s < res[mode].stats.wall_s:
+                res[mode] = r
     tool_time = 3 * 0.4
     assert res["sync"].stats.wall_s >= tool_time
     assert res["async"].stats.wall_s < res["sync"].stats.wall_s

@@ -432,10 +432,16 @@ class ToolExecutor:
         with self._cond:
             if self._closed:
                 raise RuntimeError("this ToolExecutor is closed")
-            self._start_locked()
+            loop = self._start_locked()
             pool = self._pool
         if pool is not None:
             pool.submit(int)  # spawns the pool's first worker thread
+        running = threading.Event()
+        try:
+            loop.call_soon_threadsafe(running.set)
+        except RuntimeError:  # closed meanwhile
+            return
+        running.wait(timeout=1.0)  # the loop is running: the first dispatch need not wait for it
 
     def cancel_all(self, reason: str = "generation ended") -> None:
         """Cancel every call still queued or running; no interrupt is queued for them.
