@@ -57,6 +57,7 @@ class TaskScore:
     valid_blocks: int = 0
     emitted: list[Any] = field(default_factory=list)
     expected: list[Any] = field(default_factory=list)
+    value_recall: float = 0.0
     lpt_ok: bool | None = None
     trapped: bool | None = None
     wall_s: float = 0.0
@@ -87,6 +88,17 @@ def _same_multiset(a: Iterable[tuple], b: Iterable[tuple]) -> bool:
     return Counter(a) == Counter(b)
 
 
+def value_recall(emitted: Sequence[tuple[str, dict[str, Any]]], expected: Sequence[tuple[str, dict[str, Any]]]) -> float:
+    """Share of the expected ``(tool, argument, value)`` triples that some emitted call has: a
+    finer signal than all-or-nothing task success (how much of the copying is right)."""
+    from collections import Counter
+
+    want = Counter((n, k, _norm(v)) for n, a in expected for k, v in a.items())
+    have = Counter((n, k, _norm(v)) for n, a in emitted for k, v in (a or {}).items())
+    total = sum(want.values())
+    return sum((want & have).values()) / total if total else 1.0
+
+
 def score_synthetic(task: Task, emitted: Sequence[tuple[str, dict[str, Any]]], text: str) -> TaskScore:
     """Score one synthetic task from the calls the model made and its visible text."""
     expected = [(c.name, c.arguments) for c in task.calls]
@@ -100,6 +112,7 @@ def score_synthetic(task: Task, emitted: Sequence[tuple[str, dict[str, Any]]], t
         success=calls_right and answer_right,
         calls_right=calls_right,
         answer_right=answer_right,
+        value_recall=value_recall(emitted, expected),
         emitted=[list(e) for e in emitted],
         expected=[list(e) for e in expected],
     )
@@ -195,6 +208,7 @@ class EvalReport:
     answer_right_rate: float
     cml_validity: float
     per_category: dict[str, dict[str, float]]
+    value_recall: float = math.nan
     extra: dict[str, Any] = field(default_factory=dict)
     tasks: list[TaskScore] = field(default_factory=list)
 
@@ -222,6 +236,7 @@ def _aggregate(name: str, mode: str, scores: list[TaskScore], extra: dict[str, A
         calls_right_rate=rate(scores, "calls_right"),
         answer_right_rate=rate(scores, "answer_right"),
         cml_validity=valid / blocks if blocks else math.nan,
+        value_recall=statistics.mean(s.value_recall for s in scores) if scores else math.nan,
         per_category={c: {"n": len(xs), "success": rate(xs, "success"), "calls_right": rate(xs, "calls_right")} for c, xs in sorted(cats.items())},
         extra=extra or {},
         tasks=scores,
@@ -323,6 +338,7 @@ def evaluate_bfcl(
                 valid_blocks=valid,
                 emitted=[list(e) for e in emitted],
                 expected=[[c.name, c.arguments] for c in task.calls],
+                value_recall=value_recall(emitted, [(c.name, c.arguments) for c in task.calls]),
                 lpt_ok=lpt_ok,
                 trapped=trapped,
                 wall_s=time.perf_counter() - t0,
@@ -364,9 +380,10 @@ def format_report(report: EvalReport) -> str:
     ]
     if report.name == "synthetic":
         lines.append(f"| answer uses results | {report.answer_right_rate:.1%} |")
+    lines.append(f"| argument values right | {report.value_recall:.1%} |")
     lines.append(f"| valid CML blocks | {report.cml_validity:.1%} |")
     for k, v in report.extra.items():
-        lines.append(f"| {k.replace('_', ' ')} | {v:.1%} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines.append(f"| {k.replace('_', ' ')} | {float(v):.1%} |" if isinstance(v, (int, float)) else f"| {k} | {v} |")
     lines += ["", "| category | n | success |", "|---|---|---|"]
     for c, d in report.per_category.items():
         lines.append(f"| {c} | {d['n']} | {d['success']:.1%} |")

@@ -44,6 +44,8 @@ def test_random_model_fails_and_scoring_catches_near_misses():
     wrong = [(n, {k: (v + "x" if isinstance(v, str) else v) for k, v in a.items()}) for n, a in calls]
     assert not score_synthetic(task, wrong, answer).calls_right
     assert not score_synthetic(task, calls[:-1], answer).success
+    assert score_synthetic(task, calls, answer).value_recall == 1.0
+    assert 0.0 <= score_synthetic(task, wrong, answer).value_recall < 1.0
     assert not score_synthetic(task, calls, answer[: len(answer) // 2]).answer_right
 
 
