@@ -244,6 +244,8 @@ class AsyncLM:
             model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
         if device is not None:
             model = model.to(device)
+        if dtype is None and model.device.type == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
+            model = model.float()  # half-precision weights (smaller to ship) run in float32 on a CPU
         model.eval()
         return cls(model, tokenizer, tools=tools, mode=mode, **kwargs)
 
