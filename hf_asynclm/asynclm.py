@@ -37,7 +37,7 @@ import torch
 from .cml import visible_text
 from .executor.executor import ToolExecutor
 from .executor.registry import ToolRegistry
-from .generation import MODES, GenerationSession, GenerationStats, Mode, cml_decode_loop
+from .generation import MODES, GenerationSession, GenerationStats, Mode, SessionControl, cml_decode_loop
 from .prompting import build_prompt
 from .streamer import CMLIteratorStreamer, StreamEvent
 
@@ -127,7 +127,7 @@ def _streamer_of_calling_generate() -> Any | None:
         del frame
 
 
-class AsyncLM:
+class AsyncLM(SessionControl):
     """A transformers causal LM with asynchronous function calling.
 
     Args:
@@ -417,33 +417,6 @@ class AsyncLM:
             if thread.is_alive():
                 session.cancel()
                 thread.join(timeout=30)
-
-    # control -----------------------------------------------------------------------------------
-    def interrupt(self, text: str) -> None:
-        """Send a user interrupt to the generation in progress (thread-safe).
-
-        It is injected as ``[INTR] user [HEAD] text [END]`` at the next safe point.
-        Raises ``RuntimeError`` when nothing is generating.
-        """
-        with self._lock:
-            session = self._session
-        if session is None:
-            raise RuntimeError("no generation in progress: AsyncLM.interrupt works while generate/stream runs")
-        session.interrupt(text)
-
-    def cancel(self) -> bool:
-        """Stop the generation in progress at its next step; True when one was running."""
-        with self._lock:
-            session = self._session
-        if session is None:
-            return False
-        session.cancel()
-        return True
-
-    @property
-    def generating(self) -> bool:
-        """True while a generation runs."""
-        return self._session is not None
 
     @classmethod
     def remote(cls, endpoint: str, backend: str = "tgi", **kwargs: Any) -> "RemoteAsyncLM":

@@ -293,6 +293,45 @@ class GenerationSession:
             self.executor.close(wait=False)
 
 
+class SessionControl:
+    """``interrupt`` / ``cancel`` / ``generating`` for an object that runs one session at a time.
+
+    The owner sets ``self._lock`` (a ``threading.Lock``) and ``self._session`` (the running
+    session or None).
+    """
+
+    _lock: threading.Lock
+    _session: Any
+
+    def interrupt(self, text: str) -> None:
+        """Send a user interrupt to the generation in progress (thread-safe).
+
+        It goes in as ``[INTR] user [HEAD] text [END]`` at the next safe point.
+        Raises ``RuntimeError`` when nothing is generating.
+        """
+        with self._lock:
+            session = self._session
+        if session is None:
+            raise RuntimeError(
+                f"no generation in progress: {type(self).__name__}.interrupt works while generate/stream runs"
+            )
+        session.interrupt(text)
+
+    def cancel(self) -> bool:
+        """Stop the generation in progress at its next step; True when one was running."""
+        with self._lock:
+            session = self._session
+        if session is None:
+            return False
+        session.cancel()
+        return True
+
+    @property
+    def generating(self) -> bool:
+        """True while a generation runs."""
+        return self._session is not None
+
+
 def _eos_ids(generation_config: Any) -> set[int]:
     eos = getattr(generation_config, "_eos_token_tensor", None)
     if eos is None:

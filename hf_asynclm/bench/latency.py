@@ -75,6 +75,7 @@ from typing import Any
 
 import torch
 
+from ..emulation import _cache_length
 from ..cml import Block, BlockOpened, format_error, format_interrupt, marker_token_ids, serialize_result
 from ..data.tasks import PlannedCall, Task
 from .latency_model import SimCall, ideal_schedule
@@ -393,16 +394,6 @@ class _StepClock:
         return scores
 
 
-def _cache_len(kwargs: Mapping[str, Any]) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length())
-    except Exception:  # pragma: no cover - exotic caches
-        return 0
-
-
 @contextlib.contextmanager
 def forward_clock(model: Any) -> Iterator[list[tuple[float, float, int, bool]]]:
     """Record ``(start, end, input tokens, prefill)`` of every forward pass of ``model`` in the block.
@@ -415,7 +406,7 @@ def forward_clock(model: Any) -> Iterator[list[tuple[float, float, int, bool]]]:
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        prefill = _cache_len(kwargs) == 0
+        prefill = _cache_length((), kwargs) == 0
         ids = kwargs.get("input_ids", args[0] if args else None)
         n = int(ids.shape[-1]) if ids is not None else 1
         t0 = time.monotonic()

@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from ..cml import Block, CMLParser, TextEvent, format_trap
 from ..executor.executor import ToolExecutor
 from ..executor.registry import ToolRegistry
-from ..generation import MODES, GenerationSession, Mode
+from ..generation import MODES, GenerationSession, Mode, SessionControl
 from ..prompting import build_prompt, cml_system_prompt
 from ..streamer import StreamEvent
 from .backends import RemoteEngineError, SegmentRequest, StreamChunk, make_backend
@@ -294,7 +294,7 @@ def render_plain_prompt(
 # ---------------------------------------------------------------------------------------------
 
 
-class RemoteAsyncLM:
+class RemoteAsyncLM(SessionControl):
     """Asynchronous function calling on a remote engine, with the API of :class:`~hf_asynclm.AsyncLM`.
 
     Args:
@@ -543,33 +543,6 @@ class RemoteAsyncLM:
             if thread.is_alive():
                 self.cancel()
                 thread.join(timeout=30)
-
-    # control -----------------------------------------------------------------------------------
-    def interrupt(self, text: str) -> None:
-        """Send a user interrupt to the generation in progress (thread-safe).
-
-        It goes in as ``[INTR] user [HEAD] text [END]`` at the next safe point (the stream is
-        closed there and the prompt re-submitted). Raises ``RuntimeError`` when nothing runs.
-        """
-        with self._lock:
-            session = self._session
-        if session is None:
-            raise RuntimeError("no generation in progress: RemoteAsyncLM.interrupt works while generate/stream runs")
-        session.interrupt(text)
-
-    def cancel(self) -> bool:
-        """Stop the generation in progress now (its stream is closed); True when one was running."""
-        with self._lock:
-            session = self._session
-        if session is None:
-            return False
-        session.cancel()
-        return True
-
-    @property
-    def generating(self) -> bool:
-        """True while a generation runs."""
-        return self._session is not None
 
     # results -----------------------------------------------------------------------------------
     def result_of(self, session: RemoteSession) -> Any:
