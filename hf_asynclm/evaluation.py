@@ -243,6 +243,31 @@ def _aggregate(name: str, mode: str, scores: list[TaskScore], extra: dict[str, A
     )
 
 
+def _run_task(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    tools: list[tuple[dict, Callable]],
+    mode: str,
+    max_new_tokens: int,
+    processors_for: Callable[[Task], list[Any]] | None,
+) -> tuple[Any | None, float, str | None]:
+    """Run one task greedily: (AsyncResult or None, wall seconds, error repr or None)."""
+    from transformers import LogitsProcessorList
+
+    from .asynclm import AsyncLM
+
+    alm = AsyncLM(model, tokenizer, tools=tools, mode=mode, call_timeout_s=10, trap_timeout_s=10)  # type: ignore[arg-type]
+    extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
+    t0 = time.perf_counter()
+    try:
+        result = alm.generate(task.messages, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+    except Exception as exc:  # a broken task must not end the evaluation
+        logger.exception("task %s failed", task.task_id)
+        return None, time.perf_counter() - t0, repr(exc)
+    return result, time.perf_counter() - t0, None
+
+
 def evaluate_synthetic(
     model: Any,
     tokenizer: Any,
@@ -258,24 +283,15 @@ def evaluate_synthetic(
     ``processors_for(task)`` may return extra logits processors for a task (tests use it to
     script a policy).
     """
-    from transformers import LogitsProcessorList
-
-    from .asynclm import AsyncLM
-
     scores = []
     for task in tasks:
-        alm = AsyncLM(model, tokenizer, tools=task_tools(task, latency_scale), mode=mode, call_timeout_s=10, trap_timeout_s=10)
-        t0 = time.perf_counter()
-        try:
-            extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
-            result = alm.generate(task.messages, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        except Exception as exc:  # a broken task must not end the evaluation
-            logger.exception("task %s failed", task.task_id)
-            scores.append(TaskScore(task.task_id, task.category, False, False, False, error=repr(exc)))
+        result, wall, error = _run_task(model, tokenizer, task, task_tools(task, latency_scale), mode, max_new_tokens, processors_for)
+        if result is None:
+            scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
             continue
         score = score_synthetic(task, _emitted_calls(result), result.text)
         score.blocks, score.valid_blocks = _block_validity(result)
-        score.wall_s = time.perf_counter() - t0
+        score.wall_s = wall
         scores.append(score)
         if progress is not None:
             progress(1)
@@ -300,23 +316,14 @@ def evaluate_bfcl(
     processors_for: Callable[[Task], list[Any]] | None = None,
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps."""
-    from transformers import LogitsProcessorList
-
-    from .asynclm import AsyncLM
     from .bench.ast_match import match_task
 
     scores = []
     for task in tasks:
-        alm = AsyncLM(
-            model, tokenizer, tools=task_tools(task, latency_scale, _generic_result), mode=mode, call_timeout_s=10, trap_timeout_s=10
-        )
-        t0 = time.perf_counter()
-        try:
-            extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
-            result = alm.generate(task.messages, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        except Exception as exc:
-            logger.exception("task %s failed", task.task_id)
-            scores.append(TaskScore(task.task_id, task.category, False, False, False, error=repr(exc)))
+        tools = task_tools(task, latency_scale, _generic_result)
+        result, wall, error = _run_task(model, tokenizer, task, tools, mode, max_new_tokens, processors_for)
+        if result is None:
+            scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
             continue
         emitted = _emitted_calls(result)
         match = match_task(emitted, task)
@@ -341,7 +348,7 @@ def evaluate_bfcl(
                 value_recall=value_recall(emitted, [(c.name, c.arguments) for c in task.calls]),
                 lpt_ok=lpt_ok,
                 trapped=trapped,
-                wall_s=time.perf_counter() - t0,
+                wall_s=wall,
             )
         )
         if progress is not None:
