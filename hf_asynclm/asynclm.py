@@ -230,17 +230,18 @@ class AsyncLM(SessionControl):
                 endpoint=endpoint,
             )
         folder = Path(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         load_kwargs: dict[str, Any] = {}
         if dtype is not None:
             load_kwargs["dtype"] = dtype
         if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
             try:
-                from peft import AutoPeftModelForCausalLM
+                from .training.train import load_trained
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ImportError(f"{folder} holds a LoRA adapter: install peft (pip install 'hf-asynclm[train]')") from exc
-            model = AutoPeftModelForCausalLM.from_pretrained(folder, **load_kwargs)
+            # the base, resized to the CML tokenizer, with the adapter merged for plain-speed decoding
+            model, tokenizer = load_trained(folder, merge=True, **load_kwargs)
         else:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
         if device is not None:
             model = model.to(device)

@@ -350,6 +350,14 @@ def test_lora_fine_tuning_trains_marker_rows_and_reloads(tiny_base, data_file, t
     inputs = tok(prompt, add_special_tokens=False, return_tensors="pt")
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
 
+    # AsyncLM loads the adapter folder as it is (base resized to the CML tokenizer, adapter merged)
+    from hf_asynclm import AsyncLM
+
+    alm = AsyncLM.from_pretrained(out)
+    assert alm.tokenizer.chat_template == CML_CHAT_TEMPLATE
+    assert torch.allclose(alm.model.get_input_embeddings()(ids)[0], adapter[delta_key], atol=1e-6)
+    assert alm.generate(EXAMPLES[0]["messages"], max_new_tokens=3, do_sample=False).stats.generated_tokens >= 1
+
 
 def test_lora_merge_writes_a_plain_model(tiny_base, data_file, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
