@@ -142,6 +142,7 @@ class GenerationSession:
         self._finished_reported: set[int] = set()
         self._cancel = threading.Event()
         self._recorder: _Recorder | None = None
+        self._early_events: list[StreamEvent] = []
         self.started = threading.Event()
         self.finished = threading.Event()
 
@@ -167,6 +168,15 @@ class GenerationSession:
     def _emit(self, event: StreamEvent) -> None:
         if self._recorder is not None:
             self._recorder.on_event(event)
+        else:  # e.g. a user interrupt sent before the loop attached its recorder
+            self._early_events.append(event)
+
+    def attach_recorder(self, recorder: Any) -> None:
+        """Give the session the streamer that records its events (earlier events are replayed)."""
+        self._recorder = recorder
+        early, self._early_events = self._early_events, []
+        for event in early:
+            recorder.on_event(event)
 
     # block handling ----------------------------------------------------------------------------
     def handle_block(self, block: Block, driver: CacheDriver) -> None:
@@ -388,7 +398,7 @@ def cml_decode_loop(
     tokenizer = session.tokenizer
     recorder = _Recorder(tokenizer, streamer)
     recorder.put(input_ids.cpu())  # the prompt (skipped)
-    session._recorder = recorder
+    session.attach_recorder(recorder)
     session.started.set()
     if len(getattr(session.executor, "tools", ()) or ()):
         session.executor.start()  # no thread start-up cost on the first call's dispatch

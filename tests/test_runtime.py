@@ -552,3 +552,23 @@ def test_messages_use_the_chat_template_and_cml_system_prompt():
     enc = alm.encode_prompt([{"role": "user", "content": "Hello"}])
     text = tok.decode(enc["input_ids"][0])
     assert text.startswith("<|system|>") and "lookup(key)" in text and "[TRAP]" in text and "<|user|>Hello" in text
+
+
+def test_user_interrupt_sent_before_decoding_starts_is_kept():
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    alm = AsyncLM(model, tok, tools=make_tools(0.0))
+    session = alm.new_session()
+    session.interrupt("early words")  # before the loop attached its recorder
+    policy = ScriptedPolicy(tok, [" a", " b", " c"])
+    model.generate(
+        **tok("Go.", return_tensors="pt"),
+        custom_generate=alm.custom_generate,
+        asynclm_session=session,
+        logits_processor=LogitsProcessorList([policy]),
+        max_new_tokens=10,
+        do_sample=False,
+    )
+    r = alm.result_of(session)
+    assert "[INTR] user [HEAD] early words [END]" in r.raw_text
+    assert [e.kind for e in r.timeline].count("user_interrupt") == 1

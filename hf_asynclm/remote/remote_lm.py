@@ -141,7 +141,7 @@ class RemoteSession(GenerationSession):
         super().__init__(
             tokenizer, executor, mode=mode, trap_timeout_s=trap_timeout_s, drain_on_eos=drain_on_eos, owns_executor=True
         )
-        self._recorder = _EventLog(listener)  # type: ignore[assignment]
+        self.attach_recorder(_EventLog(listener))
         self.trap_pending = False
         self.sync_waits: list[Any] = []
         self.raw_text = ""
