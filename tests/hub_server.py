@@ -511,3 +511,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:  # noqa: N802
         self._serve("DELETE")
+
+
+# --------------------------------------------------------------------------------------------
+# pytest fixtures shared by the Hub tests (import them by name into a test module)
+# --------------------------------------------------------------------------------------------
+import pytest as _pytest
+
+
+@_pytest.fixture(autouse=True)
+def hub_env(monkeypatch: "_pytest.MonkeyPatch") -> None:
+    """No ambient token, endpoint or offline flag from the machine running the tests."""
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@_pytest.fixture
+def fake_hub():
+    """An empty Hub look-alike; ``fake_hub.url`` is its endpoint."""
+    with FakeHub() as hub:
+        yield hub

@@ -15,7 +15,7 @@ from typing import Iterator
 import pytest
 import torch
 from click.testing import CliRunner
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_asynclm.hub import (
@@ -28,7 +28,7 @@ from hf_asynclm.hub import (
 )
 from hf_asynclm.testing import tiny_llama, tiny_tokenizer
 from hf_asynclm_cli.publish_cmd import publish
-from hub_server import FakeHub
+from hub_server import FakeHub, fake_hub, hub_env  # noqa: F401  (fake_hub, hub_env: shared fixtures)
 
 TRAINING_RECORD = {
     "model_name": "CML tiny (test)",
@@ -41,23 +41,6 @@ TRAINING_RECORD = {
     "metrics": {"held_out_task_accuracy": 0.27, "extra_tokens_per_task": 21.5},
     "limitations": ["Random weights: this checkpoint exists for tests only."],
 }
-
-
-@pytest.fixture(autouse=True)
-def _hub_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ambient token, endpoint or offline flag from the machine running the tests."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-@pytest.fixture
-def fake_hub() -> Iterator[FakeHub]:
-    """An empty Hub look-alike; ``fake_hub.url`` is its endpoint."""
-    with FakeHub() as hub:
-        yield hub
 
 
 @pytest.fixture

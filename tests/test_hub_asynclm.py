@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
 
 import pytest
-from huggingface_hub import constants
 from transformers import LogitsProcessorList
 
 from hf_asynclm import AsyncLM
 from hf_asynclm.hub import HubError, publish_checkpoint
 from hf_asynclm.prompting import CML_CHAT_TEMPLATE
 from hf_asynclm.testing import ScriptedPolicy, tiny_llama, tiny_tokenizer
-from hub_server import FakeHub
-
-
-@pytest.fixture(autouse=True)
-def _hub_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-@pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    with FakeHub() as h:
-        yield h
+from hub_server import fake_hub, hub_env  # noqa: F401  (shared fixtures)
 
 
 def add(a: int, b: int) -> int:
@@ -42,7 +25,8 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def test_publish_download_generate(hub, tmp_path):
+def test_publish_download_generate(fake_hub, tmp_path):
+    hub = fake_hub
     folder = tmp_path / "cml-test"
     tok = tiny_tokenizer()
     tok.chat_template = CML_CHAT_TEMPLATE
