@@ -116,7 +116,8 @@ task gives one trace per mode.
 @click.option("--n", "n", type=click.IntRange(min=1), default=1000, show_default=True, help="Tasks per source.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of tasks and timings.")
 @click.option(
-    "--source", type=click.Choice(["synthetic", "bfcl", "both"]), default="synthetic", show_default=True, help="Where tasks come from."
+    "--source", type=click.Choice(["synthetic", "bfcl", "both", "drills"]), default="synthetic", show_default=True,
+    help="Where tasks come from ('drills': --n copy drills, see hf_asynclm.data.drills; no simulation)."
 )
 @click.option(
     "--modes", default=",".join(_MODES), show_default=True, callback=_parse_modes, help="Comma-separated trace modes."
@@ -185,6 +186,20 @@ def build(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         except Exception as exc:  # noqa: BLE001 - any loading failure is a usage error here
             raise click.ClickException(f"cannot load tokenizer {tokenizer_path!r}: {exc}") from exc
+
+    if source == "drills":
+        from hf_asynclm.data.drills import copy_drills
+
+        drills = copy_drills(n, seed=seed, split=split)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("w", encoding="utf-8") as fh:
+                for d in drills:
+                    fh.write(json.dumps(d) + "\n")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {out}: {exc}") from exc
+        click.echo(f"wrote {len(drills)} copy drills to {out}")
+        return
 
     tasks: list[Any] = []
     if source in ("synthetic", "both"):

@@ -30,7 +30,8 @@ Examples:
 
 
 @click.command("train", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, metavar="FILE[,FILE]", help="Training traces (JSONL from the simulator); comma-separated for several.")
+@click.option("--data", required=True, multiple=True, metavar="FILE[,FILE]",
+              help="Training traces (JSONL from the simulator); repeat the option or separate with commas for several.")
 @click.option("--out", "output_dir", required=True, metavar="DIR", help="Output directory (checkpoints and the final model).")
 @click.option("--base", "base_model", default=None, metavar="MODEL", help="Fine-tune this base (Hub id or local dir) instead of training from scratch.")
 @click.option("--lora", is_flag=True, default=None, help="LoRA fine-tuning of --base (marker embedding rows trained too).")
@@ -47,6 +48,7 @@ Examples:
 @click.option("--warmup", type=click.FloatRange(min=0), default=None, help="Warmup: fraction of the steps (<1) or steps (>=1) [0.05].")
 @click.option("--schedule", "lr_scheduler", type=click.Choice(["cosine", "linear", "constant_with_warmup", "cosine_with_min_lr"]), default=None, help="Learning-rate schedule [cosine].")
 @click.option("--vocab-size", type=click.IntRange(min=268), default=None, help="Tokenizer size when training from scratch [512].")
+@click.option("--digit-group", type=click.IntRange(min=1, max=3), default=None, help="From scratch: digits per token at most (1: one digit per token) [1].")
 @click.option("--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="dtype to load --base in [float32].")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [500].")
 @click.option("--logging-steps", type=click.IntRange(min=1), default=None, help="Log the loss every N steps [10].")
@@ -66,6 +68,7 @@ def train_command(quiet: bool, **options: Any) -> None:
     from hf_asynclm.training.train import TrainConfig, train
 
     preset = options.pop("preset")
+    options["data"] = [p for item in options["data"] for p in str(item).split(",") if p.strip()]
     # flags not given are left to the preset / defaults (click may report them as False)
     given = {k: v for k, v in options.items() if v is not None and v is not False}
     if given.get("max_steps") == 0:

@@ -239,6 +239,23 @@ def test_cml_tokenizer_markers_digits_and_roundtrip(tmp_path):
     assert prompt.startswith("<|bos|><|system|>\n") and prompt.endswith("<|assistant|>\n")
 
 
+def test_cml_tokenizer_digit_groups_cut_numbers_the_same_everywhere():
+    texts = [t for e in EXAMPLES for s in e["segments"] for t in [s["text"]]] * 10
+    texts += [f"code XN{n:03d} on 2026-0{n % 9 + 1}-1{n % 9}" for n in range(200)] * 4
+    tok = build_cml_tokenizer(texts, vocab_size=420, digit_group=2)
+    groups = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("12345")]
+    assert groups == ["12", "34", "5"]  # groups of two, left to right; merges never cross them
+    pieces = tok.convert_ids_to_tokens(tok.encode("price 12345", add_special_tokens=False))
+    assert "".join(pieces[-3:]) in ("12345", "2345", "345") and not any(len(p) > 2 for p in pieces[-3:])
+    # the same number has the same tokens inside a code, after a space and after a quote
+    alone = tok.encode(" 342", add_special_tokens=False)[1:]
+    in_code = tok.encode('="XN342"', add_special_tokens=False)
+    assert any(in_code[i : i + len(alone)] == alone for i in range(len(in_code)))
+    assert tok.decode(tok.encode("2026-08-01 18:25 $971", add_special_tokens=False)) == "2026-08-01 18:25 $971"
+    with pytest.raises(ValueError, match="digit_group"):
+        build_cml_tokenizer(texts, vocab_size=420, digit_group=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -446,6 +463,18 @@ def test_cli_trains_and_reports_bad_input(data_file, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((out / TRAINING_RECORD).read_text())
     assert record["steps"] == 2 and record["config"]["batch_size"] == 2 and record["config"]["preset"] == "micro"
+
+    # several files: the option repeated and comma-separated lists both read every file
+    lines = data_file.read_text().splitlines()
+    part_a, part_b, part_c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    part_a.write_text("\n".join(lines[:2]) + "\n")
+    part_b.write_text("\n".join(lines[2:4]) + "\n")
+    part_c.write_text("\n".join(lines[4:]) + "\n")
+    multi = tmp_path / "multi"
+    result = runner.invoke(train_command, ["--data", str(part_a), "--data", f"{part_b},{part_c}", "--out", str(multi),
+                                           "--preset", "micro", "--steps", "1", "--batch-size", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((multi / TRAINING_RECORD).read_text())["dataset"]["read"] == len(lines)
 
     bad_cases = [
         (["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")], "not found"),

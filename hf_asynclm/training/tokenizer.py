@@ -70,6 +70,7 @@ def build_cml_tokenizer(
     min_frequency: int = 4,
     max_token_length: int | None = 16,
     isolate_spaces: bool = True,
+    digit_group: int = 1,
 ):
     """Train a byte-level BPE tokenizer on ``texts`` for a CML model trained from scratch.
 
@@ -82,6 +83,9 @@ def build_cml_tokenizer(
             seen only a few times is never learnt as a unit.
         max_token_length: longest merged token, in characters (None: unlimited).
         isolate_spaces: a space is always its own token (see the module docstring).
+        digit_group: digits are cut into runs of at most this many, left to right, before the
+            merges (1: one digit per token; 2: ``2026`` -> ``20`` ``26``). Any number is cut the
+            same way wherever it appears, so copying stays an identity map over tokens.
 
     Returns:
         a ``PreTrainedTokenizerFast`` with bos/eos/pad set, the markers and role tags as
@@ -95,7 +99,12 @@ def build_cml_tokenizer(
         raise ValueError(f"vocab_size must be at least {n_fixed} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    steps = [pre_tokenizers.Digits(individual_digits=True)]
+    if digit_group < 1:
+        raise ValueError(f"digit_group must be at least 1, got {digit_group}")
+    if digit_group == 1:
+        steps = [pre_tokenizers.Digits(individual_digits=True)]
+    else:
+        steps = [pre_tokenizers.Split(Regex(r"\d{1,%d}" % digit_group), behavior="isolated")]
     if isolate_spaces:
         steps.append(pre_tokenizers.Split(Regex(" "), behavior="isolated"))
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))

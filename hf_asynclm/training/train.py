@@ -98,6 +98,7 @@ class TrainConfig:
 
     # tokenizer and model trained from scratch
     vocab_size: int = DEFAULT_VOCAB_SIZE
+    digit_group: int = 1  # digits per token at most (build_cml_tokenizer)
     num_layers: int = 6
     hidden_size: int = 256
     num_heads: int = 4
@@ -525,7 +526,7 @@ def _load_scratch_tokenizer(config: TrainConfig, examples: list[dict[str, Any]],
     with args.main_process_first(desc="CML tokenizer"):
         if args.process_index == 0:
             texts = [t for ex in examples for t in example_texts(ex)]
-            tokenizer = build_cml_tokenizer(texts, vocab_size=config.vocab_size)
+            tokenizer = build_cml_tokenizer(texts, vocab_size=config.vocab_size, digit_group=config.digit_group)
             output_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(output_dir)
         else:  # other processes read what the main process wrote

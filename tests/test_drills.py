@@ -1,0 +1,86 @@
+"""Copy drills: shape, value split, determinism, and that training reads them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from hf_asynclm.cml import parse_blocks
+from hf_asynclm.data.drills import DRILL_KINDS, copy_drills
+from hf_asynclm.data.synthetic import value_split
+
+
+def _model_text(d: dict) -> str:
+    return "".join(s["text"] for s in d["segments"] if s["role"] == "model")
+
+
+def _context(d: dict) -> str:
+    return " ".join(m["content"] for m in d["messages"]) + " " + " ".join(
+        s["text"] for s in d["segments"] if s["role"] == "inject"
+    )
+
+
+def test_every_kind_and_the_trace_format():
+    drills = copy_drills(30, seed=3)
+    assert {d["category"] for d in drills} == set(DRILL_KINDS)
+    for d in drills:
+        assert d["mode"] == "drill" and d["source"] == "drill"
+        assert d["segments"][0]["role"] == "model" and d["segments"][-1]["role"] == "model"
+        assert all(s["role"] in ("model", "inject") for s in d["segments"])
+
+
+def test_every_value_the_model_writes_is_in_its_context():
+    # a drill trains copying only: every word/number the model writes after the call is given before
+    for d in copy_drills(300, seed=1):
+        context = _context(d)
+        answer = d["segments"][-1]["text"]
+        for token in re.findall(r"[A-Za-z]+\d+|\d[\d:-]*\d|[A-Z][a-z]{2,}", answer):
+            assert token in context, (token, d)
+
+
+def test_result_drills_call_lookup_with_a_value_from_the_request_and_wait():
+    for d in (x for x in copy_drills(60, seed=2) if x["category"] == "result"):
+        assert [t["function"]["name"] for t in d["tools"]] == ["lookup"]
+        blocks = parse_blocks(d["segments"][0]["text"])
+        assert [b.kind for b in blocks] == ["call", "trap"]
+        key = re.fullmatch(r'lookup\(key="([^"]+)"\)', blocks[0].body).group(1)
+        assert key in d["messages"][0]["content"]
+        call_id = blocks[0].call_id
+        assert d["segments"][1]["text"].startswith(f"[INTR] {call_id} [HEAD]")
+
+
+def test_drills_are_seeded():
+    a, b = copy_drills(50, seed=7), copy_drills(50, seed=7)
+    assert a == b and a != copy_drills(50, seed=8)
+    with pytest.raises(ValueError):
+        copy_drills(-1)
+
+
+def test_eval_split_values_never_appear_in_training_drills():
+    train_text = " ".join(_context(d) + _model_text(d) for d in copy_drills(400, seed=0, split="train"))
+    eval_codes = {c for d in copy_drills(400, seed=0, split="eval") for c in re.findall(r"\b[A-Z]{2}\d{3}\b", _context(d))}
+    assert eval_codes and all(value_split(c) == "eval" for c in eval_codes)
+    assert not any(re.search(rf"\b{c}\b", train_text) for c in eval_codes)
+
+
+def test_cli_writes_drills_that_tokenize(tmp_path):
+    from click.testing import CliRunner
+
+    from hf_asynclm.testing import tiny_tokenizer
+    from hf_asynclm.training import tokenize_example
+    from hf_asynclm_cli.main import app
+
+    out = tmp_path / "drills.jsonl"
+    result = CliRunner().invoke(app, ["data", "build", "--source", "drills", "--n", "12", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12
+    from hf_asynclm.prompting import CML_CHAT_TEMPLATE
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    for row in rows:
+        item = tokenize_example(tok, row)
+        assert any(label != -100 for label in item["labels"])
