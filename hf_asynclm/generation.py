@@ -460,10 +460,11 @@ def cml_decode_loop(
                     continue
 
             input_ids = torch.cat([input_ids, token_t], dim=-1)
-            recorder.put(token_t[0].cpu())
+            cml_events = monitor.feed_token(token)
+            recorder.put_decoded(cml_events)  # decoded once, by the loop's monitor
             if streamer is not None:
                 streamer.put(token_t[0].cpu())
-            for event in monitor.feed_token(token):
+            for event in cml_events:
                 if isinstance(event, Block):
                     session.handle_block(event, driver)
 
@@ -487,11 +488,12 @@ def cml_decode_loop(
             logits = driver.forward(feed)
     finally:
         stats.forward_passes = driver.forward_calls
-        for event in monitor.flush():
+        flushed = monitor.flush()
+        for event in flushed:
             if isinstance(event, Block):
                 session.blocks.append(event)
         session.finish()
-        recorder.end()
+        recorder.end(flushed)
         if streamer is not None:
             streamer.end()
         stats.wall_s = time.monotonic() - t_start

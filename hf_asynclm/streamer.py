@@ -125,6 +125,14 @@ class CMLStreamer(BaseStreamer):
         for tid in value.tolist():
             self._handle(self.monitor.feed_token(tid))
 
+    def put_decoded(self, cml_events: list[Any]) -> None:
+        """Receive the CML events of sampled tokens that the caller's own
+        :class:`~hf_asynclm.monitor.CMLMonitor` already decoded (the hf-asynclm loop does this
+        for its recorder, so that each token is decoded once, not twice). Use either this or
+        :meth:`put` for the sampled tokens of a generation, never both."""
+        self._next_is_prompt = False
+        self._handle(cml_events)
+
     def put_injected(self, token_ids: torch.Tensor, interrupts: list[Any]) -> None:
         """Receive the tokens of injected interrupts (called by the hf-asynclm loop)."""
         self.monitor.reset_context()
@@ -136,12 +144,15 @@ class CMLStreamer(BaseStreamer):
         """Receive a runtime event (call started / finished, trap, resume ...)."""
         self._emit(event)
 
-    def end(self) -> None:
-        """End of generation: flush held-back text and emit ``done``."""
+    def end(self, flushed: list[Any] | None = None) -> None:
+        """End of generation: flush held-back text and emit ``done``.
+
+        ``flushed``: the final events of the caller's monitor, when tokens came through
+        :meth:`put_decoded` (default: this streamer's own monitor is flushed)."""
         if self._ended:
             return
         self._ended = True
-        self._handle(self.monitor.flush())
+        self._handle(self.monitor.flush() if flushed is None else flushed)
         self._emit(StreamEvent("done", time.monotonic()))
 
     # helpers ---------------------------------------------------------------------------------

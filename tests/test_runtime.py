@@ -136,6 +136,28 @@ def test_ride_along_costs_no_forward_pass():
     assert calls["n"] == result.stats.forward_passes
 
 
+def test_each_sampled_token_is_decoded_once(monkeypatch):
+    # the loop's monitor decodes each token; the session's recorder takes its events instead
+    # of decoding again, and the result (text, calls, timeline) is still complete
+    from hf_asynclm.monitor import CMLMonitor
+
+    fed = {"n": 0}
+    original = CMLMonitor.feed_token
+
+    def counting(self, token_id):
+        fed["n"] += 1
+        return original(self, token_id)
+
+    monkeypatch.setattr(CMLMonitor, "feed_token", counting)
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.01))
+    result = run_script(alm, SCRIPT)
+    assert fed["n"] == result.stats.generated_tokens
+    assert [c.call_id for c in result.calls] == ["a1", "a2"]
+    kinds = [e.kind for e in result.timeline]
+    assert kinds.count("call_written") == 2 and kinds[-1] == "done"
+
+
 def test_sequence_holds_prompt_generated_and_injected_tokens_in_order():
     tok = tiny_tokenizer()
     alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0))
