@@ -49,6 +49,7 @@ Examples:
 @click.option("--schedule", "lr_scheduler", type=click.Choice(["cosine", "linear", "constant_with_warmup", "cosine_with_min_lr"]), default=None, help="Learning-rate schedule [cosine].")
 @click.option("--vocab-size", type=click.IntRange(min=268), default=None, help="Tokenizer size when training from scratch [512].")
 @click.option("--digit-group", type=click.IntRange(min=1, max=3), default=None, help="From scratch: digits per token at most (1: one digit per token) [1].")
+@click.option("--tokenizer", default=None, metavar="DIR", help="From scratch: use this saved CML tokenizer (e.g. an earlier stage's) instead of training one.")
 @click.option("--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="dtype to load --base in [float32].")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [500].")
 @click.option("--logging-steps", type=click.IntRange(min=1), default=None, help="Log the loss every N steps [10].")

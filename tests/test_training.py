@@ -426,6 +426,21 @@ def test_config_errors_are_clear(data_file, tmp_path):
     assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 6, 1e-3, "tiny")
 
 
+def test_a_stage_can_reuse_an_earlier_tokenizer(scratch_run, data_file, tmp_path):
+    # curriculum stages (drills, then traces) share one tokenizer: tokenizer= skips training one
+    from transformers import AutoTokenizer
+
+    out = train(_micro(data_file, tmp_path / "stage2", max_steps=1, tokenizer=str(scratch_run)))
+    first, second = AutoTokenizer.from_pretrained(scratch_run), AutoTokenizer.from_pretrained(out)
+    assert first.get_vocab() == second.get_vocab() and second.chat_template == first.chat_template
+    plain = tiny_tokenizer()  # no CML chat template
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a CML tokenizer"):
+        train(_micro(data_file, tmp_path / "stage3", max_steps=1, tokenizer=str(tmp_path / "plain")))
+    with pytest.raises(ValueError, match="from scratch"):
+        TrainConfig(data=str(data_file), output_dir=str(tmp_path / "x"), base_model="m", tokenizer="t").validate()
+
+
 def test_convert_gguf_base_without_the_package(tmp_path, monkeypatch):
     import builtins
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
-from ..prompting import CML_CHAT_TEMPLATE
+from ..prompting import CML_CHAT_TEMPLATE, template_knows_cml
 from .dataset import (
     IGNORE_INDEX,
     CMLCollator,
@@ -99,6 +99,7 @@ class TrainConfig:
     # tokenizer and model trained from scratch
     vocab_size: int = DEFAULT_VOCAB_SIZE
     digit_group: int = 1  # digits per token at most (build_cml_tokenizer)
+    tokenizer: str | None = None  # from scratch: use this saved tokenizer instead of training one
     num_layers: int = 6
     hidden_size: int = 256
     num_heads: int = 4
@@ -187,6 +188,8 @@ class TrainConfig:
         for p in self.data_files:
             if not p.is_file():
                 raise ValueError(f"data file not found: {p}")
+        if self.tokenizer and self.base_model is not None:
+            raise ValueError("tokenizer= is for training from scratch; a base model brings its own tokenizer")
         if self.lora and self.base_model is None:
             raise ValueError("lora=True needs a base_model (a tiny model from scratch is trained fully)")
         if self.base_model is not None and str(self.base_model).endswith(".gguf"):
@@ -523,6 +526,17 @@ def _load_scratch_tokenizer(config: TrainConfig, examples: list[dict[str, Any]],
 
     if last_checkpoint is not None and (last_checkpoint / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(last_checkpoint)
+    if config.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        if not template_knows_cml(tokenizer) or not marker_token_ids(tokenizer).single_token:
+            raise ValueError(
+                f"tokenizer {config.tokenizer!r} is not a CML tokenizer (markers as single tokens, CML chat template): "
+                "pass one saved by hf-asynclm train, or leave it out to train one"
+            )
+        if args.process_index == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(output_dir)
+        return tokenizer
     with args.main_process_first(desc="CML tokenizer"):
         if args.process_index == 0:
             texts = [t for ex in examples for t in example_texts(ex)]
