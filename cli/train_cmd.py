@@ -47,6 +47,8 @@ Examples:
 @click.option("--truncate", is_flag=True, default=None, help="Truncate over-long examples instead of skipping them.")
 @click.option("--warmup", type=click.FloatRange(min=0), default=None, help="Warmup: fraction of the steps (<1) or steps (>=1) [0.05].")
 @click.option("--schedule", "lr_scheduler", type=click.Choice(["cosine", "linear", "constant_with_warmup", "cosine_with_min_lr"]), default=None, help="Learning-rate schedule [cosine].")
+@click.option("--num-layers", type=click.IntRange(min=1), default=None, help="From scratch: decoder layers [tiny: 6].")
+@click.option("--hidden-size", type=click.IntRange(min=8), default=None, help="From scratch: model width [tiny: 256].")
 @click.option("--vocab-size", type=click.IntRange(min=268), default=None, help="Tokenizer size when training from scratch [512].")
 @click.option("--digit-group", type=click.IntRange(min=1, max=3), default=None, help="From scratch: digits per token at most (1: one digit per token) [1].")
 @click.option("--tokenizer", default=None, metavar="DIR", help="From scratch: use this saved CML tokenizer (e.g. an earlier stage's) instead of training one.")

@@ -487,9 +487,12 @@ def test_cli_trains_and_reports_bad_input(data_file, tmp_path):
     part_c.write_text("\n".join(lines[4:]) + "\n")
     multi = tmp_path / "multi"
     result = runner.invoke(train_command, ["--data", str(part_a), "--data", f"{part_b},{part_c}", "--out", str(multi),
-                                           "--preset", "micro", "--steps", "1", "--batch-size", "2", "-q"])
+                                           "--preset", "micro", "--steps", "1", "--batch-size", "2", "--num-layers", "1",
+                                           "--hidden-size", "32", "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads((multi / TRAINING_RECORD).read_text())["dataset"]["read"] == len(lines)
+    model_config = json.loads((multi / "config.json").read_text())
+    assert (model_config["num_hidden_layers"], model_config["hidden_size"]) == (1, 32)
 
     bad_cases = [
         (["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")], "not found"),
