@@ -250,3 +250,39 @@ def build(
         click.echo(f"  rejected {stats['n_rejected']} traces that broke a rule: {stats['violations'][:3]}", err=True)
     if stats["n_examples"] == 0:
         raise click.ClickException("no trace was written")
+
+
+@data.command(
+    "tokenizer",
+    epilog="""\b
+Example:
+  hf-asynclm data tokenizer --data data/drills.jsonl,data/syn_async.jsonl --out out/cml-tokenizer
+\b
+The same tokenizer `hf-asynclm train` builds from its --data when it trains from scratch;
+build it once to share it between training stages (train --tokenizer DIR).
+""",
+)
+@click.option("--data", "data_files", required=True, multiple=True, metavar="FILE[,FILE]",
+              help="Traces (JSONL) to learn the merges from; repeat or separate with commas.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to save the tokenizer in.")
+@click.option("--vocab-size", type=click.IntRange(min=268), default=512, show_default=True, help="Tokens in all (256 bytes + special tokens + merges).")
+@click.option("--digit-group", type=click.IntRange(min=1, max=3), default=1, show_default=True, help="Digits per token at most.")
+def tokenizer_command(data_files: tuple[str, ...], out: Path, vocab_size: int, digit_group: int) -> None:
+    """Train the CML byte-level BPE tokenizer of a from-scratch model on traces."""
+    from hf_asynclm.training.dataset import ExampleError, example_texts, read_jsonl
+    from hf_asynclm.training.tokenizer import build_cml_tokenizer
+
+    paths = [p for item in data_files for p in str(item).split(",") if p.strip()]
+    try:
+        examples = read_jsonl(paths)
+    except (ExampleError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not examples:
+        raise click.ClickException(f"no examples in {', '.join(paths)}")
+    tok = build_cml_tokenizer([t for ex in examples for t in example_texts(ex)], vocab_size=vocab_size, digit_group=digit_group)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(out)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc}") from None
+    click.echo(f"saved a {len(tok)}-token CML tokenizer to {out} (learnt from {len(examples)} traces)")

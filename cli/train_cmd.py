@@ -17,7 +17,7 @@ from .common import one_line
 
 EPILOG = """\b
 Examples:
-  # a ~5M-parameter model from scratch (CPU is fine)
+  # a ~3.5M-parameter model from scratch (CPU is fine)
   hf-asynclm train --data traces.jsonl --out ckpt/tiny --preset tiny --steps 2000
 \b
   # LoRA on a pretrained base (markers added as special tokens), then merge
@@ -37,7 +37,7 @@ Examples:
 @click.option("--lora", is_flag=True, default=None, help="LoRA fine-tuning of --base (marker embedding rows trained too).")
 @click.option("--lora-r", type=click.IntRange(min=1), default=None, help="LoRA rank [16].")
 @click.option("--merge", "merge_lora", is_flag=True, default=None, help="Also merge the LoRA adapter into a full model (adapter kept in DIR/adapter).")
-@click.option("--preset", type=click.Choice(["tiny", "micro", "lora"]), default=None, help="Named settings (tiny: ~5M-parameter model from scratch); explicit options win.")
+@click.option("--preset", type=click.Choice(["tiny", "micro", "lora"]), default=None, help="Named settings (tiny: ~3.5M-parameter model from scratch); explicit options win.")
 @click.option("--steps", "max_steps", type=int, default=None, help="Optimizer steps [1000]; 0 to train --epochs instead.")
 @click.option("--epochs", "num_epochs", type=click.FloatRange(min=0, min_open=True), default=None, help="Epochs, when --steps is 0.")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate [2e-3 scratch, 2e-4 LoRA, 2e-5 full].")

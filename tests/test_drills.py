@@ -84,3 +84,27 @@ def test_cli_writes_drills_that_tokenize(tmp_path):
     for row in rows:
         item = tokenize_example(tok, row)
         assert any(label != -100 for label in item["labels"])
+
+
+def test_cli_tokenizer_command_matches_the_one_train_builds(tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from hf_asynclm.cml import marker_token_ids
+    from hf_asynclm.training.dataset import example_texts
+    from hf_asynclm.training.tokenizer import build_cml_tokenizer
+    from hf_asynclm_cli.main import app
+
+    runner = CliRunner()
+    drills = tmp_path / "drills.jsonl"
+    assert runner.invoke(app, ["data", "build", "--source", "drills", "--n", "300", "--out", str(drills)]).exit_code == 0
+    out = tmp_path / "tok"
+    result = runner.invoke(app, ["data", "tokenizer", "--data", str(drills), "--out", str(out), "--vocab-size", "300"])
+    assert result.exit_code == 0, result.output
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 300 and marker_token_ids(tok).single_token
+    rows = [json.loads(line) for line in drills.read_text().splitlines()]
+    same = build_cml_tokenizer([t for r in rows for t in example_texts(r)], vocab_size=300)
+    assert tok.get_vocab() == same.get_vocab()
+    bad = runner.invoke(app, ["data", "tokenizer", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)])
+    assert bad.exit_code != 0 and "missing.jsonl" in bad.output

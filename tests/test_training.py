@@ -423,7 +423,7 @@ def test_config_errors_are_clear(data_file, tmp_path):
     with pytest.raises(ValueError, match="convert"):
         TrainConfig(data=str(data_file), base_model="gemma.gguf").validate()
     cfg = TrainConfig.from_preset("tiny", data="x", learning_rate=1e-3)
-    assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 6, 1e-3, "tiny")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 4, 1e-3, "tiny")
 
 
 def test_a_stage_can_reuse_an_earlier_tokenizer(scratch_run, data_file, tmp_path):

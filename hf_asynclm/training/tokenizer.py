@@ -24,7 +24,7 @@ mean tokens per trace (prompt + trace): vocabulary 300 (bytes and a few merges) 
 memorisation FACTS describes. 512 is the default: past it the sequences barely shorten, while
 the scaffolding (``get``, ``_``, ``weather``, ``="``, ``")``) is merged already and values stay
 pieces of 1-3 characters (``Te`` ``dep`` ``in``). 512 also keeps the embedding small next to a
-5 M-parameter model.
+3.5-5 M-parameter model.
 
 Special tokens (each a single token, never split, never merged): ``<|pad|>``, ``<|bos|>``,
 ``<|eos|>``, the five CML markers and the role tags of :data:`~hf_asynclm.prompting.CML_CHAT_TEMPLATE`
