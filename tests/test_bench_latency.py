@@ -102,6 +102,28 @@ def test_efficiency_of_a_constructed_run(bm) -> None:
     assert m["cml_tokens"] > 0 and m["generated_tokens"] == k["n1"] + k["n2"] + k["n_trap"] + k["n_answer"]
 
 
+def test_a_reused_call_id_is_measured_not_fatal(bm) -> None:
+    # a model-policy run where the model wrote the id c1 twice (the plain loop lets both run):
+    # the run is analysed, both calls counted, each with its own block's writing time
+    import dataclasses
+
+    trace, task, k = _constructed(bm.tokenizer)
+    tok = bm.tokenizer
+    old = tok.encode(format_call("f(x=22)", "c2"), add_special_tokens=False)
+    new = tok.encode(format_call("f(x=22)", "c1"), add_special_tokens=False)
+    assert len(old) == len(new)
+    seq = list(trace.sequence)
+    start = next(i for i in range(len(seq)) if seq[i : i + len(old)] == old)
+    seq[start : start + len(old)] = new
+    trace.sequence = seq
+    trace.calls = [trace.calls[0], dataclasses.replace(trace.calls[1], call_id="c1")]
+    m = analyse_run(trace, task, tok, tpot_ms=10, ttft_ms=50)
+    assert [c["call_id"] for c in m["calls"]] == ["c1", "c1"]
+    assert m["calls"][0]["G_s"] == pytest.approx((k["n1"] - 1) * k["dt"])
+    assert m["calls"][1]["G_s"] == pytest.approx(k["n2"] * k["dt"])
+    assert math.isfinite(m["ideal_s"]) and 0.5 < m["efficiency"] <= 1.0
+
+
 def test_sync_baseline_ideal_charges_every_request() -> None:
     from hf_asynclm.bench.latency import _ideal
 

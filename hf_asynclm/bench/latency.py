@@ -836,7 +836,10 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
 
     # calls
     plan = {c.call_id: c for c in task.calls}
-    block_of = {b["call_id"]: b for b in blocks if b["kind"] == "call" and b["call_id"]}
+    block_of: dict[str, list[dict[str, Any]]] = {}  # id -> its call blocks in writing order (ids may repeat)
+    for b in blocks:
+        if b["kind"] == "call" and b["call_id"]:
+            block_of.setdefault(b["call_id"], []).append(b)
     seq = trace.sequence
     call_rows = []
     sims_tl: list[SimCall] = []
@@ -844,8 +847,10 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
     sims_nominal: list[SimCall] = []
     ran = [c for c in trace.calls if c.started is not None and c.finished is not None and c.call_id]
     ran_ids = {c.call_id for c in ran}
+    seen_ids: dict[str, int] = {}
     for c in trace.calls:
-        b = block_of.get(c.call_id or "")
+        same_id = block_of.get(c.call_id or "")
+        b = same_id.pop(0) if same_id else None
         steps = b["steps"] if b else []
         g_tl = total(steps, dur)
         g_model = total(steps, fwd)
@@ -878,11 +883,15 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
         if c.call_id in ran_ids and e is not None:
             p = plan.get(c.call_id)  # type: ignore[arg-type]
             deps = tuple(d for d in (p.depends_on if p is not None and p.name == c.name else []) if d in ran_ids)
-            sims_tl.append(SimCall(c.call_id, g_tl, e, deps))  # type: ignore[arg-type]
-            sims_model.append(SimCall(c.call_id, g_model if not math.isnan(g_model) else 0.0, e, deps))  # type: ignore[arg-type]
+            # a model may reuse an id across requests of the plain loop (nothing stops it there):
+            # each call that ran still counts, under a distinct name
+            seen_ids[c.call_id] = seen_ids.get(c.call_id, 0) + 1  # type: ignore[index]
+            sim_id = c.call_id if seen_ids[c.call_id] == 1 else f"{c.call_id}#{seen_ids[c.call_id]}"  # type: ignore[index]
+            sims_tl.append(SimCall(sim_id, g_tl, e, deps))  # type: ignore[arg-type]
+            sims_model.append(SimCall(sim_id, g_model if not math.isnan(g_model) else 0.0, e, deps))  # type: ignore[arg-type]
             if tpot_ms is not None:
                 n_nf = sum(1 for k in steps if not first[k])
-                sims_nominal.append(SimCall(c.call_id, n_nf * tpot_ms / 1000.0, e, deps))  # type: ignore[arg-type]
+                sims_nominal.append(SimCall(sim_id, n_nf * tpot_ms / 1000.0, e, deps))  # type: ignore[arg-type]
 
     text_steps = [k for k in range(K) if classes[k] in ("text", "eos")]
     trap_steps = [k for k in range(K) if classes[k] == "trap"]
