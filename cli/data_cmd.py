@@ -269,10 +269,10 @@ build it once to share it between training stages (train --tokenizer DIR).
 @click.option("--digit-group", type=click.IntRange(min=1, max=3), default=1, show_default=True, help="Digits per token at most.")
 def tokenizer_command(data_files: tuple[str, ...], out: Path, vocab_size: int, digit_group: int) -> None:
     """Train the CML byte-level BPE tokenizer of a from-scratch model on traces."""
-    from hf_asynclm.training.dataset import ExampleError, example_texts, read_jsonl
+    from hf_asynclm.training.dataset import ExampleError, example_texts, read_jsonl, split_paths
     from hf_asynclm.training.tokenizer import build_cml_tokenizer
 
-    paths = [p for item in data_files for p in str(item).split(",") if p.strip()]
+    paths = [str(p) for p in split_paths(data_files)]
     try:
         examples = read_jsonl(paths)
     except (ExampleError, OSError) as exc:

@@ -71,7 +71,7 @@ def train_command(quiet: bool, **options: Any) -> None:
     from hf_asynclm.training.train import TrainConfig, train
 
     preset = options.pop("preset")
-    options["data"] = [p for item in options["data"] for p in str(item).split(",") if p.strip()]
+    options["data"] = list(options["data"])  # repeated and comma-separated: TrainConfig.data_files splits
     # flags not given are left to the preset / defaults (click may report them as False)
     given = {k: v for k, v in options.items() if v is not None and v is not False}
     if given.get("max_steps") == 0:

@@ -77,12 +77,18 @@ class ExampleTooLong(ValueError):
 
 
 def split_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """``"a.jsonl,b.jsonl"``, a path, or a list of them -> list of paths."""
-    if isinstance(paths, (str, Path)):
-        items: list[str | Path] = [p for p in str(paths).split(",") if p.strip()] if isinstance(paths, str) else [paths]
-    else:
-        items = list(paths)
-    return [Path(str(p).strip()) for p in items]
+    """``"a.jsonl,b.jsonl"``, a path, or a list of them (strings may hold comma-separated
+    paths too, as a repeated CLI option gives them) -> list of paths."""
+    if isinstance(paths, Path):
+        return [paths]
+    items = [paths] if isinstance(paths, str) else list(paths)
+    out: list[Path] = []
+    for item in items:
+        if isinstance(item, Path):
+            out.append(item)
+        else:
+            out += [Path(p.strip()) for p in str(item).split(",") if p.strip()]
+    return out
 
 
 def read_jsonl(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:

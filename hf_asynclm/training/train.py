@@ -169,7 +169,7 @@ class TrainConfig:
 
     @property
     def data_files(self) -> list[Path]:
-        return split_paths(self.data) if isinstance(self.data, str) else [Path(p) for p in self.data]
+        return split_paths(self.data)
 
     @property
     def mode(self) -> str:
