@@ -51,6 +51,18 @@ def _parse_shapes(ctx: click.Context, param: click.Parameter, value: str | None)
     return shapes
 
 
+def _parse_drill_kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    from hf_asynclm.data.drills import DRILL_KINDS
+
+    kinds = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in kinds if s not in DRILL_KINDS]
+    if bad or not kinds:
+        raise click.BadParameter(f"unknown drill kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(DRILL_KINDS)}")
+    return kinds
+
+
 def bfcl_tasks(n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5) -> list[Any]:
     """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
     first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
@@ -128,6 +140,10 @@ task gives one trace per mode.
 )
 @click.option("--shapes", default=None, callback=_parse_shapes, help="Synthetic task shapes, comma-separated (default: all).")
 @click.option(
+    "--drill-kinds", default=None, callback=_parse_drill_kinds,
+    help="Drills: kinds to generate in turn, comma-separated (default: all; see hf_asynclm.data.drills).",
+)
+@click.option(
     "--tokenizer", "tokenizer_path", default=None, metavar="PATH",
     help="Tokenizer (folder or Hub id) to count tokens for timing and --max-tokens. Default: ~4 chars per token.",
 )
@@ -161,6 +177,7 @@ def build(
     modes: tuple[str, ...],
     split: str,
     shapes: list[str] | None,
+    drill_kinds: list[str] | None,
     tokenizer_path: str | None,
     max_tokens: int,
     user_interrupt_rate: float,
@@ -190,7 +207,7 @@ def build(
     if source == "drills":
         from hf_asynclm.data.drills import copy_drills
 
-        drills = copy_drills(n, seed=seed, split=split)
+        drills = copy_drills(n, seed=seed, split=split, kinds=drill_kinds)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("w", encoding="utf-8") as fh:

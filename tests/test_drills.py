@@ -33,7 +33,8 @@ def test_every_kind_and_the_trace_format():
 
 def test_every_value_the_model_writes_is_in_its_context():
     # a drill trains copying only: every word/number the model writes after the call is given before
-    for d in copy_drills(300, seed=1):
+    # (plan drills write calls copied from the plan and end with a fixed "Done.": their own test)
+    for d in copy_drills(300, seed=1, kinds=["echo", "pick", "result", "calls"]):
         context = _context(d)
         answer = d["segments"][-1]["text"]
         for token in re.findall(r"[A-Za-z]+\d+|\d[\d:-]*\d|[A-Z][a-z]{2,}", answer):
@@ -108,3 +109,78 @@ def test_cli_tokenizer_command_matches_the_one_train_builds(tmp_path):
     assert tok.get_vocab() == same.get_vocab()
     bad = runner.invoke(app, ["data", "tokenizer", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)])
     assert bad.exit_code != 0 and "missing.jsonl" in bad.output
+
+
+def _calls_of(segment_text: str) -> list:
+    from hf_asynclm.executor.parsing import parse_call
+
+    return [(b.call_id, parse_call(b.body)) for b in parse_blocks(segment_text) if b.kind == "call"]
+
+
+def test_calls_drills_call_once_per_listed_key_in_order_and_report_each_result():
+    drills = copy_drills(80, seed=4, kinds=["calls"])
+    assert {d["category"] for d in drills} == {"calls"}
+    for d in drills:
+        calls = _calls_of(d["segments"][0]["text"])
+        keys = [c.kwargs["key"] for _, c in calls]
+        request = d["messages"][0]["content"]
+        # every listed key exactly once, in the order the user gave them
+        assert 2 <= len(keys) <= 4 and len(set(keys)) == len(keys)
+        assert [request.index(k) for k in keys] == sorted(request.index(k) for k in keys)
+        assert parse_blocks(d["segments"][0]["text"])[-1].kind == "trap"
+        injected = [s for s in d["segments"] if s["role"] == "inject"]
+        assert sorted(b.call_id for s in injected for b in parse_blocks(s["text"])) == sorted(cid for cid, _ in calls)
+        # each interrupt is answered by the next model segment, quoting its key and value
+        for inj, reply in zip(d["segments"][1::2], d["segments"][2::2]):
+            payload = json.loads(parse_blocks(inj["text"])[0].body)
+            key, (field, value) = payload.pop("key"), next(iter(payload.items()))
+            assert reply["text"].startswith(f" {key}: {field} {value}.")
+        assert "[TRAP]" not in d["segments"][-1]["text"]
+
+
+def test_plan_drills_copy_the_cheat_sheet_verbatim_in_lpt_order():
+    from hf_asynclm.executor.parsing import parse_call
+
+    for d in copy_drills(120, seed=5, kinds=["plan"]):
+        request = d["messages"][0]["content"]
+        plan = re.findall(r"(c\d) (.+?) ~(\d+)ms", request.split("\nPlan: ", 1)[1])
+        bodies = {cid: body for cid, body, _ in plan}
+        ms = {cid: int(t) for cid, _, t in plan}
+        blocks = [b for b in parse_blocks(d["segments"][0]["text"]) if b.kind == "call"]
+        # verbatim copies of the plan, longest expected time first (LPT)
+        assert {b.call_id: b.body for b in blocks} == bodies
+        assert [ms[b.call_id] for b in blocks] == sorted(ms.values(), reverse=True)
+        # the tools declared cover every call, with the argument names they use
+        declared = {t["function"]["name"]: set(t["function"]["parameters"]["properties"]) for t in d["tools"]}
+        for b in blocks:
+            call = parse_call(b.body)
+            assert set(call.kwargs) == declared[call.name] and not call.args
+        # results come back shortest first; the model traps until the last, then says Done.
+        injected = [parse_blocks(s["text"])[0].call_id for s in d["segments"] if s["role"] == "inject"]
+        assert [ms[c] for c in injected] == sorted(ms.values())
+        replies = [s["text"] for s in d["segments"][2::2]]
+        assert replies[:-1] == [" [TRAP] [END]"] * (len(replies) - 1) and replies[-1] == " Done."
+
+
+def test_drill_kinds_are_chosen_and_the_original_three_are_unchanged():
+    three = copy_drills(30, seed=0, kinds=["echo", "pick", "result"])
+    assert [d["category"] for d in three[:3]] == ["echo", "pick", "result"]
+    assert [d["category"] for d in copy_drills(10, seed=0)][:5] == list(DRILL_KINDS)
+    with pytest.raises(ValueError, match="unknown drill kinds"):
+        copy_drills(3, kinds=["echo", "nope"])
+    with pytest.raises(ValueError):
+        copy_drills(3, kinds=[])
+
+
+def test_cli_drill_kinds_option(tmp_path):
+    from click.testing import CliRunner
+
+    from hf_asynclm_cli.main import app
+
+    out = tmp_path / "d.jsonl"
+    runner = CliRunner()
+    ok = runner.invoke(app, ["data", "build", "--source", "drills", "--n", "6", "--drill-kinds", "calls,plan", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert [json.loads(x)["category"] for x in out.read_text().splitlines()] == ["calls", "plan"] * 3
+    bad = runner.invoke(app, ["data", "build", "--source", "drills", "--n", "6", "--drill-kinds", "calls,oops", "--out", str(out)])
+    assert bad.exit_code != 0 and "oops" in bad.output

@@ -15,7 +15,18 @@ curriculum: drills alone first (batch 32: the held-out digit loss fell from 2.0 
 * ``echo``: the user lists values, the model repeats them in order;
 * ``pick``: the user gives named values and asks for some of them in another order;
 * ``result``: the model calls ``lookup(key=...)`` with a value from the request, waits, and
-  reports some fields of the result that arrives as an interrupt (quoting a result).
+  reports some fields of the result that arrives as an interrupt (quoting a result);
+* ``calls``: the user lists 2-4 keys, the model writes one ``lookup`` call per key in the order
+  given (never repeating or skipping one: what parallel requests need), waits, and reports each
+  result as it arrives;
+* ``plan``: BFCL-style tools with made-up names and a cheat-sheet plan (``Plan: c1 f(a=1) ~300ms;
+  ...``, as :func:`hf_asynclm.data.bfcl.with_cheat_sheet` writes it); the model copies every call
+  verbatim, longest expected time first (the LPT rule), traps until all results are in, and
+  ends with ``Done.``: copying unseen tool names and literal arguments of every type.
+
+The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan`` were added
+for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
+miscopied. ``copy_drills(..., kinds=...)`` picks which kinds to generate.
 
 Values come from the same split-aware pools as the synthetic tasks
 (:class:`~hf_asynclm.data.synthetic.Pools`), so drills of the ``train`` split never contain
@@ -38,13 +49,13 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..cml import format_call, format_interrupt, format_trap
 from .synthetic import Pools
 
 #: Drill kinds, generated in turn.
-DRILL_KINDS: tuple[str, ...] = ("echo", "pick", "result")
+DRILL_KINDS: tuple[str, ...] = ("echo", "pick", "result", "calls", "plan")
 
 _KEYS = ("a", "b", "c", "d", "e", "f")
 _FIELDS = ("city", "code", "date", "time", "name", "price", "ref", "gate", "symbol", "title")
@@ -136,39 +147,142 @@ def _result(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     return ([{"role": "user", "content": ask.format(key)}], segs)
 
 
+def _call_ids(p: Pools, k: int) -> list[str]:
+    letter = p.rng.choice("abcdefghkmnprstw")
+    if p.rng.random() < 0.5:
+        return [f"{letter}{i + 1}" for i in range(k)]
+    return [f"{x}{p.rng.randint(1, 9)}" for x in p.rng.sample("abcdefghkmnprstw", k)]
+
+
+def _calls(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    r = p.rng
+    keys = [v for _, v in _values(p, r.randint(2, 4))]
+    ids = _call_ids(p, len(keys))
+    field = r.choice(_FIELDS)
+    results = {cid: (k, _value(p, field)) for cid, k in zip(ids, keys)}
+    listed = ", ".join(keys[:-1]) + " and " + keys[-1]
+    ask = r.choice(("Look up {} (one call each).", "Find {}.", "Run lookup for {}.", "What is on record for {}?"))
+    segs: list[dict[str, str]] = [{
+        "role": "model",
+        "text": " ".join(format_call(f'lookup(key="{k}")', call_id=cid) for cid, k in zip(ids, keys)) + " " + format_trap(),
+    }]
+    order = list(ids)
+    r.shuffle(order)
+    for i, cid in enumerate(order):
+        key, val = results[cid]
+        segs.append({"role": "inject", "text": format_interrupt(cid, json.dumps({"key": key, field: val}))})
+        tail = " " + format_trap() if i < len(order) - 1 else ""
+        segs.append({"role": "model", "text": f" {key}: {field} {val}.{tail}"})
+    return ([{"role": "user", "content": ask.format(listed)}], segs)
+
+
+_NAME_PARTS = ("calc", "get", "find", "stats", "geo", "finance", "compute", "search", "weather", "sports", "math",
+               "chem", "music", "city", "event", "price", "score", "route", "data", "mean", "area", "rate", "info",
+               "player", "stock", "time", "zone", "volume", "density", "recipe", "movie", "team", "tax", "loan")
+_ARG_NAMES = ("location", "year", "amount", "name", "unit", "rate", "count", "city", "team", "date", "radius",
+              "values", "limit", "category", "mode", "precision", "country", "genre", "duration", "detailed")
+
+
+def _made_up_name(p: Pools) -> str:
+    r = p.rng
+    parts = r.sample(_NAME_PARTS, r.randint(2, 3))
+    name = "_".join(parts)
+    if r.random() < 0.3:
+        name = r.choice(_NAME_PARTS) + "." + name
+    return name
+
+
+_TYPES = ("integer", "integer", "number", "string", "string", "boolean", "array")
+
+
+def _literal(p: Pools, type_: str) -> Any:
+    r = p.rng
+    if type_ == "integer":
+        return r.choice((r.randint(1, 20), r.randint(10, 5000)))
+    if type_ == "number":
+        return round(r.uniform(0.01, 100), r.choice((1, 2)))
+    if type_ == "boolean":
+        return r.random() < 0.5
+    if type_ == "array":
+        return [r.randint(1, 99) for _ in range(r.randint(2, 4))]
+    return _value(p, r.choice(("city", "name", "date", "title", "symbol")))
+
+
+def _plan(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, Any]]]:
+    from .tasks import PlannedCall
+
+    r = p.rng
+    signatures: list[tuple[str, dict[str, str]]] = []
+    for _ in range(r.randint(1, 3)):
+        signatures.append((_made_up_name(p), {a: r.choice(_TYPES) for a in r.sample(_ARG_NAMES, r.randint(1, 3))}))
+    calls: list[PlannedCall] = []
+    for i in range(r.randint(1, 4)):
+        name, args = signatures[i] if i < len(signatures) else r.choice(signatures)
+        calls.append(PlannedCall(f"c{i + 1}", name, {a: _literal(p, t) for a, t in args.items()},
+                                 latency_s=r.randint(20, 900) / 1000.0))
+    tools = [{"type": "function", "function": {
+        "name": name, "description": name.replace("_", " ").replace(".", " ") + ".",
+        "parameters": {"type": "object", "properties": {a: {"type": t} for a, t in args.items()}, "required": list(args)}}}
+        for name, args in signatures]
+    ms = {c.call_id: round(c.latency_s * 1000) for c in calls}
+    plan = "; ".join(f"{c.call_id} {c.body()} ~{ms[c.call_id]}ms" for c in calls)
+    ask = r.choice(("Please help with this.", "Run these.", "Handle my request.", "Do the following."))
+    lpt = sorted(calls, key=lambda c: (-ms[c.call_id], c.call_id))
+    segs: list[dict[str, str]] = [{
+        "role": "model", "text": " ".join(format_call(c.body(), call_id=c.call_id) for c in lpt) + " " + format_trap()}]
+    # all start at about the same time: shortest first back
+    for i, c in enumerate(sorted(calls, key=lambda c: (ms[c.call_id], c.call_id))):
+        segs.append({"role": "inject", "text": format_interrupt(c.call_id, json.dumps({"result": "ok"}))})
+        segs.append({"role": "model", "text": " " + format_trap() if i < len(calls) - 1 else " Done."})
+    return ([{"role": "user", "content": f"{ask}\nPlan: {plan}"}], segs, tools)
+
+
 _MAKERS: dict[str, Callable[[Pools], tuple[list[dict[str, Any]], list[dict[str, str]]]]] = {
     "echo": _echo,
     "pick": _pick,
     "result": _result,
+    "calls": _calls,
 }
 
 
-def copy_drills(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+def copy_drills(
+    n: int, seed: int = 0, split: str = "train", kinds: "Sequence[str] | None" = None
+) -> list[dict[str, Any]]:
     """``n`` copy drills (kinds in turn), as trace dicts ``hf-asynclm train`` reads.
 
     Args:
         n: how many drills.
         seed: seed of the values and phrasings.
         split: value pool (``train``, ``eval`` or ``all``), as for the synthetic tasks.
+        kinds: which of :data:`DRILL_KINDS` to generate, in turn (default: all).
 
     Returns:
         dicts with ``task_id``, ``mode="drill"``, ``source="drill"``, ``category`` (the kind),
-        ``messages``, ``tools`` (``lookup`` for ``result`` drills, else none), ``segments`` and ``meta``.
+        ``messages``, ``tools`` (``lookup`` for ``result`` and ``calls``, made-up tools for ``plan``), ``segments`` and ``meta``.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    kinds = tuple(kinds) if kinds is not None else DRILL_KINDS
+    unknown = sorted(set(kinds) - set(DRILL_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"unknown drill kinds {unknown or '(none given)'}; choose from {list(DRILL_KINDS)}")
     pools = Pools(random.Random(f"drills-{seed}-{split}"), split=split)
     out: list[dict[str, Any]] = []
     for i in range(n):
-        kind = DRILL_KINDS[i % len(DRILL_KINDS)]
-        messages, segments = _MAKERS[kind](pools)
+        kind = kinds[i % len(kinds)]
+        tools: list[dict[str, Any]] = []
+        if kind == "plan":
+            messages, segments, tools = _plan(pools)
+        else:
+            messages, segments = _MAKERS[kind](pools)
+            tools = [LOOKUP_TOOL] if kind in ("result", "calls") else []
         out.append({
             "task_id": f"drill-{split}-{seed}-{i}",
             "mode": "drill",
             "source": "drill",
             "category": kind,
             "messages": messages,
-            "tools": [LOOKUP_TOOL] if kind == "result" else [],
+            "tools": tools,
             "segments": segments,
             "meta": {"seed": seed, "kind": kind},
         })
