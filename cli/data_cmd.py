@@ -20,7 +20,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import click
 
@@ -39,28 +39,33 @@ def _parse_modes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     return tuple(dict.fromkeys(modes))
 
 
-def _parse_shapes(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    if not value:
-        return None
+def _comma_choices(what: str, load_allowed: Callable[[], Iterable[str]]) -> Callable[..., list[str] | None]:
+    """A click callback that splits a comma list and checks each name against ``load_allowed()``
+    (imported lazily, so ``--help`` stays fast)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+        if not value:
+            return None
+        allowed = list(load_allowed())
+        names = [s.strip() for s in value.split(",") if s.strip()]
+        bad = [s for s in names if s not in allowed]
+        if bad or not names:
+            raise click.BadParameter(f"unknown {what}(s) {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def _shapes() -> Iterable[str]:
     from hf_asynclm.data.synthetic import SHAPES
 
-    shapes = [s.strip() for s in value.split(",") if s.strip()]
-    bad = [s for s in shapes if s not in SHAPES]
-    if bad or not shapes:
-        raise click.BadParameter(f"unknown shape(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SHAPES)}")
-    return shapes
+    return SHAPES
 
 
-def _parse_drill_kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-    if not value:
-        return None
+def _drill_kinds() -> Iterable[str]:
     from hf_asynclm.data.drills import DRILL_KINDS
 
-    kinds = [s.strip() for s in value.split(",") if s.strip()]
-    bad = [s for s in kinds if s not in DRILL_KINDS]
-    if bad or not kinds:
-        raise click.BadParameter(f"unknown drill kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(DRILL_KINDS)}")
-    return kinds
+    return DRILL_KINDS
 
 
 def bfcl_tasks(n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5) -> list[Any]:
@@ -138,9 +143,9 @@ task gives one trace per mode.
     "--split", type=click.Choice(["train", "eval"]), default="train", show_default=True,
     help="Synthetic: which half of the value pools; BFCL: which side of the seeded split.",
 )
-@click.option("--shapes", default=None, callback=_parse_shapes, help="Synthetic task shapes, comma-separated (default: all).")
+@click.option("--shapes", default=None, callback=_comma_choices("shape", _shapes), help="Synthetic task shapes, comma-separated (default: all).")
 @click.option(
-    "--drill-kinds", default=None, callback=_parse_drill_kinds,
+    "--drill-kinds", default=None, callback=_comma_choices("drill kind", _drill_kinds),
     help="Drills: kinds to generate in turn, comma-separated (default: all; see hf_asynclm.data.drills).",
 )
 @click.option(

@@ -53,6 +53,8 @@ from typing import Any, Callable, Sequence
 
 from ..cml import format_call, format_interrupt, format_trap
 from .synthetic import Pools
+from .bfcl import with_cheat_sheet
+from .tasks import PlannedCall, Task
 
 #: Drill kinds, generated in turn.
 DRILL_KINDS: tuple[str, ...] = ("echo", "pick", "result", "calls", "plan")
@@ -95,14 +97,18 @@ def _values(p: Pools, k: int) -> list[tuple[str, str]]:
     return out
 
 
-def _echo(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+_Drill = tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, Any]]]
+"""A drill's ``messages``, ``segments`` and ``tools``."""
+
+
+def _echo(p: Pools) -> _Drill:
     vals = [v for _, v in _values(p, p.rng.randint(2, 5))]
     ask = p.rng.choice(("Repeat: {}.", "Say back {}.", "Copy exactly: {}", "Echo {}"))
     sep = p.rng.choice((", ", "; ", " "))
-    return ([{"role": "user", "content": ask.format(sep.join(vals))}], [{"role": "model", "text": sep.join(vals) + "."}])
+    return ([{"role": "user", "content": ask.format(sep.join(vals))}], [{"role": "model", "text": sep.join(vals) + "."}], [])
 
 
-def _pick(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _pick(p: Pools) -> _Drill:
     r = p.rng
     pairs = _values(p, r.randint(2, 6))
     keys = r.sample(_KEYS, len(pairs)) if r.random() < 0.5 else [f for f, _ in pairs]
@@ -113,7 +119,7 @@ def _pick(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     wanted = r.sample(list(table), r.randint(1, len(table)))
     ask = r.choice(("{} -- give {}.", "{}. What are {}?", "Given {}, write {}."))
     answer = ", ".join(f"{k} {table[k]}" for k in wanted) + "."
-    return ([{"role": "user", "content": ask.format(listed, " and ".join(wanted))}], [{"role": "model", "text": answer}])
+    return ([{"role": "user", "content": ask.format(listed, " and ".join(wanted))}], [{"role": "model", "text": answer}], [])
 
 
 #: The one tool the ``result`` drills call.
@@ -128,7 +134,7 @@ LOOKUP_TOOL: dict[str, Any] = {
 }
 
 
-def _result(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _result(p: Pools) -> _Drill:
     r = p.rng
     key = p.code() if r.random() < 0.5 else p.city()
     pairs = _values(p, r.randint(2, 4))
@@ -144,7 +150,7 @@ def _result(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         {"role": "inject", "text": format_interrupt(call_id, payload)},
         {"role": "model", "text": " " + ", ".join(f"{k} {fields[k]}" for k in wanted) + "."},
     ]
-    return ([{"role": "user", "content": ask.format(key)}], segs)
+    return ([{"role": "user", "content": ask.format(key)}], segs, [LOOKUP_TOOL])
 
 
 def _call_ids(p: Pools, k: int) -> list[str]:
@@ -154,7 +160,7 @@ def _call_ids(p: Pools, k: int) -> list[str]:
     return [f"{x}{p.rng.randint(1, 9)}" for x in p.rng.sample("abcdefghkmnprstw", k)]
 
 
-def _calls(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _calls(p: Pools) -> _Drill:
     r = p.rng
     keys = [v for _, v in _values(p, r.randint(2, 4))]
     ids = _call_ids(p, len(keys))
@@ -173,7 +179,7 @@ def _calls(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         segs.append({"role": "inject", "text": format_interrupt(cid, json.dumps({"key": key, field: val}))})
         tail = " " + format_trap() if i < len(order) - 1 else ""
         segs.append({"role": "model", "text": f" {key}: {field} {val}.{tail}"})
-    return ([{"role": "user", "content": ask.format(listed)}], segs)
+    return ([{"role": "user", "content": ask.format(listed)}], segs, [LOOKUP_TOOL])
 
 
 _NAME_PARTS = ("calc", "get", "find", "stats", "geo", "finance", "compute", "search", "weather", "sports", "math",
@@ -208,9 +214,7 @@ def _literal(p: Pools, type_: str) -> Any:
     return _value(p, r.choice(("city", "name", "date", "title", "symbol")))
 
 
-def _plan(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, Any]]]:
-    from .tasks import PlannedCall
-
+def _plan(p: Pools) -> _Drill:
     r = p.rng
     signatures: list[tuple[str, dict[str, str]]] = []
     for _ in range(r.randint(1, 3)):
@@ -225,8 +229,8 @@ def _plan(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[di
         "parameters": {"type": "object", "properties": {a: {"type": t} for a, t in args.items()}, "required": list(args)}}}
         for name, args in signatures]
     ms = {c.call_id: round(c.latency_s * 1000) for c in calls}
-    plan = "; ".join(f"{c.call_id} {c.body()} ~{ms[c.call_id]}ms" for c in calls)
     ask = r.choice(("Please help with this.", "Run these.", "Handle my request.", "Do the following."))
+    task = with_cheat_sheet(Task("drill", "drill", "plan", [{"role": "user", "content": ask}], tools, calls))
     lpt = sorted(calls, key=lambda c: (-ms[c.call_id], c.call_id))
     segs: list[dict[str, str]] = [{
         "role": "model", "text": " ".join(format_call(c.body(), call_id=c.call_id) for c in lpt) + " " + format_trap()}]
@@ -234,19 +238,20 @@ def _plan(p: Pools) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[di
     for i, c in enumerate(sorted(calls, key=lambda c: (ms[c.call_id], c.call_id))):
         segs.append({"role": "inject", "text": format_interrupt(c.call_id, json.dumps({"result": "ok"}))})
         segs.append({"role": "model", "text": " " + format_trap() if i < len(calls) - 1 else " Done."})
-    return ([{"role": "user", "content": f"{ask}\nPlan: {plan}"}], segs, tools)
+    return task.messages, segs, tools
 
 
-_MAKERS: dict[str, Callable[[Pools], tuple[list[dict[str, Any]], list[dict[str, str]]]]] = {
+_MAKERS: dict[str, Callable[[Pools], _Drill]] = {
     "echo": _echo,
     "pick": _pick,
     "result": _result,
     "calls": _calls,
+    "plan": _plan,
 }
 
 
 def copy_drills(
-    n: int, seed: int = 0, split: str = "train", kinds: "Sequence[str] | None" = None
+    n: int, seed: int = 0, split: str = "train", kinds: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """``n`` copy drills (kinds in turn), as trace dicts ``hf-asynclm train`` reads.
 
@@ -270,12 +275,7 @@ def copy_drills(
     out: list[dict[str, Any]] = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        tools: list[dict[str, Any]] = []
-        if kind == "plan":
-            messages, segments, tools = _plan(pools)
-        else:
-            messages, segments = _MAKERS[kind](pools)
-            tools = [LOOKUP_TOOL] if kind in ("result", "calls") else []
+        messages, segments, tools = _MAKERS[kind](pools)
         out.append({
             "task_id": f"drill-{split}-{seed}-{i}",
             "mode": "drill",
