@@ -56,6 +56,18 @@ def _comma_choices(what: str, load_allowed: Callable[[], Iterable[str]]) -> Call
     return parse
 
 
+def _parse_tpot(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
+    from hf_asynclm.data.simulate import check_tpot_range
+
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) == 1:
+        parts = parts * 2  # one number: a fixed time per token
+    try:
+        return check_tpot_range([float(p) for p in parts])
+    except ValueError as exc:
+        raise click.BadParameter(f"expected LOW,HIGH in ms with 0 < LOW <= HIGH (e.g. 5,30), got {value!r}") from exc
+
+
 def _shapes() -> Iterable[str]:
     from hf_asynclm.data.synthetic import SHAPES
 
@@ -172,6 +184,11 @@ task gives one trace per mode.
     "--cheat-sheet", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
     help="BFCL: share of tasks with the plan and per-call latencies in the prompt.",
 )
+@click.option(
+    "--tpot-ms", "tpot_ms", default="5,30", show_default=True, callback=_parse_tpot, metavar="LOW,HIGH",
+    help="Simulated time per output token, drawn per task from U(LOW, HIGH) ms. Raise it for a slow "
+    "decoder (a 270M model on a CPU writes ~90 ms per token), so results also arrive between calls.",
+)
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")
 def build(
@@ -189,6 +206,7 @@ def build(
     jitter: float,
     demo_prompt: float,
     cheat_sheet: float,
+    tpot_ms: tuple[float, float],
     data_dir: str | None,
     stats_path: Path | None,
 ) -> None:
@@ -253,6 +271,7 @@ def build(
                 jitter=jitter,
                 max_tokens=max_tokens or None,
                 progress=lambda k: bar.advance(job, k),
+                tpot_range_ms=tpot_ms,
             )
         except OSError as exc:
             raise click.ClickException(f"cannot write {out}: {exc}") from exc

@@ -17,6 +17,10 @@ import click
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--latency-scale", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="Tools sleep their prompt latency times this.")
+@click.option(
+    "--interrupt-at", type=click.Choice(["token", "word"]), default="token", show_default=True,
+    help="Where results go in: any safe point (token) or only at word boundaries and after blocks (word).",
+)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="BFCL data folder.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
 def eval_command(
@@ -28,6 +32,7 @@ def eval_command(
     seed: int,
     max_new_tokens: int,
     latency_scale: float,
+    interrupt_at: str,
     data_dir: Path | None,
     out: Path | None,
 ) -> None:
@@ -69,6 +74,7 @@ def eval_command(
                     evaluate_synthetic(
                         alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
+                        interrupt_at=interrupt_at,
                     )
                 )
         if n_bfcl:
@@ -95,6 +101,7 @@ def eval_command(
                     evaluate_bfcl(
                         alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
+                        interrupt_at=interrupt_at,
                     )
                 )
     for report in reports:

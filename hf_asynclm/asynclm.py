@@ -37,7 +37,16 @@ import torch
 from .cml import visible_text
 from .executor.executor import ToolExecutor
 from .executor.registry import ToolRegistry
-from .generation import MODES, GenerationSession, GenerationStats, Mode, SessionControl, cml_decode_loop
+from .generation import (
+    MODES,
+    GenerationSession,
+    GenerationStats,
+    InterruptAt,
+    Mode,
+    SessionControl,
+    check_interrupt_at,
+    cml_decode_loop,
+)
 from .prompting import build_prompt
 from .streamer import CMLIteratorStreamer, StreamEvent
 
@@ -147,6 +156,10 @@ class AsyncLM(SessionControl):
         drain_on_eos: wait for owed results when the model ends early (see
             :class:`~hf_asynclm.generation.GenerationSession`).
         trap_cache_policy: ``keep`` or ``offload`` the KV cache during traps.
+        interrupt_at: where results may go in: ``"token"`` (any safe point, the paper's rule)
+            or ``"word"`` (right after a block, else only where a word starts: small CML models
+            trained on the simulator's traces keep their sentence; see
+            :mod:`hf_asynclm.generation`).
     """
 
     def __init__(
@@ -164,9 +177,11 @@ class AsyncLM(SessionControl):
         system_prompt: bool | str = True,
         drain_on_eos: bool = True,
         trap_cache_policy: str = "keep",
+        interrupt_at: InterruptAt = "token",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        self.interrupt_at: InterruptAt = check_interrupt_at(interrupt_at)  # type: ignore[assignment]
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)
@@ -268,6 +283,7 @@ class AsyncLM(SessionControl):
             drain_on_eos=self.drain_on_eos,
             owns_executor=True,
             trap_cache_policy=self.trap_cache_policy,  # type: ignore[arg-type]
+            interrupt_at=self.interrupt_at,
         )
 
     @property

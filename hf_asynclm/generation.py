@@ -14,6 +14,14 @@ hands the loop to :func:`cml_decode_loop` through the function an
    ``[sampled token] + [interrupt tokens]`` in ONE forward pass (the ride-along), so an
    interrupt costs no extra forward pass.
 
+Where interrupts may go in is the session's ``interrupt_at``: ``"token"`` (the paper: any safe
+point, possibly inside a word) or ``"word"`` (right after a block's ``[END]``, or else before the
+next token that starts a word: whitespace or a marker; the simulator's traces put interrupts
+only there, so small CML models keep their sentence). With ``"word"`` the sampled token that
+starts the word is fed *after* the interrupts, still in one forward pass:
+``[interrupt tokens] + [sampled token]``; an interrupt is never held back more than
+``WORD_WAIT_MAX_TOKENS`` tokens.
+
 ``max_new_tokens`` counts only tokens the model generated; the returned sequence holds what
 the model conditioned on: prompt, generated and injected tokens, in order.
 """
@@ -40,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["async", "sync", "sync-parallel"]
 MODES: tuple[str, ...] = ("async", "sync", "sync-parallel")
+InterruptAt = Literal["token", "word"]
+INTERRUPT_AT: tuple[str, ...] = ("token", "word")
+#: ``interrupt_at="word"``: ready interrupts held back this many tokens go in at the next safe point
+WORD_WAIT_MAX_TOKENS = 24
 
 _WAIT_SLICE_S = 0.05  # waits wake this often to notice a cancellation
 
@@ -111,6 +123,8 @@ class GenerationSession:
             them and inject their results instead of ending (nothing is lost).
         owns_executor: close the executor when the generation ends.
         trap_cache_policy: ``keep`` the KV cache in place during traps or ``offload`` it to CPU.
+        interrupt_at: ``"token"`` (any safe point) or ``"word"`` (only at word boundaries and
+            right after a block; see the module docstring).
     """
 
     def __init__(
@@ -122,9 +136,12 @@ class GenerationSession:
         drain_on_eos: bool = True,
         owns_executor: bool = True,
         trap_cache_policy: TrapCachePolicy = "keep",
+        interrupt_at: InterruptAt = "token",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        check_interrupt_at(interrupt_at)
+        self.interrupt_at = interrupt_at
         self.tokenizer = tokenizer
         self.executor = executor
         self.mode = mode
@@ -342,6 +359,13 @@ class SessionControl:
         return self._session is not None
 
 
+def check_interrupt_at(value: str) -> str:
+    """Return ``value`` when it is a valid ``interrupt_at`` setting, else raise ``ValueError``."""
+    if value not in INTERRUPT_AT:
+        raise ValueError(f"unknown interrupt_at {value!r}: use one of {', '.join(INTERRUPT_AT)}")
+    return value
+
+
 def _eos_ids(generation_config: Any) -> set[int]:
     eos = getattr(generation_config, "_eos_token_tensor", None)
     if eos is None:
@@ -426,6 +450,10 @@ def cml_decode_loop(
     do_sample = bool(getattr(generation_config, "do_sample", False))
     device = input_ids.device
 
+    word_boundaries = session.interrupt_at == "word"
+    held = False  # word mode: at a safe point with interrupts held back until a word starts
+    held_for = 0  # tokens the ready interrupts have been held back
+
     try:
         logits = driver.forward(input_ids[:, past:])
         generated = 0
@@ -459,6 +487,15 @@ def cml_decode_loop(
                     logits = driver.forward(feed)
                     continue
 
+            before: torch.Tensor | None = None
+            if held and token not in eos_ids and monitor.starts_word(token):
+                interrupts = session.take_interrupts()
+                if interrupts:  # a word starts: the interrupts go in before it
+                    input_ids, before = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
+                    monitor.reset_context()
+                    held_for = 0
+            held = False
+
             input_ids = torch.cat([input_ids, token_t], dim=-1)
             cml_events = monitor.feed_token(token)
             recorder.put_decoded(cml_events)  # decoded once, by the loop's monitor
@@ -478,13 +515,19 @@ def cml_decode_loop(
                 stats.stop_reason = "stopping_criteria"
                 break
 
-            feed = token_t
+            feed = token_t if before is None else torch.cat([before, token_t], dim=-1)
             if monitor.at_safe_point:
-                interrupts = session.take_interrupts()
-                if interrupts:
-                    input_ids, extra = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
-                    feed = torch.cat([token_t, extra], dim=-1)
-                    monitor.reset_context()
+                block_closed = any(isinstance(e, Block) for e in cml_events)
+                if word_boundaries and not block_closed and held_for < WORD_WAIT_MAX_TOKENS:
+                    held = True  # inside or at the end of a word: wait for the next word to start
+                    held_for = held_for + 1 if session.executor.has_ready() else 0
+                else:
+                    interrupts = session.take_interrupts()
+                    if interrupts:
+                        input_ids, extra = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
+                        feed = torch.cat([feed, extra], dim=-1)
+                        monitor.reset_context()
+                    held_for = 0
             logits = driver.forward(feed)
     finally:
         stats.forward_passes = driver.forward_calls

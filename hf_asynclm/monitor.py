@@ -57,6 +57,25 @@ class _VocabIndex:
         intr_id = tokenizer.get_vocab().get(INTR)
         self.containing = [i for i, t in enumerate(self.tokens) if INTR in t and i != intr_id]
         self._completing: dict[str, list[int]] = {}
+        self._tokenizer = weakref.ref(tokenizer) if _weakrefable(tokenizer) else (lambda: tokenizer)
+        self._starts_word: dict[int, bool] = {}
+
+    def starts_word(self, token_id: int) -> bool:
+        """True when the token's text begins with whitespace or a CML marker (a word boundary
+        lies before it). Decided once per token id, from the raw token (``Ġ``/``▁``/``Ċ``
+        prefixes of byte-level BPE and SentencePiece) or else its decoded text."""
+        known = self._starts_word.get(token_id)
+        if known is not None:
+            return known
+        raw = self.tokens[token_id] if 0 <= token_id < len(self.tokens) else ""
+        if raw[:1] in _WORD_START_PREFIXES or any(raw.startswith(m) for m in MARKERS):
+            value = True
+        else:
+            tok = self._tokenizer()
+            text = tok.decode([token_id], skip_special_tokens=False) if tok is not None else raw
+            value = bool(text) and (text[0].isspace() or any(text.startswith(m) for m in MARKERS))
+        self._starts_word[token_id] = value
+        return value
 
     def completing(self, rest: str) -> list[int]:
         """Ids of tokens whose text starts with ``rest`` (they would complete the marker)."""
@@ -65,6 +84,18 @@ class _VocabIndex:
             ids = [i for i, t in enumerate(self.tokens) if t.startswith(rest)]
             self._completing[rest] = ids
         return ids
+
+
+# how byte-level BPE ("Ġ" space, "Ċ" newline, "ĉ" tab) and SentencePiece ("▁") spell a leading space
+_WORD_START_PREFIXES = frozenset(" \t\n\rĠĊĉ▁")
+
+
+def _weakrefable(obj: Any) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def _vocab_index(tokenizer: Any) -> _VocabIndex:
@@ -108,6 +139,17 @@ class CMLMonitor:
     def at_safe_point(self) -> bool:
         """Outside any block, with no partial marker or partial character held back."""
         return self.parser.at_safe_point and self._read_offset == len(self._ids)
+
+    def starts_word(self, token_id: int) -> bool:
+        """True when a word boundary lies before ``token_id``: its text begins with whitespace,
+        or it is (or begins with) a CML marker. Used to hold interrupts back to word boundaries
+        (``interrupt_at="word"``)."""
+        token_id = int(token_id)
+        if token_id in self.markers.by_id:
+            return True
+        if self._vocab is None:
+            self._vocab = _vocab_index(self.tokenizer)
+        return self._vocab.starts_word(token_id)
 
     # ------------------------------------------------------------------------------------
     def feed_token(self, token_id: int) -> list[CMLEvent]:

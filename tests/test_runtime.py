@@ -99,11 +99,11 @@ SCRIPT = [
 # --------------------------------------------------------------------------------------------
 # exactness and ride-along
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_injected_interrupts_are_exact(family):
+@pytest.mark.parametrize("family, interrupt_at", [("llama", "token"), ("gemma3", "token"), ("llama", "word"), ("gemma3", "word")])
+def test_injected_interrupts_are_exact(family, interrupt_at):
     tok = tiny_tokenizer()
     model = tiny_llama(tok) if family == "llama" else tiny_gemma3(tok, sliding_window=8)
-    alm = AsyncLM(model, tok, tools=make_tools(0.01))
+    alm = AsyncLM(model, tok, tools=make_tools(0.01), interrupt_at=interrupt_at)
     rec = Recorder()
     result = run_script(alm, SCRIPT, extra_processors=[rec])
     assert result.stats.interrupts >= 2 and result.stats.injected_tokens > 10
@@ -594,3 +594,87 @@ def test_user_interrupt_sent_before_decoding_starts_is_kept():
     r = alm.result_of(session)
     assert "[INTR] user [HEAD] early words [END]" in r.raw_text
     assert [e.kind for e in r.timeline].count("user_interrupt") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# interrupt_at="word": results go in only where a word starts, or right after a block
+# --------------------------------------------------------------------------------------------
+WORDY = [
+    ' [CALL] a1 [HEAD] lookup(key="alpha") [END]',
+    ' [CALL] a2 [HEAD] lookup(key="beta") [END]',
+    " " + " ".join(["abracadabra", "hocuspocus", "supercalifragilistic", "expialidocious"] * 8),
+    " [TRAP] [END]",
+    " done.",
+]
+
+
+def _interrupt_neighbours(raw: str) -> list[tuple[str, str]]:
+    """(text before, text after) each injected interrupt, interrupts themselves removed."""
+    import re
+
+    pieces = re.split(r"\[INTR\][^\[]*\[HEAD\].*?\[END\]", raw)
+    return [(a, b) for a, b in zip(pieces, pieces[1:])]
+
+
+def test_word_mode_never_splits_a_word():
+    tok = tiny_tokenizer()
+    for delay in (0.004, 0.011, 0.023):
+        alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(delay), interrupt_at="word")
+        r = run_script(alm, WORDY, max_new_tokens=2000)
+        assert r.stats.stop_reason == "eos" and r.stats.interrupts >= 2 and [rec.status for rec in r.calls] == ["done", "done"]
+        for before, after in _interrupt_neighbours(r.raw_text):
+            # right after a block, or where a word starts (whitespace or a marker next), or at the end
+            assert before.endswith("[END]") or after == "" or after[0].isspace() or after.startswith("["), (before[-20:], after[:20])
+        # the model's own text is the script, whole: nothing lost or reordered around the interrupts
+        visible = " ".join(r.text.split())
+        assert " ".join("".join(WORDY[2:4]).replace(" [TRAP] [END]", "").split()) in visible
+
+
+def test_word_mode_bounds_the_wait_inside_a_long_word():
+    from hf_asynclm.generation import WORD_WAIT_MAX_TOKENS
+
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), interrupt_at="word")
+    script = [' [CALL] a1 [HEAD] lookup(key="alpha") [END]', "x" * 400, " [TRAP] [END] end."]
+    r = run_script(alm, script, max_new_tokens=600)
+    assert r.calls[0].status == "done"
+    before, after = _interrupt_neighbours(r.raw_text)[0]  # a1's result (a trap error may follow)
+    assert r.raw_text.count("[INTR] a1 [HEAD]") == 1 and r.raw_text.index("[INTR] a1 [HEAD]") == len(before)
+    # injected inside the 400-character word, after at most the bound (plus the tokens it took to finish)
+    assert after.startswith("x") and before.endswith("x")
+    held_chars = len(before) - len(before.rstrip("x"))
+    assert held_chars <= 4 * (WORD_WAIT_MAX_TOKENS + 8)
+
+
+def test_word_mode_injects_right_after_a_call_in_sync_mode():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.01), interrupt_at="word")
+    r = run_script(alm, [' [CALL] a1 [HEAD] add(a=2, b=3) [END]', "five", " it is."], mode="sync")
+    assert "[END][INTR] a1 [HEAD] 5 [END]five" in r.raw_text.replace("\n", "")
+
+
+def test_word_mode_user_interrupt_waits_for_a_word_start():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.3), interrupt_at="word")
+    out = {}
+
+    def go():
+        out["r"] = run_script(alm, [' [CALL] a1 [HEAD] lookup(key="k") [END]', " " + "wordy " * 200, " [TRAP] [END] fine"], max_new_tokens=900)
+
+    t = threading.Thread(target=go)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not alm.generating and time.monotonic() < deadline:
+        time.sleep(0.002)
+    alm.interrupt("make it Thursday")
+    t.join(timeout=30)
+    r = out["r"]
+    assert "[INTR] user [HEAD] make it Thursday [END]" in r.raw_text
+    for before, after in _interrupt_neighbours(r.raw_text):
+        assert before.endswith("[END]") or after == "" or after[0].isspace() or after.startswith("[")
+
+
+def test_bad_interrupt_at_is_a_clear_error():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="interrupt_at"):
+        AsyncLM(tiny_llama(tok), tok, interrupt_at="sentence")  # type: ignore[arg-type]

@@ -483,6 +483,10 @@ def test_cli_build_synthetic(tmp_path):
         (["--modes", ","], "mode"),
         (["--shapes", "spiral"], "spiral"),
         (["--user-interrupt-rate", "2"], "--user-interrupt-rate"),
+        (["--tpot-ms", "30,5"], "--tpot-ms"),
+        (["--tpot-ms", "0,5"], "--tpot-ms"),
+        (["--tpot-ms", "fast"], "--tpot-ms"),
+        (["--tpot-ms", "1,2,3"], "--tpot-ms"),
     ],
 )
 def test_cli_rejects_bad_input(tmp_path, args, needle):
@@ -509,3 +513,64 @@ def test_cli_bfcl_source(tmp_path):
                                           "--data-dir", str(tmp_path / "none"), "--modes", "async"])
     assert r.exit_code == 0, r.output
     assert {json.loads(line)["source"] for line in (tmp_path / "d.jsonl").read_text().splitlines()} == {"synthetic"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Time per token: the range is a setting (a slow decoder sees results between its calls)
+# ---------------------------------------------------------------------------------------------
+
+
+def _between_calls(ex) -> int:
+    """Interrupts injected right after a call block while more calls are still to be written."""
+    segs = ex["segments"]
+    n = 0
+    for k, s in enumerate(segs[1:], 1):
+        prev = segs[k - 1]
+        if s["role"] == "inject" and prev["role"] == "model" and prev["text"].rstrip().endswith("[END]") \
+                and not prev["text"].endswith(format_trap()):
+            later = [b for seg in segs[k + 1:] if seg["role"] == "model" for b in parse_blocks(seg["text"]) if b.kind == "call"]
+            n += bool(later)
+    return n
+
+
+def test_default_tpot_range_is_the_papers_and_unchanged(tasks):
+    for t in tasks[:30]:
+        a = sim.simulate(t, "async", seed=4)
+        b = sim.simulate(t, "async", seed=4, tpot_range_ms=(5, 30))
+        assert a == b
+        assert 5.0 <= a["meta"]["tpot_ms"] <= 30.0
+
+
+def test_slow_decoding_puts_results_between_calls(tasks):
+    par = [t for t in tasks if len(t.calls) >= 2 and not any(c.depends_on for c in t.calls)][:25]
+    assert len(par) >= 10
+    fast = slow = 0
+    for t in par:
+        f = sim.simulate(t, "async", seed=0)
+        s_ = sim.simulate(t, "async", seed=0, tpot_range_ms=(60, 150))
+        assert sim.check_trace(s_) == []
+        assert 60.0 <= s_["meta"]["tpot_ms"] <= 150.0
+        # same calls, same timings of the tools: only the writing got slower
+        assert calls_in(f) == calls_in(s_) and f["meta"]["exec_ms"] == s_["meta"]["exec_ms"]
+        fast += _between_calls(f)
+        slow += _between_calls(s_)
+    assert slow > fast
+
+
+@pytest.mark.parametrize("bad", [(30, 5), (0, 5), (-1, 2), ("a", "b"), (1,), (1, 2, 3)])
+def test_bad_tpot_range_is_a_clear_error(tasks, bad):
+    with pytest.raises(ValueError, match="tpot_range_ms"):
+        sim.simulate(tasks[0], "async", tpot_range_ms=bad)
+
+
+def test_cli_tpot_range(tmp_path):
+    out = tmp_path / "slow.jsonl"
+    r = CliRunner().invoke(_data_cli(), ["build", "--out", str(out), "--n", "6", "--seed", "2", "--modes", "async",
+                                          "--tpot-ms", "80,120", "--max-tokens", "0"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines and all(80.0 <= ex["meta"]["tpot_ms"] <= 120.0 for ex in lines)
+    out1 = tmp_path / "fixed.jsonl"
+    r = CliRunner().invoke(_data_cli(), ["build", "--out", str(out1), "--n", "3", "--modes", "sync", "--tpot-ms", "40"])
+    assert r.exit_code == 0, r.output
+    assert {json.loads(line)["meta"]["tpot_ms"] for line in out1.read_text().splitlines()} == {40.0}

@@ -25,7 +25,9 @@ between. Three modes, from the same sampled timings so that they compare fairly:
 
 Timing, per task (seeded by ``seed`` and the task id; shared by the three modes):
 
-* time per output token ``tpot_ms`` ~ U(5, 30) ms; tokens are counted with the tokenizer
+* time per output token ``tpot_ms`` ~ U(5, 30) ms (``tpot_range_ms`` changes the range: a slow
+  decoder, e.g. a 270M model on a CPU at ~90 ms per token, sees results arrive while it is
+  still writing the other calls); tokens are counted with the tokenizer
   passed (each atom separately), or as about one token per 4 characters (at least one per
   atom). Injected tokens cost no time (the runtime prefills them in the same forward pass as
   the next decode step, the "ride-along").
@@ -187,10 +189,27 @@ def _tool_map(tools: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _timing(task: Task, seed: int, jitter: float) -> dict[str, Any]:
+DEFAULT_TPOT_RANGE_MS: tuple[float, float] = (5.0, 30.0)
+
+
+def check_tpot_range(tpot_range_ms: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` ms per token as floats; ``ValueError`` unless ``0 < low <= high``."""
+    try:
+        low, high = (float(v) for v in tpot_range_ms)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"tpot_range_ms must be two numbers (low, high), got {tpot_range_ms!r}") from exc
+    if not 0.0 < low <= high:
+        raise ValueError(f"tpot_range_ms must satisfy 0 < low <= high, got ({low}, {high})")
+    return low, high
+
+
+def _timing(
+    task: Task, seed: int, jitter: float, tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS
+) -> dict[str, Any]:
     """Sampled timing of a task: tools with latencies, expected and execution time per call."""
+    low, high = check_tpot_range(tpot_range_ms)
     rng = random.Random(f"sim:{seed}:{task.task_id}")
-    tpot = round(rng.uniform(5.0, 30.0), 2)
+    tpot = round(rng.uniform(low, high), 2)  # one draw whatever the range: the rest is unchanged
     tools = copy.deepcopy(task.tools)
     fmap = _tool_map(tools)
     for f in fmap.values():
@@ -302,6 +321,7 @@ def simulate(
     jitter: float = 0.25,
     result_fn: Callable[[Task, PlannedCall], Any] | None = None,
     counter: TokenCounter | None = None,
+    tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
 ) -> dict[str, Any]:
     """Simulate ``task`` in ``mode`` and return one trace (a JSON-ready dict)::
 
@@ -314,11 +334,12 @@ def simulate(
     ``x-latency-ms`` the simulation used. ``meta`` holds the timing (``tpot_ms``,
     ``expected_ms``, ``exec_ms``, ``start_ms``, ``done_ms``, ``inject_ms``,
     ``sim_latency_ms``), the plan (``depends_on``, ``answer_parts``), ``n_model_tokens`` and
-    how tokens were counted (``token_count``).
+    how tokens were counted (``token_count``). ``tpot_range_ms`` is the range the time per
+    output token is drawn from (default 5-30 ms, the paper's).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-    timing = _timing(task, seed, jitter)
+    timing = _timing(task, seed, jitter, tpot_range_ms)
     counter = counter or TokenCounter(tokenizer)
     result_fn = result_fn or default_result
     tr = _Trace(counter, timing["tpot"])
@@ -872,6 +893,7 @@ def build_dataset(
     check: bool = True,
     max_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
+    tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
 ) -> dict[str, Any]:
     """Simulate every task in every mode and write the traces to ``out_path`` (JSONL).
 
@@ -885,6 +907,7 @@ def build_dataset(
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"unknown modes {bad}; choose from {MODES}")
+    tpot_range_ms = check_tpot_range(tpot_range_ms)
     counter = TokenCounter(tokenizer)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -902,7 +925,10 @@ def build_dataset(
             n_tasks += 1
             lat: dict[str, float] = {}
             for mode in modes:
-                ex = simulate(task, mode, seed=seed, user_interrupt_rate=user_interrupt_rate, jitter=jitter, counter=counter)
+                ex = simulate(
+                    task, mode, seed=seed, user_interrupt_rate=user_interrupt_rate, jitter=jitter, counter=counter,
+                    tpot_range_ms=tpot_range_ms,
+                )
                 if check:
                     problems = check_trace(ex, tokenizer=tokenizer)
                     if problems:

