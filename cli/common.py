@@ -122,6 +122,7 @@ class ModelSettings:
     system_prompt: bool = True
     device: str | None = None
     call_timeout: float = 30.0
+    interrupt_at: str = "token"
     emulate_tpot_ms: float | None = None
     emulate_ttft_ms: float | None = None
 
@@ -159,6 +160,8 @@ class ModelSettings:
                 raise click.UsageError("--emulate-tpot-ms/--emulate-ttft-ms slow a local model; they do not apply to a remote backend")
             if self.device:
                 raise click.UsageError("--device applies to the local backend only")
+            if self.interrupt_at != "token":
+                raise click.UsageError("--interrupt-at applies to the local backend only (a server re-submits at safe points)")
 
 
 def check_endpoint(url: str) -> None:
@@ -211,6 +214,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--device", default=None, metavar="DEVICE", help="Device for a local model (cpu, cuda, cuda:1, mps). Default: cpu."),
         click.option("--call-timeout", type=click.FloatRange(min=0.0, min_open=True), default=30.0, show_default=True, help="Seconds before a running call becomes an error result."),
+        click.option(
+            "--interrupt-at",
+            type=click.Choice(["token", "word"]),
+            default="token",
+            show_default=True,
+            help="Local backend: where results go in: any safe point (token), or only where a word starts and right after a block (word).",
+        ),
         click.option(
             "--emulate-tpot-ms",
             type=click.FloatRange(min=0.0),
@@ -340,7 +350,7 @@ def load_alm(settings: ModelSettings, tools: Any) -> Any:
     if settings.backend == "local":
         try:
             with user_errors(f"cannot load model {settings.model!r}" if settings.model else "cannot load the default model"):
-                return AsyncLM.from_pretrained(settings.model, device=settings.device, **common)
+                return AsyncLM.from_pretrained(settings.model, device=settings.device, interrupt_at=settings.interrupt_at, **common)
         except click.ClickException as exc:
             if settings.model is None:
                 exc.message += " (pass --model PATH_OR_REPO to use another checkpoint)"

@@ -56,6 +56,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "cml-tiny"
 
 
+def shipped_checkpoints() -> dict[str, Path]:
+    """Checkpoints that ship inside the package, by name (``cml-tiny``, and
+    ``gemma-3-270m-cml`` when present: a LoRA adapter whose base comes from the
+    ``hf-asynclm[gemma]`` extra). ``AsyncLM.from_pretrained(name)`` loads them offline."""
+    root = DEFAULT_CHECKPOINT.parent
+    if not root.is_dir():
+        return {}
+    return {
+        p.name: p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and ((p / "config.json").is_file() or (p / "adapter_config.json").is_file())
+    }
+
+
 @dataclass
 class AsyncResult:
     """What one asynchronous generation produced.
@@ -218,7 +232,8 @@ class AsyncLM(SessionControl):
         """Load a CML checkpoint (a local folder or a Hub repo id) with its tokenizer.
 
         Without ``path_or_repo`` the checkpoint shipped in the package (``cml-tiny``) is used,
-        so everything works offline. Hub downloads go through ``huggingface_hub``
+        so everything works offline; the name of another shipped checkpoint
+        (:func:`shipped_checkpoints`) loads that one. Hub downloads go through ``huggingface_hub``
         (``revision``, ``token``, ``cache_dir``, ``local_files_only`` / ``HF_HUB_OFFLINE``,
         ``endpoint`` / ``HF_ENDPOINT``). LoRA adapters (``adapter_config.json``) are loaded on top
         of their base model with ``peft``. Remaining keyword arguments go to the
@@ -233,6 +248,8 @@ class AsyncLM(SessionControl):
                     "or pass a checkpoint path / Hub repo id"
                 )
             folder = DEFAULT_CHECKPOINT
+        elif isinstance(path_or_repo, str) and not Path(path_or_repo).exists() and path_or_repo in shipped_checkpoints():
+            folder = shipped_checkpoints()[path_or_repo]
         else:
             from .hub import resolve_checkpoint
 

@@ -184,6 +184,19 @@ def test_run_shows_calls_starting_returning_and_injected(checkpoint, tools_file)
     assert out.index("↳ a1") < out.index("✓ a1") < out.index("⇢ injected a1")
 
 
+def test_run_interrupt_at_word_keeps_words_whole(checkpoint, tools_file):
+    script = '[CALL] a1 [HEAD] lookup(key="alpha") [END]' + " verylongwordnumberone verylongwordnumbertwo" * 20 + " [TRAP] [END] Done."
+    result = CliRunner().invoke(
+        app, ["run", "Go", "--model", checkpoint, "--tools", tools_file, "--script", script, "--json", "--interrupt-at", "word",
+              "--max-new-tokens", "600"]
+    )
+    assert result.exit_code == 0, result.output
+    raw = json.loads(result.stdout)["raw_text"]
+    at = raw.index("[INTR] a1 [HEAD]")
+    after = raw[raw.index("[END]", at) + len("[END]"):]
+    assert raw[:at].endswith("[END]") or after[:1].isspace() or after.startswith("["), raw[at - 30: at + 80]
+
+
 def test_run_json_is_the_only_stdout(checkpoint, tools_file):
     result = CliRunner().invoke(
         app, ["run", "Go", "--model", checkpoint, "--tools", tools_file, "--script", SCRIPT, "--json", "--mode", "sync"]
@@ -294,6 +307,8 @@ def test_missing_default_checkpoint(monkeypatch, tmp_path):
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--compare", "--mode", "sync"], "leave out --mode"),
         (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--emulate-tpot-ms", "5"], "local model"),
+        (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--interrupt-at", "word"], "local backend only"),
+        (["--interrupt-at", "sentence"], "'sentence' is not one of"),
     ],
 )
 def test_bad_options(args, needle):

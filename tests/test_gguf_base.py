@@ -123,3 +123,32 @@ def test_an_adapter_on_a_converted_base_loads_from_the_cache(fake_conversion, tm
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     alm = AsyncLM.from_pretrained(out)
     assert alm.generate("Hi", max_new_tokens=2, do_sample=False).stats.generated_tokens >= 1
+
+
+def test_copy_checkpoint_halves_the_weights_and_still_loads(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_asynclm.training.train import copy_checkpoint
+
+    src = tmp_path / "full"
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    (src / "checkpoint-10").mkdir()  # training state is not shipped
+    dst = copy_checkpoint(src, tmp_path / "half")
+    assert not (dst / "checkpoint-10").exists() and (dst / "tokenizer_config.json").is_file()
+    weights = load_file(str(dst / "model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in weights.values() if t.is_floating_point())
+    assert (dst / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
+    reloaded = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=5e-2, rtol=5e-2)
+    with pytest.raises(FileExistsError):
+        copy_checkpoint(src, dst)
+    with pytest.raises(ValueError, match="dtype"):
+        copy_checkpoint(src, tmp_path / "x", dtype="int8")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        copy_checkpoint(tmp_path, tmp_path / "y")

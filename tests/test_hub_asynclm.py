@@ -53,3 +53,17 @@ def test_publish_download_generate(fake_hub, tmp_path):
     assert again.model.config.vocab_size == alm.model.config.vocab_size
     with pytest.raises(HubError, match="offline|cache"):
         AsyncLM.from_pretrained("acme/other", endpoint=hub.url, cache_dir=cache, local_files_only=True)
+
+
+def test_shipped_checkpoints_load_by_name(monkeypatch, tmp_path):
+    from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, shipped_checkpoints
+
+    assert shipped_checkpoints()["cml-tiny"] == DEFAULT_CHECKPOINT
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a shipped name never goes to the Hub
+    alm = AsyncLM.from_pretrained("cml-tiny")
+    assert alm.model.config.num_hidden_layers == AsyncLM.from_pretrained().model.config.num_hidden_layers
+    # a local folder of the same name wins over the shipped one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cml-tiny").mkdir()
+    with pytest.raises(Exception, match="config.json|checkpoint"):
+        AsyncLM.from_pretrained("cml-tiny")

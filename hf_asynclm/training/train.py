@@ -709,6 +709,34 @@ def record_portable_base(adapter_dir: str | Path, base_model: str | Path | None)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def copy_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16", overwrite: bool = False) -> Path:
+    """Copy a checkpoint folder (full model or LoRA adapter) with its floating-point weights cast
+    to ``dtype`` (``float16`` or ``bfloat16``): half the size, for shipping or publishing.
+
+    Every other file is copied as it is; ``checkpoint-*`` folders (resumable training state) are
+    left out. Loading casts the weights back to the model's dtype (fp32 on a CPU). Returns ``dst``.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = getattr(torch, dtype, None)
+    if dtype not in ("float16", "bfloat16") or target is None:
+        raise ValueError(f"dtype must be 'float16' or 'bfloat16', got {dtype!r}")
+    src, dst = Path(src), Path(dst)
+    if not ((src / "config.json").is_file() or (src / "adapter_config.json").is_file()):
+        raise FileNotFoundError(f"{src} is not a checkpoint folder (no config.json or adapter_config.json)")
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists: pass overwrite=True to replace it")
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    for path in dst.rglob("*.safetensors"):
+        tensors = load_file(str(path))
+        cast = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+        save_file(cast, str(path), metadata={"format": "pt"})
+    return dst
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -774,6 +802,7 @@ __all__ = [
     "apply_lora",
     "build_tiny_llama",
     "convert_gguf_base",
+    "copy_checkpoint",
     "load_base",
     "load_trained",
     "lora_target_modules",
