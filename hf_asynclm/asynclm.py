@@ -174,6 +174,8 @@ class AsyncLM(SessionControl):
             or ``"word"`` (right after a block, else only where a word starts: small CML models
             trained on the simulator's traces keep their sentence; see
             :mod:`hf_asynclm.generation`).
+        max_cml_errors: stop after this many malformed CML blocks in a row (a model looping on
+            broken CML; ``stop_reason="cml_errors"``); ``None`` never stops for that.
     """
 
     def __init__(
@@ -192,10 +194,14 @@ class AsyncLM(SessionControl):
         drain_on_eos: bool = True,
         trap_cache_policy: str = "keep",
         interrupt_at: InterruptAt = "token",
+        max_cml_errors: int | None = 8,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         self.interrupt_at: InterruptAt = check_interrupt_at(interrupt_at)  # type: ignore[assignment]
+        if max_cml_errors is not None and max_cml_errors < 1:
+            raise ValueError(f"max_cml_errors must be >= 1 or None, got {max_cml_errors}")
+        self.max_cml_errors = max_cml_errors
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)
@@ -301,6 +307,7 @@ class AsyncLM(SessionControl):
             owns_executor=True,
             trap_cache_policy=self.trap_cache_policy,  # type: ignore[arg-type]
             interrupt_at=self.interrupt_at,
+            max_cml_errors=self.max_cml_errors,
         )
 
     @property

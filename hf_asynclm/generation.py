@@ -70,7 +70,8 @@ class GenerationStats:
         sync_wait_s: time spent blocked on calls in ``sync`` / ``sync-parallel`` mode.
         wall_s: wall time of the decode loop.
         ttft_s: time from the start of the loop to the first sampled token.
-        stop_reason: ``eos``, ``max_new_tokens``, ``stopping_criteria`` or ``cancelled``.
+        stop_reason: ``eos``, ``max_new_tokens``, ``stopping_criteria``, ``cancelled`` or
+            ``cml_errors`` (the model wrote ``max_cml_errors`` malformed blocks in a row).
     """
 
     forward_passes: int = 0
@@ -125,6 +126,9 @@ class GenerationSession:
         trap_cache_policy: ``keep`` the KV cache in place during traps or ``offload`` it to CPU.
         interrupt_at: ``"token"`` (any safe point) or ``"word"`` (only at word boundaries and
             right after a block; see the module docstring).
+        max_cml_errors: stop the generation (``stop_reason="cml_errors"``) after this many
+            malformed blocks in a row, each answered by an error interrupt, with no valid block
+            between them: a model stuck in a loop of broken CML. ``None``: never stop for that.
     """
 
     def __init__(
@@ -137,11 +141,16 @@ class GenerationSession:
         owns_executor: bool = True,
         trap_cache_policy: TrapCachePolicy = "keep",
         interrupt_at: InterruptAt = "token",
+        max_cml_errors: int | None = 8,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         check_interrupt_at(interrupt_at)
+        if max_cml_errors is not None and max_cml_errors < 1:
+            raise ValueError(f"max_cml_errors must be >= 1 or None, got {max_cml_errors}")
         self.interrupt_at = interrupt_at
+        self.max_cml_errors = max_cml_errors
+        self.cml_errors_in_a_row = 0
         self.tokenizer = tokenizer
         self.executor = executor
         self.mode = mode
@@ -196,8 +205,14 @@ class GenerationSession:
             recorder.on_event(event)
 
     # block handling ----------------------------------------------------------------------------
+    @property
+    def stuck_on_cml_errors(self) -> bool:
+        """The model wrote ``max_cml_errors`` malformed blocks in a row."""
+        return self.max_cml_errors is not None and self.cml_errors_in_a_row >= self.max_cml_errors
+
     def handle_block(self, block: Block, driver: CacheDriver) -> None:
         self.blocks.append(block)
+        self.cml_errors_in_a_row = self.cml_errors_in_a_row + 1 if block.kind in ("malformed", "interrupt") else 0
         if block.kind == "call":
             if self.mode == "sync-parallel":
                 self._deferred.append(block)
@@ -507,6 +522,10 @@ def cml_decode_loop(
 
             if token in eos_ids:
                 stats.stop_reason = "eos"
+                break
+            if session.stuck_on_cml_errors:
+                logger.warning("stopping: %d malformed CML blocks in a row", session.cml_errors_in_a_row)
+                stats.stop_reason = "cml_errors"
                 break
             if generated >= budget:
                 stats.stop_reason = "max_new_tokens"

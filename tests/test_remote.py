@@ -627,3 +627,10 @@ def test_transformers_serve_runs_cml_end_to_end(transformers_server: Any, mode: 
     assert result.raw_text == MEMO_SCRIPT  # the call ran, its result was injected, the model read it
     assert [c.status for c in result.calls] == ["done"] and result.stats.resubmissions == 1
     assert len(result.stats.segment_ttft_s) == 2 and result.text == "   18 C."
+
+
+def test_a_loop_of_malformed_blocks_stops_resubmitting(engines: Any) -> None:
+    engine = engines(" Done [END]" * 30)
+    result = remote(engine, tools=[get_weather]).generate(PROMPT, max_new_tokens=400)
+    assert result.stats.stop_reason == "cml_errors"
+    assert len(result.malformed) == 8 and len(engine.requests) <= 9

@@ -678,3 +678,20 @@ def test_bad_interrupt_at_is_a_clear_error():
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match="interrupt_at"):
         AsyncLM(tiny_llama(tok), tok, interrupt_at="sentence")  # type: ignore[arg-type]
+
+
+def test_a_loop_of_malformed_blocks_stops_the_generation():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(), max_cml_errors=5)
+    r = run_script(alm, [' [CALL] a1 [HEAD] add(a=1, b=2) [END] ok'] + [" Done [END]"] * 30, max_new_tokens=600)
+    assert r.stats.stop_reason == "cml_errors"
+    # four were answered by error interrupts; the fifth ended it (kept in the result, not injected)
+    assert r.raw_text.count("CMLSyntaxError") == 4 and len(r.malformed) == 5 and r.calls[0].status == "done"
+    # a valid block in between resets the count: the same errors spread out do not stop it
+    spread = [' [CALL] a1 [HEAD] add(a=1, b=2) [END]'] + [" x [END]", " x [END]", " [CALL] a2 [HEAD] add(a=1, b=2) [END]"] * 4
+    r = run_script(AsyncLM(tiny_llama(tok), tok, tools=make_tools(), max_cml_errors=3), spread, max_new_tokens=600)
+    assert r.stats.stop_reason == "eos" and len(r.malformed) == 8
+    unlimited = AsyncLM(tiny_llama(tok), tok, tools=make_tools(), max_cml_errors=None)
+    assert run_script(unlimited, [" Done [END]"] * 12, max_new_tokens=600).stats.stop_reason == "eos"
+    with pytest.raises(ValueError, match="max_cml_errors"):
+        AsyncLM(tiny_llama(tok), tok, max_cml_errors=0)

@@ -666,6 +666,9 @@ class RemoteAsyncLM(SessionControl):
                 if session.cancelled:
                     stop_reason = "cancelled"
                     break
+                if session.stuck_on_cml_errors:  # the model loops on broken CML: do not re-submit forever
+                    stop_reason = "cml_errors"
+                    break
                 remaining = max_new_tokens - generated
                 if remaining <= 0:
                     stop_reason = "max_new_tokens"
