@@ -80,9 +80,15 @@ def _drill_kinds() -> Iterable[str]:
     return DRILL_KINDS
 
 
-def bfcl_tasks(n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5) -> list[Any]:
+def bfcl_tasks(
+    n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5, split_seed: int = 0
+) -> list[Any]:
     """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
     first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
+
+    The train/eval split is ``bfcl.split(tasks, seed=split_seed)``, the same one evaluation
+    and the benchmarks use (their ``--split-seed``, default 0), whatever ``seed`` samples: data
+    built with any ``seed`` never holds an evaluation task.
 
     A share ``cheat_sheet`` of them get the plan with per-call latencies in the prompt
     (``bfcl.with_cheat_sheet``); the latencies (1-1000 ms) become the calls' ``latency_s``,
@@ -105,7 +111,7 @@ def bfcl_tasks(n: int, seed: int, split: str = "train", data_dir: str | None = N
             logger.warning("BFCL category %s not found; skipped", cat)
             continue
         tasks = [bfcl.to_task(e, cat) for e in bfcl.load_category(cat, data_dir)]
-        train, ev = bfcl.split(tasks, seed=seed)
+        train, ev = bfcl.split(tasks, seed=split_seed)
         part = train if split == "train" else ev
         pool.extend(part)
         if cat == "multi_turn_base":
@@ -189,6 +195,10 @@ task gives one trace per mode.
     help="Simulated time per output token, drawn per task from U(LOW, HIGH) ms. Raise it for a slow "
     "decoder (a 270M model on a CPU writes ~90 ms per token), so results also arrive between calls.",
 )
+@click.option(
+    "--split-seed", type=int, default=0, show_default=True,
+    help="BFCL: seed of the train/eval split (the one `hf-asynclm eval` and `bench` hold out; keep it fixed across --seed).",
+)
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")
 def build(
@@ -207,6 +217,7 @@ def build(
     demo_prompt: float,
     cheat_sheet: float,
     tpot_ms: tuple[float, float],
+    split_seed: int,
     data_dir: str | None,
     stats_path: Path | None,
 ) -> None:
@@ -246,7 +257,7 @@ def build(
         tasks += generate_tasks(n, seed=seed, shapes=shapes, split=split, demo_prompt_p=demo_prompt)
     if source in ("bfcl", "both"):
         try:
-            found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet)
+            found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet, split_seed=split_seed)
         except (ImportError, FileNotFoundError, ValueError) as exc:
             if source == "bfcl":
                 raise click.ClickException(f"BFCL tasks unavailable: {exc}") from exc

@@ -21,6 +21,11 @@ import click
     "--interrupt-at", type=click.Choice(["token", "word"]), default="token", show_default=True,
     help="Where results go in: any safe point (token) or only at word boundaries and after blocks (word).",
 )
+@click.option(
+    "--exclude-tasks", "exclude_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="BFCL: leave out tasks a checkpoint trained on: training traces (JSONL with task_id) or a JSON list of "
+    "task ids. Repeatable.",
+)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="BFCL data folder.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
 def eval_command(
@@ -33,6 +38,7 @@ def eval_command(
     max_new_tokens: int,
     latency_scale: float,
     interrupt_at: str,
+    exclude_files: tuple[Path, ...],
     data_dir: Path | None,
     out: Path | None,
 ) -> None:
@@ -87,6 +93,11 @@ def eval_command(
             except (FileNotFoundError, KeyError, ValueError) as exc:
                 raise click.ClickException(str(exc).splitlines()[0]) from None
             _, eval_tasks = bfcl.split(all_tasks, seed=0)
+            excluded = _task_ids(exclude_files)
+            if excluded:
+                before = len(eval_tasks)
+                eval_tasks = [t for t in eval_tasks if t.task_id not in excluded]
+                console.print(f"left out {before - len(eval_tasks)} of {before} BFCL eval tasks listed in --exclude-tasks")
             import random
 
             rng = random.Random(seed)
@@ -111,3 +122,26 @@ def eval_command(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([r.to_dict() for r in reports], indent=1, default=str))
         console.print(f"report written to {out}")
+
+
+def _task_ids(files: tuple[Path, ...]) -> set[str]:
+    """Task ids in JSON lists of ids or in JSONL traces (their ``task_id``)."""
+    ids: set[str] = set()
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, list):
+            ids |= {str(x) for x in data}
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                ids.add(str(json.loads(line)["task_id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise click.BadParameter(f"{path}:{n} is neither a JSON list of task ids nor a trace with task_id",
+                                         param_hint="--exclude-tasks") from None
+    return ids

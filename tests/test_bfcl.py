@@ -332,6 +332,46 @@ def test_split_ratio_held_out_and_seed():
         bfcl.split(tasks, seed=0, eval_fraction=1.5)
 
 
+def test_a_tasks_side_does_not_depend_on_the_other_categories():
+    """Data building splits one category at a time, evaluation several at once: same sides."""
+    par, mul, simple = _tasks(40, "parallel"), _tasks(20, "multiple"), _tasks(30, "simple_python")
+    _, ev_all = bfcl.split(par + mul + simple, seed=0)
+    ev_each = set()
+    for cat in (simple, par, mul):
+        ev_each |= {t.task_id for t in bfcl.split(cat, seed=0)[1]}
+    assert {t.task_id for t in ev_all} == ev_each
+
+
+def test_data_built_with_any_seed_holds_no_evaluation_task(tmp_path):
+    """`data build --source bfcl --seed N` samples with N but always splits with --split-seed
+    (default 0), the split `hf-asynclm eval` and the benchmarks hold out."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hf_asynclm_cli.data_cmd import data
+
+    cats = [c for c in bfcl.available_categories(MINI) if c != "multi_turn_base"]
+    tasks = [bfcl.to_task(e, c) for c in cats for e in bfcl.load_category(c, MINI)]
+    _, ev = bfcl.split(tasks, seed=0)
+    eval_ids = {t.task_id for t in ev}
+    assert eval_ids
+    seen = set()
+    for seed in (0, 1, 2, 5, 7):
+        out = tmp_path / f"b{seed}.jsonl"
+        r = CliRunner().invoke(data, ["build", "--out", str(out), "--n", "200", "--seed", str(seed), "--source", "bfcl",
+                                      "--data-dir", str(MINI), "--modes", "async", "--max-tokens", "0"])
+        assert r.exit_code == 0, r.output
+        ids = {json.loads(line)["task_id"] for line in out.read_text().splitlines()}
+        assert not ids & eval_ids, sorted(ids & eval_ids)
+        seen |= ids
+    assert seen  # something was built
+    # another split seed is another split (on purpose only)
+    r = CliRunner().invoke(data, ["build", "--out", str(tmp_path / "x.jsonl"), "--n", "200", "--seed", "1", "--split-seed", "1",
+                                  "--source", "bfcl", "--data-dir", str(MINI), "--modes", "async", "--max-tokens", "0"])
+    assert r.exit_code == 0, r.output
+
+
 # --------------------------------------------------------------------------- real data
 
 

@@ -59,3 +59,31 @@ def test_eval_cli_bad_input():
     assert r.exit_code != 0 and "unknown mode" in r.output
     r = runner.invoke(eval_command, ["--model", "/no/such/dir", "--synthetic", "1"])
     assert r.exit_code != 0 and "Traceback" not in r.output and "cannot load model" in r.output
+
+
+def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):
+    import json
+    from pathlib import Path
+
+    from hf_asynclm_cli.eval_cmd import eval_command
+
+    mini = Path(__file__).parent / "data" / "bfcl_mini"
+    args = ["--synthetic", "0", "--bfcl", "50", "--data-dir", str(mini), "--bfcl-categories", "parallel,simple_python",
+            "--modes", "sync", "--max-new-tokens", "2", "--latency-scale", "0"]
+    runner = CliRunner()
+    r = runner.invoke(eval_command, [*args, "--out", str(tmp_path / "all.json")])
+    assert r.exit_code == 0, r.output
+    all_ids = [t["task_id"] for t in json.loads((tmp_path / "all.json").read_text())[0]["tasks"]]
+    assert len(all_ids) >= 2
+    # a JSON list of ids, and JSONL traces with task_id, both work and combine
+    (tmp_path / "ids.json").write_text(json.dumps(all_ids[:1]))
+    (tmp_path / "traces.jsonl").write_text(json.dumps({"task_id": all_ids[1], "mode": "async"}) + "\n")
+    r = runner.invoke(eval_command, [*args, "--out", str(tmp_path / "rest.json"), "--exclude-tasks", str(tmp_path / "ids.json"),
+                                     "--exclude-tasks", str(tmp_path / "traces.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert "left out 2 of" in r.output
+    rest = [t["task_id"] for t in json.loads((tmp_path / "rest.json").read_text())[0]["tasks"]]
+    assert set(rest) == set(all_ids) - set(all_ids[:2])
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    r = runner.invoke(eval_command, [*args, "--exclude-tasks", str(tmp_path / "bad.jsonl")])
+    assert r.exit_code == 2 and "--exclude-tasks" in r.output and "Traceback" not in r.output

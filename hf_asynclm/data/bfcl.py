@@ -662,8 +662,11 @@ def split(
 ) -> tuple[list[Task], list[Task]]:
     """Seeded (train, eval) split, 25 % / 75 % by default as in the paper.
 
-    Split per category (each keeps the ratio; ``round(n * eval_fraction)`` go to eval);
-    tasks of ``held_out`` categories all go to eval. Both lists keep the input order.
+    Split per category (each keeps the ratio; ``round(n * eval_fraction)`` go to eval), each
+    category shuffled by its own seeded generator, so a task lands on the same side whichever
+    other categories are split with it (data building splits one category at a time,
+    evaluation several at once); tasks of ``held_out`` categories all go to eval. Both lists
+    keep the input order.
 
     Example:
 
@@ -678,7 +681,6 @@ def split(
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError("eval_fraction must be in [0, 1]")
     held = set(held_out)
-    rng = random.Random(seed)
     by_cat: dict[str, list[int]] = {}
     for i, t in enumerate(tasks):
         by_cat.setdefault(t.category, []).append(i)
@@ -689,7 +691,7 @@ def split(
             eval_idx.update(idx)
             continue
         shuffled = list(idx)
-        rng.shuffle(shuffled)
+        random.Random(f"bfcl-split:{seed}:{cat}").shuffle(shuffled)  # per category: same split whatever else is passed
         eval_idx.update(shuffled[: round(len(idx) * eval_fraction)])
     train = [t for i, t in enumerate(tasks) if i not in eval_idx]
     ev = [t for i, t in enumerate(tasks) if i in eval_idx]
