@@ -45,6 +45,7 @@ from .generation import (
     Mode,
     SessionControl,
     check_interrupt_at,
+    check_max_cml_errors,
     cml_decode_loop,
 )
 from .prompting import build_prompt
@@ -199,9 +200,7 @@ class AsyncLM(SessionControl):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         self.interrupt_at: InterruptAt = check_interrupt_at(interrupt_at)  # type: ignore[assignment]
-        if max_cml_errors is not None and max_cml_errors < 1:
-            raise ValueError(f"max_cml_errors must be >= 1 or None, got {max_cml_errors}")
-        self.max_cml_errors = max_cml_errors
+        self.max_cml_errors = check_max_cml_errors(max_cml_errors)
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)

@@ -145,11 +145,8 @@ class GenerationSession:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-        check_interrupt_at(interrupt_at)
-        if max_cml_errors is not None and max_cml_errors < 1:
-            raise ValueError(f"max_cml_errors must be >= 1 or None, got {max_cml_errors}")
-        self.interrupt_at = interrupt_at
-        self.max_cml_errors = max_cml_errors
+        self.interrupt_at = check_interrupt_at(interrupt_at)
+        self.max_cml_errors = check_max_cml_errors(max_cml_errors)
         self.cml_errors_in_a_row = 0
         self.tokenizer = tokenizer
         self.executor = executor
@@ -378,6 +375,13 @@ def check_interrupt_at(value: str) -> str:
     """Return ``value`` when it is a valid ``interrupt_at`` setting, else raise ``ValueError``."""
     if value not in INTERRUPT_AT:
         raise ValueError(f"unknown interrupt_at {value!r}: use one of {', '.join(INTERRUPT_AT)}")
+    return value
+
+
+def check_max_cml_errors(value: int | None) -> int | None:
+    """Return ``value`` when it is a valid ``max_cml_errors`` (>= 1 or None), else raise ``ValueError``."""
+    if value is not None and value < 1:
+        raise ValueError(f"max_cml_errors must be >= 1 or None, got {value}")
     return value
 
 

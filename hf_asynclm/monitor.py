@@ -57,10 +57,9 @@ class _VocabIndex:
         intr_id = tokenizer.get_vocab().get(INTR)
         self.containing = [i for i, t in enumerate(self.tokens) if INTR in t and i != intr_id]
         self._completing: dict[str, list[int]] = {}
-        self._tokenizer = weakref.ref(tokenizer) if _weakrefable(tokenizer) else (lambda: tokenizer)
         self._starts_word: dict[int, bool] = {}
 
-    def starts_word(self, token_id: int) -> bool:
+    def starts_word(self, token_id: int, tokenizer: Any) -> bool:
         """True when the token's text begins with whitespace or a CML marker (a word boundary
         lies before it). Decided once per token id, from the raw token (``Ġ``/``▁``/``Ċ``
         prefixes of byte-level BPE and SentencePiece) or else its decoded text."""
@@ -71,8 +70,7 @@ class _VocabIndex:
         if raw[:1] in _WORD_START_PREFIXES or any(raw.startswith(m) for m in MARKERS):
             value = True
         else:
-            tok = self._tokenizer()
-            text = tok.decode([token_id], skip_special_tokens=False) if tok is not None else raw
+            text = tokenizer.decode([token_id], skip_special_tokens=False)
             value = bool(text) and (text[0].isspace() or any(text.startswith(m) for m in MARKERS))
         self._starts_word[token_id] = value
         return value
@@ -88,14 +86,6 @@ class _VocabIndex:
 
 # how byte-level BPE ("Ġ" space, "Ċ" newline, "ĉ" tab) and SentencePiece ("▁") spell a leading space
 _WORD_START_PREFIXES = frozenset(" \t\n\rĠĊĉ▁")
-
-
-def _weakrefable(obj: Any) -> bool:
-    try:
-        weakref.ref(obj)
-    except TypeError:
-        return False
-    return True
 
 
 def _vocab_index(tokenizer: Any) -> _VocabIndex:
@@ -149,7 +139,7 @@ class CMLMonitor:
             return True
         if self._vocab is None:
             self._vocab = _vocab_index(self.tokenizer)
-        return self._vocab.starts_word(token_id)
+        return self._vocab.starts_word(token_id, self.tokenizer)
 
     # ------------------------------------------------------------------------------------
     def feed_token(self, token_id: int) -> list[CMLEvent]:
