@@ -85,12 +85,13 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def user_errors(what: str | None = None, network: bool = False) -> Iterator[None]:
-    """Turn user errors (``OSError``, ``ValueError``; network errors with ``network``) into one line.
+    """Turn user errors (``OSError``, ``ValueError``, ``ImportError`` of an optional extra; network
+    errors with ``network``) into one line.
 
     ``what`` prefixes the message (``"cannot load model x"`` -> ``Error: cannot load model x: ...``).
     With ``HF_ASYNCLM_DEBUG=1`` in the environment the original exception goes through.
     """
-    caught: tuple[type[BaseException], ...] = (OSError, ValueError)
+    caught: tuple[type[BaseException], ...] = (OSError, ValueError, ImportError)
     if network:
         caught += _network_error_types()
     try:
