@@ -540,8 +540,11 @@ def cml_decode_loop(
 
             feed = token_t if before is None else torch.cat([before, token_t], dim=-1)
             if monitor.at_safe_point:
-                block_closed = any(isinstance(e, Block) for e in cml_events)
-                if word_boundaries and not block_closed and held_for < WORD_WAIT_MAX_TOKENS:
+                if (
+                    word_boundaries
+                    and held_for < WORD_WAIT_MAX_TOKENS
+                    and not any(isinstance(e, Block) for e in cml_events)  # right after a block: no wait
+                ):
                     held = True  # inside or at the end of a word: wait for the next word to start
                     held_for = held_for + 1 if session.executor.has_ready() else 0
                 else:

