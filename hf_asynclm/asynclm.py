@@ -253,8 +253,8 @@ class AsyncLM(SessionControl):
                     "or pass a checkpoint path / Hub repo id"
                 )
             folder = DEFAULT_CHECKPOINT
-        elif isinstance(path_or_repo, str) and not Path(path_or_repo).exists() and path_or_repo in shipped_checkpoints():
-            folder = shipped_checkpoints()[path_or_repo]
+        elif isinstance(path_or_repo, str) and not Path(path_or_repo).exists() and path_or_repo in (shipped := shipped_checkpoints()):
+            folder = shipped[path_or_repo]
         else:
             from .hub import resolve_checkpoint
 
