@@ -40,7 +40,9 @@ Examples:
   hf-asynclm bench latency --policy model --workload bfcl-parallel --n 20
 \b
 Each workload x condition writes latency_<workload>_<policy>_<condition>.json / .md and a
-timeline PNG of its median task to --out; a combined table goes to latency_summary.md.
+timeline PNG of its median task to --out (the model policy names the model too:
+latency_bfcl-parallel_model-cml-tiny_real.json); a combined table goes to latency_summary.md
+(oracle) or latency_summary_model.md (model policy, one row per model).
 """
 
 
@@ -97,12 +99,6 @@ def _progress(console: Any) -> Any:
     )
 
 
-def _condition_tag(tpot: float | None, ttft: float | None) -> str:
-    if tpot is None:
-        return "real"
-    return f"emu{tpot:g}ms-ttft{ttft:g}ms"
-
-
 @click.group("bench", context_settings={"help_option_names": ["-h", "--help"]})
 def bench() -> None:
     """Benchmarks: latency against the synchronous baselines, BFCL accuracy, runtime overhead."""
@@ -150,7 +146,7 @@ def latency_command(
 
     def run() -> None:
         from hf_asynclm.bench.latency import LatencyConfig, load_bench_model, median_task, run_latency
-        from hf_asynclm.bench.report import latency_markdown, latency_overview_markdown, plot_timeline, plot_timeline_detail, write_json
+        from hf_asynclm.bench.report import latency_markdown, latency_overview_markdown, latency_stem, report_model_name, plot_timeline, plot_timeline_detail, write_json
 
         conditions: list[tuple[float | None, float | None]] = [(tpot_ms, t) for t in ttft_ms] if tpot_ms is not None else [(None, None)]
         configs = [
@@ -172,7 +168,7 @@ def latency_command(
             for cfg in configs:
                 job = bar.add_task(f"{cfg.workload} ({cfg.condition})", total=cfg.n, current="")
                 report = run_latency(cfg, bm, progress=lambda i, total, tid, job=job: bar.update(job, completed=i, total=total, current=tid))
-                stem = f"latency_{cfg.workload}_{cfg.policy}_{_condition_tag(cfg.tpot_ms, cfg.ttft_ms)}"
+                stem = latency_stem(report)
                 task = median_task(report)
                 report["timeline_task"] = task["task_id"]
                 write_json(report, out_dir / f"{stem}.json")
@@ -184,15 +180,16 @@ def latency_command(
                 reports.append(report)
                 bar.console.print(md, markup=False, highlight=False, soft_wrap=True)
         # the summary covers every report of this policy in --out (earlier commands included)
-        stems = {f"latency_{r['config']['workload']}_{policy}_{_condition_tag(r['config']['tpot_ms'], r['config']['ttft_ms'])}" for r in reports}
-        for path in sorted(out_dir.glob(f"latency_*_{policy}_*.json")):
+        stems = {latency_stem(r) for r in reports}
+        pattern = "latency_*_oracle_*.json" if policy == "oracle" else "latency_*_model-*_*.json"
+        for path in sorted(out_dir.glob(pattern)):
             if path.stem not in stems:
                 try:
                     reports.append(json.loads(path.read_text(encoding="utf-8")))
                 except (OSError, ValueError):
                     continue
         order = {w: i for i, w in enumerate(WORKLOADS)}
-        reports.sort(key=lambda r: (order.get(r["config"]["workload"], 9), r["config"].get("ttft_ms") or 0))
+        reports.sort(key=lambda r: (order.get(r["config"]["workload"], 9), report_model_name(r), r["config"].get("ttft_ms") or 0))
         overview = latency_overview_markdown(reports)
         name = "latency_summary.md" if policy == "oracle" else f"latency_summary_{policy}.md"
         (out_dir / name).write_text(overview, encoding="utf-8")

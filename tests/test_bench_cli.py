@@ -30,6 +30,20 @@ def test_latency_command_writes_json_markdown_and_timelines(tmp_path) -> None:
     assert "async / sync" in result.output
 
 
+def test_model_policy_files_and_summary_name_the_model(tmp_path) -> None:
+    args = ["latency", "--policy", "model", "--model", "random", "--data-dir", MINI, "--n", "1", "--max-new-tokens", "6",
+            "--latency-scale", "0.1", "--threads", "1", "--no-warmup", "--out", str(tmp_path)]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    stem = "latency_bfcl-parallel_model-tiny-random_real"
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert report["model_name"] == "tiny-random"
+    # a random model writes no call: the modes' work and the ideal say so
+    assert "Work done, calls run of the calls due: sync 0/" in (tmp_path / f"{stem}.md").read_text()
+    summary = (tmp_path / "latency_summary_model.md").read_text()
+    assert "| model |" in summary and "| bfcl-parallel | model | tiny-random | real decode |" in summary
+
+
 def test_accuracy_and_overhead_commands(tmp_path) -> None:
     result = CliRunner().invoke(bench, ["accuracy", "--model", "random", "--data-dir", MINI, "--category", "parallel", "--n", "1",
                                         "--split", "all", "--max-new-tokens", "8", "--latency-scale", "0.01", "--threads", "1", "--out", str(tmp_path)])

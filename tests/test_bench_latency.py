@@ -19,7 +19,15 @@ from hf_asynclm.bench.latency import (
     summarize,
 )
 from hf_asynclm.bench.latency_model import SimCall, ideal_schedule, l_async_independent
-from hf_asynclm.bench.report import latency_markdown, latency_overview_markdown, plot_timeline, plot_timeline_detail, write_json
+from hf_asynclm.bench.report import (
+    latency_markdown,
+    latency_overview_markdown,
+    latency_stem,
+    plot_timeline,
+    plot_timeline_detail,
+    report_model_name,
+    write_json,
+)
 from hf_asynclm.cml import format_call, format_interrupt, format_trap
 from hf_asynclm.data.tasks import PlannedCall, Task
 
@@ -142,7 +150,7 @@ def test_summary_speedups() -> None:
                            "generated_tokens": 10, "cml_tokens": 4, "trap_tokens": 2, "injected_tokens": 5, "ttft_s": 0.05,
                            "requests": 1, "loop_ms_per_step": 0.1, "step_ms_median": 5.1, "forward_ms_median": 5.0,
                            "calls": [{"dispatch_s": 0.001, "tokens": 5, "G_s": 0.1, "E_s": 0.2}], "trap_token_s": 0.01,
-                           "wake_s": 0.0, "teardown_s": 0.001, "errors": 0}
+                           "wake_s": 0.0, "teardown_s": 0.001, "errors": 0, "n_calls": 0 if mode == "sync" and v > 2.5 else 1}
         return {"task_id": "t", "n_calls": 1, "modes": modes}
 
     rows = [row({"sync": 2.0, "sync-cached": 1.5, "sync-parallel": 1.2, "async": 1.0}), row({"sync": 3.0, "sync-cached": 2.0, "sync-parallel": 2.0, "async": 1.0})]
@@ -152,6 +160,9 @@ def test_summary_speedups() -> None:
     assert s["speedups"]["sync-parallel/sync"]["min"] == pytest.approx(1.5)
     assert s["modes"]["async"]["efficiency_aggregate"] == pytest.approx(0.98)
     assert "sync/async" not in s["speedups"]
+    # work done per mode: the second task's plain loop ran none of its call
+    assert (s["modes"]["async"]["calls_run"], s["modes"]["async"]["calls_due"]) == (2, 2)
+    assert (s["modes"]["sync"]["calls_run"], s["modes"]["sync"]["calls_due"]) == (1, 2)
 
 
 def test_workloads_from_the_mini_fixture() -> None:
@@ -216,3 +227,31 @@ def test_model_policy_runs_with_a_random_model(bm) -> None:
     modes = report["tasks"][0]["modes"]
     assert set(modes) == set(BENCH_MODES)
     assert all(m["latency_s"] > 0 and m["generated_tokens"] <= 12 for m in modes.values())
+
+
+def test_writing_that_started_nothing_is_model_time_in_the_ideal() -> None:
+    from hf_asynclm.bench.latency import UNRUN_WRITING, _ideal_schedule
+
+    sims = [SimCall("a", 1.0, 5.0)]
+    base = {m: _ideal_schedule(m, sims, [0.1], 1.0) for m in BENCH_MODES}
+    junk = {m: _ideal_schedule(m, sims, [0.1], 1.0, unrun_s=2.0) for m in BENCH_MODES}
+    # the sync modes write it in their one stream while nothing runs: 2 s more
+    for m in ("sync", "sync-cached", "sync-parallel"):
+        assert junk[m][0] == pytest.approx(base[m][0] + 2.0), m
+    # async writes it while call a runs for 5 s: the ideal is unchanged
+    assert junk["async"][0] == pytest.approx(base["async"][0])
+    assert all(UNRUN_WRITING not in order for _, order in junk.values())
+    # more junk than the wait: it shows
+    assert _ideal_schedule("async", sims, [0.1], 1.0, unrun_s=9.0)[0] > base["async"][0] + 3.0
+
+
+def test_file_stems_name_the_model_of_a_model_policy_run() -> None:
+    def report(policy: str, tpot=None, ttft=None, **extra) -> dict:
+        return {"config": {"workload": "bfcl-parallel", "policy": policy, "tpot_ms": tpot, "ttft_ms": ttft}, **extra}
+
+    assert latency_stem(report("oracle", 5.0, 59.0, model_name="cml-tiny")) == "latency_bfcl-parallel_oracle_emu5ms-ttft59ms"
+    assert latency_stem(report("model", model_name="gemma-3-270m-cml")) == "latency_bfcl-parallel_model-gemma-3-270m-cml_real"
+    # reports written before model_name existed: the label's name
+    old = report("model", model="cml-tiny (LlamaForCausalLM, 3.5M parameters, vocabulary 512)")
+    assert report_model_name(old) == "cml-tiny" and latency_stem(old).endswith("_model-cml-tiny_real")
+    assert report_model_name(report("oracle", model="tiny random Llama (hf_asynclm.testing.tiny_llama, ...)")) == "tiny-random"

@@ -363,6 +363,22 @@ def test_catches_answer_before_its_result_and_missing_result():
     assert any("a1 never got its result" in p for p in sim.check_trace(lost))
 
 
+def test_identical_answer_sentences_are_matched_in_turn():
+    # two calls whose answers read the same: each sentence must follow its own result, and the
+    # checker must not take the first sentence for both
+    calls = [PlannedCall("a1", "fa", {"x": "1"}), PlannedCall("b1", "fb", {"x": "2"})]
+    parts = [{"text": "Same.", "needs": ["a1"]}, {"text": "Same.", "needs": ["b1"]}]
+    t = hand_task(calls, [tool("fa", 100), tool("fb", 600)], parts=parts)
+    for mode in MODES:
+        ex = sim.simulate(t, mode, seed=0)
+        assert full(ex).count("Same.") == 2
+        assert sim.check_trace(ex) == [], mode
+    # one sentence for two calls is still caught
+    once = copy.deepcopy(sim.simulate(t, "sync", seed=0))
+    once["segments"][-1]["text"] = once["segments"][-1]["text"].replace("Same.", "", 1)
+    assert any("'Same.' missing" in p for p in sim.check_trace(once))
+
+
 def test_catches_late_and_early_interrupts(tasks):
     def movable(e):
         segs = e["segments"]

@@ -148,3 +148,12 @@ def test_catalogue_includes_demo_tools():
     schemas = syn.catalogue_schemas()
     assert set(schemas) == set(cat)
     assert all("x-latency-ms" in s["function"] for s in schemas.values())
+
+
+def test_no_task_asks_for_the_same_call_twice() -> None:
+    # seed 0's eval split once drew a follow-up request identical to a call already in the task
+    # (two equal answer sentences, one trace dropped by the checker)
+    for task in syn.generate_tasks(4000, seed=0, split="eval"):
+        keys = [(c.name, sorted(c.arguments.items())) for c in task.calls]
+        keys += [(c["name"], sorted(c["arguments"].items())) for c in task.meta["followup"]["calls"]]
+        assert len({repr(k) for k in keys}) == len(keys), task.task_id

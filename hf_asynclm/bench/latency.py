@@ -36,7 +36,11 @@ What is measured, per task and mode (all from the same run):
 The **ideal** latency of a mode's schedule is :func:`~hf_asynclm.bench.latency_model.ideal_schedule`
 over the measured ``G`` and ``E`` (and the task's dependencies), plus the measured time to
 first token and answer, with zero system overhead: no dispatch delay, no wake-up delay, no
-trap tokens, nothing between tokens but the tokens. ``efficiency = ideal / measured``. A
+trap tokens, nothing between tokens but the tokens. Whatever else the model wrote (blocks that
+never ran: malformed, unfinished, or calls the executor refused) is model time too: it joins the
+ideal as one more piece of writing that starts nothing (the plain loop: with the answer; the
+runtime's modes: a call that runs in no time, which async may write while other calls run), so
+a model that writes junk is not charged for it as system overhead. ``efficiency = ideal / measured``. A
 stricter variant (``efficiency_model``) counts only forward-pass time as model time: the
 per-token work of the decode loop (logits processors, sampling, CML monitor, streamers)
 then counts as overhead too.
@@ -235,6 +239,11 @@ class BenchModel:
     label: str
     path: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """Short name for file names and tables: the checkpoint's folder or repo name, or ``tiny-random``."""
+        return Path(self.path.rstrip("/\\")).name if self.path else "tiny-random"
 
 
 def load_bench_model(spec: str | None = None) -> BenchModel:
@@ -794,19 +803,30 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _ideal(mode: str, sims: list[SimCall], requests: list[float], answer_s: float) -> float:
-    return _ideal_schedule(mode, sims, requests, answer_s)[0]
+#: Id of the pseudo-call that stands for writing that started nothing (see the module docstring).
+UNRUN_WRITING = "(unrun writing)"
 
 
-def _ideal_schedule(mode: str, sims: list[SimCall], requests: list[float], answer_s: float) -> tuple[float, list[str]]:
-    """Ideal latency of ``mode``'s schedule and the order it writes the calls in."""
+def _ideal(mode: str, sims: list[SimCall], requests: list[float], answer_s: float, unrun_s: float = 0.0) -> float:
+    return _ideal_schedule(mode, sims, requests, answer_s, unrun_s)[0]
+
+
+def _ideal_schedule(mode: str, sims: list[SimCall], requests: list[float], answer_s: float, unrun_s: float = 0.0) -> tuple[float, list[str]]:
+    """Ideal latency of ``mode``'s schedule and the order it writes the calls in.
+
+    ``unrun_s``: time the model spent writing blocks that started nothing; serial writing like
+    the answer (sync) or a call that runs in no time (the other modes; async may write it while
+    other calls run).
+    """
     if not requests:
         return math.nan, []
     if mode == "sync":  # the plain loop: every request pays its time to first token
-        sched = ideal_schedule(sims, "sync", request_overhead_s=statistics.fmean(requests), answer_s=answer_s)
+        sched = ideal_schedule(sims, "sync", request_overhead_s=statistics.fmean(requests), answer_s=answer_s + unrun_s)
         return sched.total_s, sched.write_order
+    if unrun_s > 0:
+        sims = [*sims, SimCall(UNRUN_WRITING, unrun_s, 0.0)]
     sched = ideal_schedule(sims, RUNTIME_MODE[mode], answer_s=answer_s)
-    return sched.total_s + requests[0], sched.write_order
+    return sched.total_s + requests[0], [c for c in sched.write_order if c != UNRUN_WRITING]
 
 
 def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | None = None, ttft_ms: float | None = None) -> dict[str, Any]:
@@ -847,6 +867,7 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
     sims_nominal: list[SimCall] = []
     ran = [c for c in trace.calls if c.started is not None and c.finished is not None and c.call_id]
     ran_ids = {c.call_id for c in ran}
+    ran_steps: set[int] = set()  # steps that wrote a call that ran
     seen_ids: dict[str, int] = {}
     for c in trace.calls:
         same_id = block_of.get(c.call_id or "")
@@ -881,6 +902,7 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
         }
         call_rows.append(row)
         if c.call_id in ran_ids and e is not None:
+            ran_steps.update(steps)
             p = plan.get(c.call_id)  # type: ignore[arg-type]
             deps = tuple(d for d in (p.depends_on if p is not None and p.name == c.name else []) if d in ran_ids)
             # a model may reuse an id across requests of the plain loop (nothing stops it there):
@@ -895,17 +917,22 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
 
     text_steps = [k for k in range(K) if classes[k] in ("text", "eos")]
     trap_steps = [k for k in range(K) if classes[k] == "trap"]
+    unrun_steps = [k for k in range(K) if classes[k] not in ("text", "eos", "trap") and k not in ran_steps]
     req_tl = [dur[k] for k in range(K) if first[k]]
     req_model = [fwd[k] for k in range(K) if first[k]]
     answer_tl = total(text_steps, dur)
     answer_model = total(text_steps, fwd)
     latency = trace.t_end - trace.t_start
-    ideal_tl, ideal_order = _ideal_schedule(trace.mode, sims_tl, req_tl, answer_tl)
-    ideal_model = _ideal(trace.mode, sims_model, req_model, answer_model) if aligned else math.nan
+    unrun_tl = total(unrun_steps, dur)
+    ideal_tl, ideal_order = _ideal_schedule(trace.mode, sims_tl, req_tl, answer_tl, unrun_tl)
+    ideal_model = _ideal(trace.mode, sims_model, req_model, answer_model, total(unrun_steps, fwd)) if aligned else math.nan
     ideal_nominal = math.nan
     if tpot_ms is not None and ttft_ms is not None:
         n_answer = sum(1 for k in text_steps if not first[k])
-        ideal_nominal = _ideal(trace.mode, sims_nominal, [ttft_ms / 1000.0] * max(1, len(req_tl)), n_answer * tpot_ms / 1000.0)
+        n_unrun = sum(1 for k in unrun_steps if not first[k])
+        ideal_nominal = _ideal(
+            trace.mode, sims_nominal, [ttft_ms / 1000.0] * max(1, len(req_tl)), n_answer * tpot_ms / 1000.0, n_unrun * tpot_ms / 1000.0
+        )
 
     # where the rest goes
     waits_s = sum(e - s for s, e, _ in trace.waits)
@@ -935,6 +962,8 @@ def analyse_run(trace: RunTrace, task: Task, tokenizer: Any, tpot_ms: float | No
         "ttft_s": req_tl[0] if req_tl else math.nan,
         "request_overhead_s": statistics.fmean(req_tl) if req_tl else math.nan,
         "answer_s": answer_tl,
+        "unrun_write_s": unrun_tl,
+        "unrun_tokens": len(unrun_steps),
         "steps": K,
         "forward_passes": len(trace.forwards),
         "generated_tokens": len(gen),
@@ -1125,6 +1154,7 @@ def run_latency(
         "config": config.to_dict(),
         "condition": config.condition,
         "model": bm.label,
+        "model_name": bm.name,
         "model_notes": bm.notes,
         "workload": info,
         "environment": env,
@@ -1196,6 +1226,9 @@ def summarize(rows: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str,
             "teardown_s": _stats([m["teardown_s"] for m in ms]),
             "gap_s": _stats([m["latency_s"] - m["ideal_s"] for m in ms]),
             "errors": sum(m["errors"] for m in ms),
+            "calls_run": sum(m["n_calls"] for m in ms),
+            "calls_due": sum(r["n_calls"] for r in rows if mode in r["modes"]),
+            "unrun_tokens": sum(m.get("unrun_tokens", 0) for m in ms),
             "ideal_order_mismatches": sum(1 for m in ms if m.get("ideal_order_matches") is False),
         }
     ref = "async" if "async" in modes else modes[0]  # calls as written in one request (no prefill inside a call)

@@ -155,6 +155,22 @@ def latency_markdown(report: Mapping[str, Any], title: str | None = None) -> str
             f"the ideal async speedups would be {fmt_ratio(sp.get('async/sync'))} over sync, {fmt_ratio(sp.get('async/sync-cached'))} over "
             f"sync-cached and {fmt_ratio(sp.get('async/sync-parallel'))} over sync-parallel."
         )
+    work = [
+        f"{m} {ms['calls_run']}/{ms['calls_due']}" + (f" ({ms['errors']} refused or failed)" if ms.get("errors") else "")
+        for m, ms in s["modes"].items()
+        if "calls_run" in ms
+    ]
+    if work:
+        unrun = {m: ms.get("unrun_tokens", 0) for m, ms in s["modes"].items()}
+        line = "Work done, calls run of the calls due: " + ", ".join(work) + "."
+        if any(unrun.values()):
+            line += (
+                " Tokens written in blocks that started nothing (malformed, unfinished, refused; counted as model time in the ideal): "
+                + ", ".join(f"{m} {n}" for m, n in unrun.items()) + "."
+            )
+        if len({ms["calls_run"] for ms in s["modes"].values() if "calls_run" in ms}) > 1:
+            line += " The modes did not do the same work: compare latencies with that in mind."
+        lines.append(line)
     if "async" in s["modes"]:
         a = s["modes"]["async"]
         lines.append(
@@ -180,13 +196,39 @@ def _load(env: Mapping[str, Any]) -> str:
     return out
 
 
+def report_model_name(report: Mapping[str, Any]) -> str:
+    """The short model name of a latency report (reports written before ``model_name`` existed:
+    the label's first word)."""
+    name = report.get("model_name")
+    if name:
+        return str(name)
+    label = str(report.get("model") or "")
+    return "tiny-random" if label.startswith("tiny random") else label.split(" (")[0] or "unknown"
+
+
+def latency_stem(report: Mapping[str, Any]) -> str:
+    """File stem of a latency report: ``latency_<workload>_<policy>_<condition>``.
+
+    With the model policy the model's name joins the policy (``model-cml-tiny``): the numbers
+    are the model's, and two models' runs must not overwrite each other. The oracle policy's
+    numbers do not depend on the model, so its stems carry none.
+    """
+    cfg = report["config"]
+    tpot, ttft = cfg.get("tpot_ms"), cfg.get("ttft_ms")
+    condition = "real" if tpot is None else f"emu{tpot:g}ms-ttft{ttft:g}ms"
+    policy = cfg["policy"]
+    if policy == "model":
+        policy = f"model-{report_model_name(report)}"
+    return f"latency_{cfg['workload']}_{policy}_{condition}"
+
+
 def latency_overview_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """One table over several latency reports (workload x condition), with the paper's figures."""
     from .latency import PAPER_FIGURES
 
     lines = [
-        "| workload | policy | condition | n | async / sync | async / sync max | async / sync-cached | async / sync-parallel | sync-parallel / sync | async efficiency median (min) | paper (async / sync) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | policy | model | condition | n | async / sync | async / sync max | async / sync-cached | async / sync-parallel | sync-parallel / sync | async efficiency median (min) | paper (async / sync) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         cfg, s = r["config"], r["summary"]
@@ -198,7 +240,7 @@ def latency_overview_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
         if paper == "bfcl-multistep-parallel":
             pfig = f"up to {PAPER_FIGURES[paper]['speedup']}x"
         lines.append(
-            f"| {cfg['workload']} | {cfg['policy']} | {r['condition']} | {s['n_tasks']} | {fmt_ratio(sp.get('async/sync'))} "
+            f"| {cfg['workload']} | {cfg['policy']} | {report_model_name(r)} | {r['condition']} | {s['n_tasks']} | {fmt_ratio(sp.get('async/sync'))} "
             f"| {_num((sp.get('async/sync') or {}).get('max'), '{:.2f}x')} "
             f"| {fmt_ratio(sp.get('async/sync-cached'))} | {fmt_ratio(sp.get('async/sync-parallel'))} | {fmt_ratio(sp.get('sync-parallel/sync'))} "
             f"| {_num(eff.get('median'))} ({_num(eff.get('min'))}) | {pfig} |"

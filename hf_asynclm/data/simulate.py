@@ -713,8 +713,10 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     for cid in written:
         if cid not in injected:
             v.append(f"call {cid} never got its result")
+    search_from: dict[str, int] = {}  # identical sentences are matched to successive occurrences
     for p in parts:
-        pos = model_text.find(p["text"])
+        pos = model_text.find(p["text"], search_from.get(p["text"], 0))
+        search_from[p["text"]] = pos + max(1, len(p["text"]))
         if pos < 0:
             v.append(f"answer text {p['text']!r} missing")
             continue

@@ -448,6 +448,10 @@ def _fields(call: PlannedCall, result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Draws of fresh arguments before a task keeps a duplicate call (only when ``fixed`` pins them all).
+_MAX_REDRAWS = 50
+
+
 class _Builder:
     """Accumulates the calls and answer sentences of one task."""
 
@@ -473,8 +477,14 @@ class _Builder:
         return call.call_id
 
     def add_random(self, tool: str, **fixed: Any) -> str:
-        args = _BY_NAME[tool].make_args(self.pools)
-        args.update(fixed)
+        """Add a call with random arguments (``fixed`` ones kept), never a copy of a call the
+        task already has: the same request twice would have two identical answer sentences."""
+        taken = [c.arguments for c in self.calls if c.name == tool]
+        for _ in range(_MAX_REDRAWS):
+            args = _BY_NAME[tool].make_args(self.pools)
+            args.update(fixed)
+            if args not in taken:
+                break
         return self.add(tool, **args)
 
     def r(self, call_id: str) -> dict[str, Any]:
