@@ -123,7 +123,7 @@ class ModelSettings:
     system_prompt: bool = True
     device: str | None = None
     call_timeout: float = 30.0
-    interrupt_at: str = "token"
+    interrupt_at: str | None = None  # None: the checkpoint's recorded choice, else token
     emulate_tpot_ms: float | None = None
     emulate_ttft_ms: float | None = None
 
@@ -161,7 +161,7 @@ class ModelSettings:
                 raise click.UsageError("--emulate-tpot-ms/--emulate-ttft-ms slow a local model; they do not apply to a remote backend")
             if self.device:
                 raise click.UsageError("--device applies to the local backend only")
-            if self.interrupt_at != "token":
+            if self.interrupt_at is not None:
                 raise click.UsageError("--interrupt-at applies to the local backend only (a server re-submits at safe points)")
 
 
@@ -218,9 +218,9 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--interrupt-at",
             type=click.Choice(["token", "word"]),
-            default="token",
-            show_default=True,
-            help="Local backend: where results go in: any safe point (token), or only where a word starts and right after a block (word).",
+            default=None,
+            help="Local backend: where results go in: any safe point (token), or only where a word starts and right after a block "
+            "(word). Default: what the checkpoint records (word for checkpoints made by hf-asynclm train), else token.",
         ),
         click.option(
             "--emulate-tpot-ms",

@@ -18,8 +18,9 @@ import click
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--latency-scale", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="Tools sleep their prompt latency times this.")
 @click.option(
-    "--interrupt-at", type=click.Choice(["token", "word"]), default="token", show_default=True,
-    help="Where results go in: any safe point (token) or only at word boundaries and after blocks (word).",
+    "--interrupt-at", type=click.Choice(["token", "word"]), default=None,
+    help="Where results go in: any safe point (token) or only at word boundaries and after blocks (word). "
+    "Default: what the checkpoint records (word for checkpoints made by hf-asynclm train), else token.",
 )
 @click.option(
     "--exclude-tasks", "exclude_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -37,7 +38,7 @@ def eval_command(
     seed: int,
     max_new_tokens: int,
     latency_scale: float,
-    interrupt_at: str,
+    interrupt_at: str | None,
     exclude_files: tuple[Path, ...],
     data_dir: Path | None,
     out: Path | None,
@@ -64,7 +65,7 @@ def eval_command(
     from hf_asynclm.evaluation import evaluate_bfcl, evaluate_synthetic, format_report
 
     try:
-        alm = AsyncLM.from_pretrained(model_path)
+        alm = AsyncLM.from_pretrained(model_path, interrupt_at=interrupt_at)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
 
@@ -80,7 +81,7 @@ def eval_command(
                     evaluate_synthetic(
                         alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
-                        interrupt_at=interrupt_at,
+                        interrupt_at=alm.interrupt_at,
                     )
                 )
         if n_bfcl:
@@ -112,7 +113,7 @@ def eval_command(
                     evaluate_bfcl(
                         alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
-                        interrupt_at=interrupt_at,
+                        interrupt_at=alm.interrupt_at,
                     )
                 )
     for report in reports:

@@ -151,6 +151,47 @@ def _streamer_of_calling_generate() -> Any | None:
         del frame
 
 
+#: Constructor settings a checkpoint may record in ``cml_training.json`` -> ``"runtime"``.
+_RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {"interrupt_at": check_interrupt_at}
+
+
+def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
+    """Runtime settings a checkpoint folder records for itself (``cml_training.json`` ->
+    ``"runtime"``), checked; ``{}`` when it records none.
+
+    ``hf-asynclm train`` records ``{"interrupt_at": "word"}``: its traces only put interrupts
+    between words or right after a block. A value this version does not know is left out with
+    a warning (the constructor's default applies).
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
+    >>> checkpoint_runtime_defaults(DEFAULT_CHECKPOINT)
+    {'interrupt_at': 'word'}
+
+    ```
+    """
+    from .hub import read_training_record
+
+    try:
+        runtime = read_training_record(folder).get("runtime") or {}
+    except Exception as exc:  # an unreadable record must not stop loading the weights
+        logger.warning("ignoring the training record of %s: %s", folder, exc)
+        return {}
+    out: dict[str, Any] = {}
+    for name, value in (runtime.items() if isinstance(runtime, dict) else ()):
+        check = _RUNTIME_SETTINGS.get(name)
+        if check is None:
+            logger.warning("%s records an unknown runtime setting %r: ignored", folder, name)
+            continue
+        try:
+            out[name] = check(value)
+        except (TypeError, ValueError) as exc:
+            logger.warning("%s records %s=%r, which is not valid (%s): ignored", folder, name, value, exc)
+    return out
+
+
 class AsyncLM(SessionControl):
     """A transformers causal LM with asynchronous function calling.
 
@@ -242,7 +283,9 @@ class AsyncLM(SessionControl):
         (``revision``, ``token``, ``cache_dir``, ``local_files_only`` / ``HF_HUB_OFFLINE``,
         ``endpoint`` / ``HF_ENDPOINT``). LoRA adapters (``adapter_config.json``) are loaded on top
         of their base model with ``peft``. Remaining keyword arguments go to the
-        :class:`AsyncLM` constructor.
+        :class:`AsyncLM` constructor; settings the checkpoint records for the runtime
+        (:func:`checkpoint_runtime_defaults`: ``interrupt_at="word"`` for checkpoints trained by
+        ``hf-asynclm train``) apply where those arguments leave them out or pass ``None``.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -285,6 +328,11 @@ class AsyncLM(SessionControl):
         if dtype is None and model.device.type == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
             model = model.float()  # half-precision weights (smaller to ship) run in float32 on a CPU
         model.eval()
+        for name, value in checkpoint_runtime_defaults(folder).items():
+            if kwargs.get(name) is None:
+                kwargs[name] = value
+                logger.info("%s: %s=%r, as the checkpoint records", folder.name, name, value)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in _RUNTIME_SETTINGS}
         return cls(model, tokenizer, tools=tools, mode=mode, **kwargs)
 
     # sessions ----------------------------------------------------------------------------------

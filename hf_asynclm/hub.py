@@ -305,6 +305,10 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
       "notes"?}``): evaluation results, shown as a table.
     - ``limitations`` (list of str): added to the card's limitations.
     - ``tags`` (list of str): extra Hub tags.
+    - ``runtime`` (dict): settings the checkpoint was trained for, which
+      :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
+      otherwise: ``interrupt_at`` (``"token"`` or ``"word"``; the trainer writes ``"word"``,
+      see :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`).
 
     Args:
         folder: The checkpoint folder.

@@ -238,6 +238,9 @@ def test_writing_that_started_nothing_is_model_time_in_the_ideal() -> None:
     # the sync modes write it in their one stream while nothing runs: 2 s more
     for m in ("sync", "sync-cached", "sync-parallel"):
         assert junk[m][0] == pytest.approx(base[m][0] + 2.0), m
+    # the plain loop sent the refused block's error back in a request of its own: one more time to first token
+    assert _ideal_schedule("sync", sims, [0.1, 0.1, 0.1], 1.0, unrun_s=2.0)[0] == pytest.approx(base["sync"][0] + 2.0 + 0.1)
+    assert _ideal_schedule("sync", sims, [0.1, 0.1, 0.1], 1.0)[0] == pytest.approx(base["sync"][0])
     # async writes it while call a runs for 5 s: the ideal is unchanged
     assert junk["async"][0] == pytest.approx(base["async"][0])
     assert all(UNRUN_WRITING not in order for _, order in junk.values())
@@ -255,3 +258,25 @@ def test_file_stems_name_the_model_of_a_model_policy_run() -> None:
     old = report("model", model="cml-tiny (LlamaForCausalLM, 3.5M parameters, vocabulary 512)")
     assert report_model_name(old) == "cml-tiny" and latency_stem(old).endswith("_model-cml-tiny_real")
     assert report_model_name(report("oracle", model="tiny random Llama (hf_asynclm.testing.tiny_llama, ...)")) == "tiny-random"
+
+
+def test_tasks_beyond_the_models_context_are_left_out_and_said() -> None:
+    from hf_asynclm.bench.latency import model_context, prompt_tokens
+
+    small = load_bench_model("random")  # its own copy: the context is changed below
+    cfg = LatencyConfig(workload="bfcl-parallel", n=3, latency_scale=0.05, data_dir=MINI, split="all", warmup=False,
+                        threads=1, policy="model", max_new_tokens=4)
+    tasks, _ = load_workload("bfcl-parallel", 3, 0, data_dir=MINI, split="all")
+    sizes = sorted(prompt_tokens(small, t, cfg) for t in tasks)
+    assert model_context(small.model) == 16384 and sizes[0] < sizes[-1]
+    small.model.config.max_position_embeddings = sizes[-1] + 3  # the longest prompt + 4 new tokens does not fit
+    report = run_latency(cfg, small)
+    assert report["summary"]["n_tasks"] == len(tasks) - 1
+    assert report["skipped_tasks"] == [{"task_id": report["skipped_tasks"][0]["task_id"], "prompt_tokens": sizes[-1], "context": sizes[-1] + 3}]
+    assert "1 more left out" in latency_markdown(report)
+    small.model.config.max_position_embeddings = sizes[0] + 2  # every prompt fits, with no room for 4 new tokens
+    with pytest.raises(ValueError, match="no task of 'bfcl-parallel' left; lower --max-new-tokens"):
+        run_latency(cfg, small)
+    small.model.config.max_position_embeddings = sizes[0]  # even the shortest prompt leaves no room
+    with pytest.raises(ValueError, match="left; use a model with a longer context"):
+        run_latency(cfg, small)

@@ -67,3 +67,33 @@ def test_shipped_checkpoints_load_by_name(monkeypatch, tmp_path):
     (tmp_path / "cml-tiny").mkdir()
     with pytest.raises(Exception, match="config.json|checkpoint"):
         AsyncLM.from_pretrained("cml-tiny")
+
+
+def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
+    import json
+    import shutil
+
+    from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
+
+    # the shipped checkpoints were trained on word-boundary interrupts: that is their default
+    assert AsyncLM.from_pretrained().interrupt_at == "word"
+    assert AsyncLM.from_pretrained(interrupt_at=None).interrupt_at == "word"
+    assert AsyncLM.from_pretrained(interrupt_at="token").interrupt_at == "token"  # the caller wins
+    folder = tmp_path / "ckpt"
+    shutil.copytree(DEFAULT_CHECKPOINT, folder)
+    record_path = folder / "cml_training.json"
+    record = json.loads(record_path.read_text())
+    # a checkpoint that records nothing (made elsewhere): the paper's rule
+    del record["runtime"]
+    record_path.write_text(json.dumps(record))
+    assert checkpoint_runtime_defaults(folder) == {} and AsyncLM.from_pretrained(folder).interrupt_at == "token"
+    # bad or unknown settings are left out with a warning, the weights still load
+    record["runtime"] = {"interrupt_at": "sentence", "speed": "fast"}
+    record_path.write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="hf_asynclm.asynclm"):
+        assert AsyncLM.from_pretrained(folder).interrupt_at == "token"
+    assert "'sentence'" in caplog.text and "unknown runtime setting 'speed'" in caplog.text
+    record_path.write_text("not json")
+    assert checkpoint_runtime_defaults(folder) == {}
+    (folder / "cml_training.json").unlink()
+    assert checkpoint_runtime_defaults(folder) == {}

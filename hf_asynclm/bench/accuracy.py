@@ -210,7 +210,10 @@ def run_accuracy(
                     lat = {cid: round(s * 1000 / config.latency_scale) for cid, s in toolset.planned_latencies().items()}
                     messages = with_cheat_sheet(task, lat).messages
                 for mode in config.modes:
-                    alm = AsyncLM(bm.model, bm.tokenizer, tools=toolset.registry(), mode=mode, call_timeout_s=30, trap_timeout_s=30)  # type: ignore[arg-type]
+                    alm = AsyncLM(
+                        bm.model, bm.tokenizer, tools=toolset.registry(), mode=mode, call_timeout_s=30, trap_timeout_s=30,  # type: ignore[arg-type]
+                        interrupt_at=bm.interrupt_at if policy is None else "token",  # the checkpoint's rule when it decides
+                    )
                     kwargs: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": False}
                     if policy is not None:
                         proc = policy(task, mode, toolset)

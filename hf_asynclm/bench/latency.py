@@ -239,6 +239,7 @@ class BenchModel:
     label: str
     path: str | None = None
     notes: list[str] = field(default_factory=list)
+    interrupt_at: str = "token"
 
     @property
     def name(self) -> str:
@@ -258,6 +259,7 @@ def load_bench_model(spec: str | None = None) -> BenchModel:
     from ..prompting import CML_CHAT_TEMPLATE
 
     notes: list[str] = []
+    interrupt_at = "token"
     if spec in (None, "", "default"):
         if (DEFAULT_CHECKPOINT / "config.json").exists():
             spec = str(DEFAULT_CHECKPOINT)
@@ -272,7 +274,7 @@ def load_bench_model(spec: str | None = None) -> BenchModel:
         label, path = "tiny random Llama (hf_asynclm.testing.tiny_llama, 2 layers, hidden 32; test tokenizer, 400 tokens)", None
     else:
         alm = AsyncLM.from_pretrained(spec)
-        model, tok = alm.model, alm.tokenizer
+        model, tok, interrupt_at = alm.model, alm.tokenizer, alm.interrupt_at
         n_params = sum(p.numel() for p in model.parameters())
         label, path = f"{Path(str(spec)).name} ({type(model).__name__}, {n_params / 1e6:.1f}M parameters, vocabulary {len(tok)})", str(spec)
     if not getattr(tok, "chat_template", None):
@@ -281,7 +283,7 @@ def load_bench_model(spec: str | None = None) -> BenchModel:
     if not marker_token_ids(tok).single_token:
         notes.append("CML markers are not single tokens in this tokenizer: the sync baseline stops on the string [END]")
     model.eval()
-    return BenchModel(model, tok, label, path, notes)
+    return BenchModel(model, tok, label, path, notes, interrupt_at)
 
 
 def _sample(tasks: list[Task], n: int, seed: int, tag: str) -> list[Task]:
@@ -501,7 +503,11 @@ def run_asynclm(
 
     from ..asynclm import AsyncLM
 
-    alm = AsyncLM(bm.model, bm.tokenizer, tools=toolset.registry(asynchronous=True), call_timeout_s=60, trap_timeout_s=60)
+    # the model decides: the injection rule its checkpoint records; the oracle: the paper's rule
+    interrupt_at = bm.interrupt_at if policy is None else "token"
+    alm = AsyncLM(
+        bm.model, bm.tokenizer, tools=toolset.registry(asynchronous=True), call_timeout_s=60, trap_timeout_s=60, interrupt_at=interrupt_at
+    )
     clock = _StepClock(policy)
     waits: list[tuple[float, float, str]] = []
     records.clear()
@@ -821,8 +827,12 @@ def _ideal_schedule(mode: str, sims: list[SimCall], requests: list[float], answe
     if not requests:
         return math.nan, []
     if mode == "sync":  # the plain loop: every request pays its time to first token
-        sched = ideal_schedule(sims, "sync", request_overhead_s=statistics.fmean(requests), answer_s=answer_s + unrun_s)
-        return sched.total_s, sched.write_order
+        overhead = statistics.fmean(requests)
+        sched = ideal_schedule(sims, "sync", request_overhead_s=overhead, answer_s=answer_s + unrun_s)
+        # a block that started nothing still ended a request (its error went back as a result):
+        # the requests beyond one per call that ran, plus the first, are the model's doing too
+        extra = max(0, len(requests) - len(sims) - 1) if unrun_s > 0 else 0
+        return sched.total_s + extra * overhead, sched.write_order
     if unrun_s > 0:
         sims = [*sims, SimCall(UNRUN_WRITING, unrun_s, 0.0)]
     sched = ideal_schedule(sims, RUNTIME_MODE[mode], answer_s=answer_s)
@@ -1089,6 +1099,42 @@ def _environment() -> dict[str, Any]:
     return env
 
 
+def model_context(model: Any) -> int | None:
+    """Positions the model was built for (``max_position_embeddings``), or None when unknown."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def prompt_tokens(bm: BenchModel, task: Task, config: LatencyConfig) -> int:
+    """Tokens of the prompt ``task`` gets in ``config`` (chat template, tools, cheat sheet)."""
+    from ..prompting import build_prompt
+
+    toolset = _toolset(task, config)
+    text = build_prompt(bm.tokenizer, _messages(task, config.policy, toolset), toolset.registry().schemas())
+    return len(bm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def split_by_context(bm: BenchModel, tasks: Sequence[Task], config: LatencyConfig) -> tuple[list[Task], list[dict[str, Any]]]:
+    """Tasks whose prompt plus the generation budget fit the model's context, and the others
+    (``{"task_id", "prompt_tokens", "context"}``): beyond its positions a model writes noise,
+    which would be measured as if it were the model's decision."""
+    context = model_context(bm.model)
+    if context is None:
+        return list(tasks), []
+    budget = config.max_new_tokens if config.policy == "model" else 0
+    keep, skipped = [], []
+    for task in tasks:
+        n = prompt_tokens(bm, task, config)
+        if n + budget > context:
+            skipped.append({"task_id": task.task_id, "prompt_tokens": n, "context": context})
+        else:
+            keep.append(task)
+    return keep, skipped
+
+
 def run_latency(
     config: LatencyConfig,
     bm: BenchModel | None = None,
@@ -1114,6 +1160,18 @@ def run_latency(
         tasks, info = list(tasks), {"workload": config.workload, "source": "given"}
     if not tasks:
         raise ValueError(f"workload {config.workload!r} gave no tasks")
+    tasks, skipped = split_by_context(bm, tasks, config)
+    if skipped:
+        sizes = sorted(x["prompt_tokens"] for x in skipped)
+        budget = f" + {config.max_new_tokens} new tokens" if config.policy == "model" else ""
+        message = (
+            f"{len(skipped)} task(s) left out: prompt ({sizes[0]}-{sizes[-1]} tokens){budget} beyond "
+            f"{bm.name}'s context of {skipped[0]['context']} positions"
+        )
+        if not tasks:
+            hint = "use a model with a longer context" if sizes[0] >= skipped[0]["context"] else "lower --max-new-tokens or use a model with a longer context"
+            raise ValueError(f"{message}: no task of {config.workload!r} left; {hint}")
+        logger.warning(message)
     rows: list[dict[str, Any]] = []
     emu = emulate_speed(bm.model, config.tpot_ms, config.ttft_ms) if config.emulated else contextlib.nullcontext()
     gc.collect()
@@ -1155,8 +1213,10 @@ def run_latency(
         "condition": config.condition,
         "model": bm.label,
         "model_name": bm.name,
+        "interrupt_at": bm.interrupt_at if config.policy == "model" else "token",
         "model_notes": bm.notes,
         "workload": info,
+        "skipped_tasks": skipped,
         "environment": env,
         "tasks": rows,
     }

@@ -61,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 #: Name of the training record written next to the checkpoint.
 TRAINING_RECORD = "cml_training.json"
+#: Runtime settings every checkpoint this trainer writes is made for (``cml_training.json`` ->
+#: ``"runtime"``; ``AsyncLM.from_pretrained`` applies them): the simulator puts interrupts only
+#: between words or right after a block, so the model has never seen one inside a word.
+RUNTIME_DEFAULTS: dict[str, Any] = {"interrupt_at": "word"}
 #: Projections LoRA adapts when present (Llama, Gemma, Mistral, Qwen all name them so).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -651,6 +655,7 @@ def train(config: TrainConfig) -> Path:
             "vocab_size": len(tokenizer),
             "marker_token_ids": {m: i for i, m in sorted(marker_token_ids(tokenizer).by_id.items())},
             "files": files,
+            "runtime": dict(RUNTIME_DEFAULTS),
             "simulator": summarize_meta(dataset.examples),
             "config": _jsonable({**dataclasses.asdict(config), "learning_rate": config.resolved_learning_rate()}),
             "versions": {
