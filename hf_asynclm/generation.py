@@ -17,10 +17,12 @@ hands the loop to :func:`cml_decode_loop` through the function an
 Where interrupts may go in is the session's ``interrupt_at``: ``"token"`` (the paper: any safe
 point, possibly inside a word) or ``"word"`` (right after a block's ``[END]``, or else before the
 next token that starts a word: whitespace or a marker; the simulator's traces put interrupts
-only there, so small CML models keep their sentence). With ``"word"`` the sampled token that
-starts the word is fed *after* the interrupts, still in one forward pass:
-``[interrupt tokens] + [sampled token]``; an interrupt is never held back more than
-``WORD_WAIT_MAX_TOKENS`` tokens.
+only there, so small CML models keep their sentence). With ``"word"``, when the sampled token
+starts a word while interrupts wait, that token is dropped, the interrupts are prefilled (one
+forward pass) and the model chooses its next word again, having read them, as in its training
+traces; this costs one forward pass per group of held interrupts more than the ride-along. An
+interrupt is never held back more than ``WORD_WAIT_MAX_TOKENS`` tokens (it then rides along
+wherever the model is).
 
 ``max_new_tokens`` counts only tokens the model generated; the returned sequence holds what
 the model conditioned on: prompt, generated and injected tokens, in order.
@@ -63,7 +65,9 @@ class GenerationStats:
     Attributes:
         forward_passes: model forward calls (prefill included).
         prompt_tokens: tokens of the prompt.
-        generated_tokens: tokens the model sampled.
+        generated_tokens: tokens the model sampled and kept.
+        resampled_tokens: ``interrupt_at="word"``: sampled tokens dropped because interrupts went
+            in before them (the model chose again having read them).
         injected_tokens: interrupt tokens the runtime fed.
         interrupts: interrupts injected.
         trap_wait_s: time decoding was paused in traps (and draining at EOS).
@@ -77,6 +81,7 @@ class GenerationStats:
     forward_passes: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    resampled_tokens: int = 0
     injected_tokens: int = 0
     interrupts: int = 0
     trap_wait_s: float = 0.0
@@ -506,13 +511,20 @@ def cml_decode_loop(
                     logits = driver.forward(feed)
                     continue
 
-            before: torch.Tensor | None = None
             if held and token not in eos_ids and monitor.starts_word(token):
                 interrupts = session.take_interrupts()
-                if interrupts:  # a word starts: the interrupts go in before it
-                    input_ids, before = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
+                if interrupts:
+                    # a word starts: the interrupts go in here, and the model picks the word again
+                    # having read them (the token sampled without them is dropped)
+                    generated -= 1
+                    stats.generated_tokens = generated
+                    stats.resampled_tokens += 1
+                    input_ids, feed = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
                     monitor.reset_context()
+                    held = False
                     held_for = 0
+                    logits = driver.forward(feed)
+                    continue
             held = False
 
             input_ids = torch.cat([input_ids, token_t], dim=-1)
@@ -538,7 +550,7 @@ def cml_decode_loop(
                 stats.stop_reason = "stopping_criteria"
                 break
 
-            feed = token_t if before is None else torch.cat([before, token_t], dim=-1)
+            feed = token_t
             if monitor.at_safe_point:
                 if (
                     word_boundaries

@@ -121,7 +121,9 @@ class ScriptedPolicy:
 
     The script is a list of text pieces, each encoded on its own (so CML markers stay single
     tokens); after the last token it forces EOS. The runtime's injections do not disturb it:
-    it counts only the tokens it forced. Used by tests and by the oracle benchmark policy to
+    it moves on once the token it forced is in the sequence; a token the runtime dropped to put
+    interrupts before a word is forced again, while a dropped EOS (the runtime waits for owed
+    results instead of ending) counts as written, so the script goes on after it. Used by tests and by the oracle benchmark policy to
     drive a real model's forward passes with a known CML schedule.
 
     Example:
@@ -146,13 +148,19 @@ class ScriptedPolicy:
             self.tokens += tokenizer.encode(piece, add_special_tokens=False)
         if eos:
             self.tokens.append(tokenizer.eos_token_id)
+        self.eos_token_id = tokenizer.eos_token_id
         self.position = 0
+        self._forced_at: tuple[int, int] | None = None  # (index it would take, token) of the last forced token
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
+        if self._forced_at is not None:
+            at, previous = self._forced_at
+            if previous == self.eos_token_id or (input_ids.shape[1] > at and int(input_ids[0, at]) == previous):
+                self.position += 1  # kept (or an EOS the runtime drained): on to the next one
         target = self.tokens[min(self.position, len(self.tokens) - 1)]
-        self.position += 1
+        self._forced_at = (input_ids.shape[1], target)
         forced = torch.full_like(scores, -float("inf"))
         forced[..., target] = 0.0
         return forced

@@ -633,6 +633,32 @@ def test_word_mode_never_splits_a_word():
         assert " ".join("".join(WORDY[2:4]).replace(" [TRAP] [END]", "").split()) in visible
 
 
+@pytest.mark.parametrize("interrupt_at", ["token", "word"])
+def test_the_model_reads_an_interrupt_before_its_next_token(interrupt_at):
+    # the training traces show the model's next word after the interrupt: it must be chosen with
+    # the interrupt in context (word mode drops the token sampled without it and samples again)
+    from hf_asynclm.cml import marker_token_ids
+
+    tok = tiny_tokenizer()
+    ids = marker_token_ids(tok)
+    for delay in (0.004, 0.011):
+        alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(delay), interrupt_at=interrupt_at)
+        rec = Recorder()
+        r = run_script(alm, WORDY, extra_processors=[rec], max_new_tokens=2000)
+        seq = r.sequences[0].tolist()
+        seen = {step_ids.shape[1] for step_ids, _ in rec.steps}  # a token at index i was chosen seeing seq[:i]
+        starts = [i for i, t in enumerate(seq) if t == ids.intr and i >= r.prompt_length]
+        assert len(starts) == r.stats.interrupts >= 2
+        for start in starts:
+            end = seq.index(ids.end, start)
+            if end + 1 < len(seq) and seq[end + 1] != ids.intr:
+                assert end + 1 in seen, tok.decode(seq[start: end + 3])
+        # and the script is whole: every forced token is in the sequence once, in order
+        assert " ".join("".join(WORDY[2:4]).replace(" [TRAP] [END]", "").split()) in " ".join(r.text.split())
+        if interrupt_at == "word":
+            assert r.stats.generated_tokens == len(seq) - r.prompt_length - r.stats.injected_tokens
+
+
 def test_word_mode_bounds_the_wait_inside_a_long_word():
     from hf_asynclm.generation import WORD_WAIT_MAX_TOKENS
 

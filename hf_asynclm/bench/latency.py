@@ -750,7 +750,8 @@ def _segment(trace: RunTrace, tokenizer: Any) -> tuple[list[str], list[dict[str,
             mon.reset_context()
         prev_len = pos
         if tid == eos_id or (markers.intr is not None and tid == markers.intr):
-            # EOS (or an EOS the runtime dropped to drain owed results: an interrupt sits there)
+            # EOS, or a token the runtime dropped (an EOS while results were owed, or a word start
+            # with interrupts waiting under interrupt_at="word"): an interrupt sits there
             classes[k] = "eos"
             if tid != eos_id:
                 prev_len = None
