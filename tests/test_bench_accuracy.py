@@ -60,3 +60,17 @@ def test_config_rejects_bad_input() -> None:
         AccuracyConfig(modes=("sync-cached",))
     with pytest.raises(ValueError, match="category"):
         AccuracyConfig(categories=())
+
+
+def test_tasks_beyond_the_models_context_are_left_out_and_said() -> None:
+    small = load_bench_model("random")  # its own copy: the context is changed below
+    cfg = AccuracyConfig(categories=("parallel", "multistep_parallel"), n=1, latency_scale=0.02, data_dir=MINI, split="all",
+                         threads=1, max_new_tokens=4, modes=("sync",), cheat_sheet=True)
+    # the multi-step prompt (three joined samples and their cheat sheet, ~690 tokens) is the longer one
+    small.model.config.max_position_embeddings = 600
+    report = run_accuracy(cfg, small)
+    assert [x["category"] for x in report["skipped_tasks"]] == ["multistep_parallel"]
+    assert report["skipped_tasks"][0]["prompt_tokens"] + 4 > 600
+    assert [r["category"] for r in report["rows"]] == ["parallel"]
+    md = accuracy_markdown(report)
+    assert "Left out" in md and "context of 600 positions" in md and "multistep_parallel 1 task(s)" in md

@@ -189,7 +189,8 @@ def run_accuracy(
 
     from ..asynclm import AsyncLM
     from ..data.bfcl import with_cheat_sheet
-    from .latency import _environment, load_bench_model, torch_threads
+    from ..prompting import build_prompt
+    from .latency import _environment, load_bench_model, model_context, torch_threads
 
     bm = bm or load_bench_model()
     if tasks is None:
@@ -197,6 +198,32 @@ def run_accuracy(
             c: load_category_tasks(c, config.n, config.seed, split=config.split, split_seed=config.split_seed, data_dir=config.data_dir)
             for c in config.categories
         }
+
+    def prompt_of(task: Task, toolset: ToolSet) -> list[dict[str, Any]]:
+        if not config.cheat_sheet:
+            return task.messages
+        lat = {cid: round(s * 1000 / config.latency_scale) for cid, s in toolset.planned_latencies().items()}
+        return with_cheat_sheet(task, lat).messages
+
+    # beyond its positions a model writes noise, which would be scored as its answer: leave those out, said
+    context = model_context(bm.model)
+    skipped: list[dict[str, Any]] = []
+    if context is not None:
+        budget = config.max_new_tokens if policy is None else 0
+        kept: dict[str, list[Task]] = {}
+        for category, cat_tasks in tasks.items():
+            kept[category] = []
+            for task in cat_tasks:
+                toolset = ToolSet(task, seed=config.seed, latency_scale=config.latency_scale)
+                text = build_prompt(bm.tokenizer, prompt_of(task, toolset), toolset.registry().schemas())
+                n = len(bm.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if n + budget > context:
+                    skipped.append({"task_id": task.task_id, "category": category, "prompt_tokens": n, "context": context})
+                else:
+                    kept[category].append(task)
+        tasks = kept
+        if skipped:
+            logger.warning("%d task(s) left out: prompt plus %d new tokens beyond the model's context of %d positions", len(skipped), budget, context)
     total = sum(len(v) for v in tasks.values()) * len(config.modes)
     done = 0
     per_task: list[dict[str, Any]] = []
@@ -205,10 +232,7 @@ def run_accuracy(
         for category, cat_tasks in tasks.items():
             for task in cat_tasks:
                 toolset = ToolSet(task, seed=config.seed, latency_scale=config.latency_scale)
-                messages = task.messages
-                if config.cheat_sheet:
-                    lat = {cid: round(s * 1000 / config.latency_scale) for cid, s in toolset.planned_latencies().items()}
-                    messages = with_cheat_sheet(task, lat).messages
+                messages = prompt_of(task, toolset)
                 for mode in config.modes:
                     alm = AsyncLM(
                         bm.model, bm.tokenizer, tools=toolset.registry(), mode=mode, call_timeout_s=30, trap_timeout_s=30,  # type: ignore[arg-type]
@@ -257,6 +281,7 @@ def run_accuracy(
         "model": bm.label,
         "model_notes": bm.notes,
         "environment": env,
+        "skipped_tasks": skipped,
         "rows": rows,
         "tasks": per_task,
     }

@@ -448,4 +448,12 @@ def accuracy_markdown(report: Mapping[str, Any]) -> str:
             f"| {row['category']} | {row['mode']} | {row['n']} | {_num(row['accuracy'])} | {_num(row['valid_block_rate'])} "
             f"| {_num(row['valid_task_rate'])} | {_num(row['calls_per_task'], '{:.2f}')} |"
         )
+    skipped = report.get("skipped_tasks") or []
+    if skipped:
+        by_cat: dict[str, list[int]] = {}
+        for x in skipped:
+            by_cat.setdefault(x["category"], []).append(x["prompt_tokens"])
+        lines += ["", "Left out (prompt plus the generation budget beyond the model's context of "
+                  f"{skipped[0]['context']} positions; a model writes noise there): "
+                  + ", ".join(f"{c} {len(v)} task(s), prompts {min(v)}-{max(v)} tokens" for c, v in by_cat.items()) + "."]
     return "\n".join(lines) + "\n"
