@@ -189,8 +189,7 @@ def run_accuracy(
 
     from ..asynclm import AsyncLM
     from ..data.bfcl import with_cheat_sheet
-    from ..prompting import build_prompt
-    from .latency import _environment, load_bench_model, model_context, torch_threads
+    from .latency import _environment, beyond_context, load_bench_model, torch_threads
 
     bm = bm or load_bench_model()
     if tasks is None:
@@ -205,25 +204,22 @@ def run_accuracy(
         lat = {cid: round(s * 1000 / config.latency_scale) for cid, s in toolset.planned_latencies().items()}
         return with_cheat_sheet(task, lat).messages
 
-    # beyond its positions a model writes noise, which would be scored as its answer: leave those out, said
-    context = model_context(bm.model)
+    # tasks whose prompt does not fit the model's context are left out, and said
+    budget = config.max_new_tokens if policy is None else 0
     skipped: list[dict[str, Any]] = []
-    if context is not None:
-        budget = config.max_new_tokens if policy is None else 0
-        kept: dict[str, list[Task]] = {}
-        for category, cat_tasks in tasks.items():
-            kept[category] = []
-            for task in cat_tasks:
-                toolset = ToolSet(task, seed=config.seed, latency_scale=config.latency_scale)
-                text = build_prompt(bm.tokenizer, prompt_of(task, toolset), toolset.registry().schemas())
-                n = len(bm.tokenizer(text, add_special_tokens=False)["input_ids"])
-                if n + budget > context:
-                    skipped.append({"task_id": task.task_id, "category": category, "prompt_tokens": n, "context": context})
-                else:
-                    kept[category].append(task)
-        tasks = kept
-        if skipped:
-            logger.warning("%d task(s) left out: prompt plus %d new tokens beyond the model's context of %d positions", len(skipped), budget, context)
+    kept: dict[str, list[Task]] = {}
+    for category, cat_tasks in tasks.items():
+        kept[category] = []
+        for task in cat_tasks:
+            toolset = ToolSet(task, seed=config.seed, latency_scale=config.latency_scale)
+            out = beyond_context(bm, task, prompt_of(task, toolset), toolset.registry().schemas(), budget)
+            if out is None:
+                kept[category].append(task)
+            else:
+                skipped.append({**out, "category": category})
+    tasks = kept
+    if skipped:
+        logger.warning("%d task(s) left out: prompt plus %d new tokens beyond the model's context of %d positions", len(skipped), budget, skipped[0]["context"])
     total = sum(len(v) for v in tasks.values()) * len(config.modes)
     done = 0
     per_task: list[dict[str, Any]] = []

@@ -1109,30 +1109,42 @@ def model_context(model: Any) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def prompt_tokens(bm: BenchModel, task: Task, config: LatencyConfig) -> int:
-    """Tokens of the prompt ``task`` gets in ``config`` (chat template, tools, cheat sheet)."""
+def prompt_length(bm: BenchModel, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> int:
+    """Tokens of the prompt the runtime builds for ``messages`` and ``tools`` (chat template included)."""
     from ..prompting import build_prompt
 
+    return len(bm.tokenizer(build_prompt(bm.tokenizer, messages, tools), add_special_tokens=False)["input_ids"])
+
+
+def beyond_context(bm: BenchModel, task: Task, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]], budget: int) -> dict[str, Any] | None:
+    """``{"task_id", "prompt_tokens", "context"}`` when the prompt plus ``budget`` new tokens do not
+    fit the model's context (beyond its positions a model writes noise, which a benchmark would
+    score as the model's decision), else None (also when the context is unknown)."""
+    context = model_context(bm.model)
+    if context is None:
+        return None
+    n = prompt_length(bm, messages, tools)
+    return {"task_id": task.task_id, "prompt_tokens": n, "context": context} if n + budget > context else None
+
+
+def prompt_tokens(bm: BenchModel, task: Task, config: LatencyConfig) -> int:
+    """Tokens of the prompt ``task`` gets in ``config`` (chat template, tools, cheat sheet)."""
     toolset = _toolset(task, config)
-    text = build_prompt(bm.tokenizer, _messages(task, config.policy, toolset), toolset.registry().schemas())
-    return len(bm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return prompt_length(bm, _messages(task, config.policy, toolset), toolset.registry().schemas())
 
 
 def split_by_context(bm: BenchModel, tasks: Sequence[Task], config: LatencyConfig) -> tuple[list[Task], list[dict[str, Any]]]:
     """Tasks whose prompt plus the generation budget fit the model's context, and the others
-    (``{"task_id", "prompt_tokens", "context"}``): beyond its positions a model writes noise,
-    which would be measured as if it were the model's decision."""
-    context = model_context(bm.model)
-    if context is None:
-        return list(tasks), []
+    (:func:`beyond_context` records)."""
     budget = config.max_new_tokens if config.policy == "model" else 0
     keep, skipped = [], []
     for task in tasks:
-        n = prompt_tokens(bm, task, config)
-        if n + budget > context:
-            skipped.append({"task_id": task.task_id, "prompt_tokens": n, "context": context})
-        else:
+        toolset = _toolset(task, config)
+        out = beyond_context(bm, task, _messages(task, config.policy, toolset), toolset.registry().schemas(), budget)
+        if out is None:
             keep.append(task)
+        else:
+            skipped.append(out)
     return keep, skipped
 
 
