@@ -561,6 +561,7 @@ def render_model_card(
         "executes and then waits ([TRAP]) for results that never come.",
         *[str(x) for x in record.get("limitations", [])],
     ]
+    runtime = record.get("runtime") if isinstance(record.get("runtime"), dict) else {}
     template_path = Path(template) if template is not None else _default_template()
     card = ModelCard.from_template(
         data,
@@ -581,6 +582,7 @@ def render_model_card(
         metric_rows=_metric_rows(record.get("metrics")),
         cml_example=_cml_example(),
         limitations=limitations,
+        interrupt_at=runtime.get("interrupt_at"),
     )
     return card
 

@@ -280,6 +280,7 @@ def test_adapter_card(tmp_path: Path) -> None:
     assert card.data.base_model == "google/gemma-3-270m"
     assert "peft" in card.data.tags
     assert "PEFT adapter" in card.text
+    assert "Interrupts: this checkpoint" not in card.text  # no training record: no recorded rule to tell
 
 
 def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -301,6 +302,7 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
         "config": {"learning_rate": 0.0002, "batch_size": 8, "max_length": 512, "lora": True, "lora_r": 16,
                    "seed": 0, "preset": None},
         "loss_history": [{"step": 10, "loss": 2.0}],
+        "runtime": {"interrupt_at": "word"},
     }
     (tmp_path / "gemma-3-270m").mkdir()
     (folder / "cml_training.json").write_text(json.dumps(record))
@@ -314,6 +316,7 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
                 "| call_time_ms | mean 110.2 (min 30, max 500) |", "| scheduling | LPT=120 |"):
         assert row in text, row
     assert "truncated" not in text and "loss_history" not in text and "/data/traces" not in text
+    assert '"runtime": {"interrupt_at": "word"}' in text and "between words or right after a block" in text
     card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
     assert card.data.base_model == "google/gemma-3-270m"
 
