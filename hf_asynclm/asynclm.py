@@ -328,11 +328,13 @@ class AsyncLM(SessionControl):
         if dtype is None and model.device.type == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
             model = model.float()  # half-precision weights (smaller to ship) run in float32 on a CPU
         model.eval()
-        for name, value in checkpoint_runtime_defaults(folder).items():
+        recorded = checkpoint_runtime_defaults(folder)
+        for name in _RUNTIME_SETTINGS:  # None or left out: what the checkpoint records, else the constructor's default
             if kwargs.get(name) is None:
-                kwargs[name] = value
-                logger.info("%s: %s=%r, as the checkpoint records", folder.name, name, value)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in _RUNTIME_SETTINGS}
+                kwargs.pop(name, None)
+                if name in recorded:
+                    kwargs[name] = recorded[name]
+                    logger.info("%s: %s=%r, as the checkpoint records", folder.name, name, recorded[name])
         return cls(model, tokenizer, tools=tools, mode=mode, **kwargs)
 
     # sessions ----------------------------------------------------------------------------------

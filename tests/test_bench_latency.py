@@ -273,7 +273,7 @@ def test_tasks_beyond_the_models_context_are_left_out_and_said() -> None:
     report = run_latency(cfg, small)
     assert report["summary"]["n_tasks"] == len(tasks) - 1
     assert report["skipped_tasks"] == [{"task_id": report["skipped_tasks"][0]["task_id"], "prompt_tokens": sizes[-1], "context": sizes[-1] + 3}]
-    assert "1 more left out" in latency_markdown(report)
+    assert f"1 task(s) left out: prompt ({sizes[-1]}-{sizes[-1]} tokens) + 4 new tokens beyond the model's context of {sizes[-1] + 3} positions" in latency_markdown(report)
     small.model.config.max_position_embeddings = sizes[0] + 2  # every prompt fits, with no room for 4 new tokens
     with pytest.raises(ValueError, match="no task of 'bfcl-parallel' left; lower --max-new-tokens"):
         run_latency(cfg, small)

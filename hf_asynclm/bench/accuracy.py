@@ -189,7 +189,7 @@ def run_accuracy(
 
     from ..asynclm import AsyncLM
     from ..data.bfcl import with_cheat_sheet
-    from .latency import _environment, beyond_context, load_bench_model, torch_threads
+    from .latency import _environment, beyond_context, describe_left_out, load_bench_model, torch_threads
 
     bm = bm or load_bench_model()
     if tasks is None:
@@ -219,7 +219,7 @@ def run_accuracy(
                 skipped.append({**out, "category": category})
     tasks = kept
     if skipped:
-        logger.warning("%d task(s) left out: prompt plus %d new tokens beyond the model's context of %d positions", len(skipped), budget, skipped[0]["context"])
+        logger.warning("%s", describe_left_out(skipped, budget))
     total = sum(len(v) for v in tasks.values()) * len(config.modes)
     done = 0
     per_task: list[dict[str, Any]] = []

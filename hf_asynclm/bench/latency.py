@@ -1127,6 +1127,19 @@ def beyond_context(bm: BenchModel, task: Task, messages: Sequence[dict[str, Any]
     return {"task_id": task.task_id, "prompt_tokens": n, "context": context} if n + budget > context else None
 
 
+def describe_left_out(left_out: Sequence[Mapping[str, Any]], budget: int = 0) -> str:
+    """One phrase for :func:`beyond_context` records: ``"N task(s) left out: prompt (a-b tokens) +
+    budget new tokens beyond the model's context of M positions"`` (``""`` for none)."""
+    if not left_out:
+        return ""
+    sizes = sorted(x["prompt_tokens"] for x in left_out)
+    extra = f" + {budget} new tokens" if budget else ""
+    return (
+        f"{len(left_out)} task(s) left out: prompt ({sizes[0]}-{sizes[-1]} tokens){extra} beyond "
+        f"the model's context of {left_out[0]['context']} positions"
+    )
+
+
 def prompt_tokens(bm: BenchModel, task: Task, config: LatencyConfig) -> int:
     """Tokens of the prompt ``task`` gets in ``config`` (chat template, tools, cheat sheet)."""
     toolset = _toolset(task, config)
@@ -1175,14 +1188,10 @@ def run_latency(
         raise ValueError(f"workload {config.workload!r} gave no tasks")
     tasks, skipped = split_by_context(bm, tasks, config)
     if skipped:
-        sizes = sorted(x["prompt_tokens"] for x in skipped)
-        budget = f" + {config.max_new_tokens} new tokens" if config.policy == "model" else ""
-        message = (
-            f"{len(skipped)} task(s) left out: prompt ({sizes[0]}-{sizes[-1]} tokens){budget} beyond "
-            f"{bm.name}'s context of {skipped[0]['context']} positions"
-        )
+        message = describe_left_out(skipped, config.max_new_tokens if config.policy == "model" else 0)
         if not tasks:
-            hint = "use a model with a longer context" if sizes[0] >= skipped[0]["context"] else "lower --max-new-tokens or use a model with a longer context"
+            shortest = min(x["prompt_tokens"] for x in skipped)
+            hint = "use a model with a longer context" if shortest >= skipped[0]["context"] else "lower --max-new-tokens or use a model with a longer context"
             raise ValueError(f"{message}: no task of {config.workload!r} left; {hint}")
         logger.warning(message)
     rows: list[dict[str, Any]] = []

@@ -91,19 +91,9 @@ def _paper_key(report: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _skipped_text(skipped: Sequence[Mapping[str, Any]]) -> str:
-    if not skipped:
-        return ""
-    sizes = sorted(x["prompt_tokens"] for x in skipped)
-    return (
-        f"; {len(skipped)} more left out: prompt ({sizes[0]}-{sizes[-1]} tokens) plus the generation budget "
-        f"beyond the model's context of {skipped[0]['context']} positions"
-    )
-
-
 def latency_markdown(report: Mapping[str, Any], title: str | None = None) -> str:
     """A markdown section for one latency report."""
-    from .latency import PAPER_FIGURES
+    from .latency import PAPER_FIGURES, describe_left_out
 
     cfg = report["config"]
     s = report["summary"]
@@ -116,7 +106,8 @@ def latency_markdown(report: Mapping[str, Any], title: str | None = None) -> str
         + (f"; interrupts at {report['interrupt_at']} boundaries" if report.get("interrupt_at") else ""),
         f"- tasks: {s['n_tasks']} ({report['workload'].get('source', cfg['workload'])}; split {cfg['split']}, "
         f"split seed {cfg['split_seed']}; seed {cfg['seed']}); tool latency scale {cfg['latency_scale']:g}"
-        + _skipped_text(report.get("skipped_tasks") or []),
+        + (f"; {describe_left_out(report['skipped_tasks'], cfg['max_new_tokens'] if cfg['policy'] == 'model' else 0)}"
+           if report.get("skipped_tasks") else ""),
         f"- run: {env.get('date', '?')}, {env.get('cpu_count', '?')} CPU cores, torch threads {env.get('torch_threads', '?')}, "
         f"load average {_load(env)}",
         "",
