@@ -124,6 +124,7 @@ class ModelSettings:
     device: str | None = None
     call_timeout: float = 30.0
     interrupt_at: str | None = None  # None: the checkpoint's recorded choice, else token
+    constrain_calls: str | None = None  # None: the checkpoint's recorded choice, else off
     emulate_tpot_ms: float | None = None
     emulate_ttft_ms: float | None = None
 
@@ -163,6 +164,8 @@ class ModelSettings:
                 raise click.UsageError("--device applies to the local backend only")
             if self.interrupt_at is not None:
                 raise click.UsageError("--interrupt-at applies to the local backend only (a server re-submits at safe points)")
+            if self.constrain_calls is not None:
+                raise click.UsageError("--constrain-calls applies to the local backend only (use the server's own grammar support)")
 
 
 def check_endpoint(url: str) -> None:
@@ -221,6 +224,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Local backend: where results go in: any safe point (token), or only where a word starts and right after a block "
             "(word). Default: what the checkpoint records (word for checkpoints made by hf-asynclm train), else token.",
+        ),
+        click.option(
+            "--constrain-calls",
+            type=click.Choice(["off", "schema"]),
+            default=None,
+            help="Local backend: constrained decoding of call blocks: off, or schema (only calls of the tools with arguments of "
+            "their types, new ids). Default: what the checkpoint records, else off.",
         ),
         click.option(
             "--emulate-tpot-ms",
@@ -351,7 +361,10 @@ def load_alm(settings: ModelSettings, tools: Any) -> Any:
     if settings.backend == "local":
         try:
             with user_errors(f"cannot load model {settings.model!r}" if settings.model else "cannot load the default model"):
-                return AsyncLM.from_pretrained(settings.model, device=settings.device, interrupt_at=settings.interrupt_at, **common)
+                return AsyncLM.from_pretrained(
+                    settings.model, device=settings.device, interrupt_at=settings.interrupt_at,
+                    constrain_calls=settings.constrain_calls, **common,
+                )
         except click.ClickException as exc:
             if settings.model is None:
                 exc.message += " (pass --model PATH_OR_REPO to use another checkpoint)"

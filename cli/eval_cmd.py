@@ -23,6 +23,11 @@ import click
     "Default: what the checkpoint records (word for checkpoints made by hf-asynclm train), else token.",
 )
 @click.option(
+    "--constrain-calls", type=click.Choice(["off", "schema"]), default=None,
+    help="Constrained decoding of call blocks: off, or schema (only calls of the task's tools with arguments of "
+    "their types, new ids). Default: what the checkpoint records, else off.",
+)
+@click.option(
     "--exclude-tasks", "exclude_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="BFCL: leave out tasks a checkpoint trained on: training traces (JSONL with task_id) or a JSON list of "
     "task ids. Repeatable.",
@@ -39,6 +44,7 @@ def eval_command(
     max_new_tokens: int,
     latency_scale: float,
     interrupt_at: str | None,
+    constrain_calls: str | None,
     exclude_files: tuple[Path, ...],
     data_dir: Path | None,
     out: Path | None,
@@ -65,7 +71,7 @@ def eval_command(
     from hf_asynclm.evaluation import evaluate_bfcl, evaluate_synthetic, format_report
 
     try:
-        alm = AsyncLM.from_pretrained(model_path, interrupt_at=interrupt_at)
+        alm = AsyncLM.from_pretrained(model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
 
@@ -81,7 +87,7 @@ def eval_command(
                     evaluate_synthetic(
                         alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
-                        interrupt_at=alm.interrupt_at,
+                        interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
                     )
                 )
         if n_bfcl:
@@ -113,7 +119,7 @@ def eval_command(
                     evaluate_bfcl(
                         alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
-                        interrupt_at=alm.interrupt_at,
+                        interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
                     )
                 )
     for report in reports:

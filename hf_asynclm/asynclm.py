@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+from transformers import LogitsProcessorList
 
-from .cml import visible_text
+from .call_grammar import CallGrammarProcessor, ConstrainCalls, check_constrain_calls
+from .cml import marker_token_ids, visible_text
 from .executor.executor import ToolExecutor
 from .executor.registry import ToolRegistry
 from .generation import (
@@ -152,7 +154,7 @@ def _streamer_of_calling_generate() -> Any | None:
 
 
 #: Constructor settings a checkpoint may record in ``cml_training.json`` -> ``"runtime"``.
-_RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {"interrupt_at": check_interrupt_at}
+_RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {"interrupt_at": check_interrupt_at, "constrain_calls": check_constrain_calls}
 
 
 def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
@@ -218,6 +220,9 @@ class AsyncLM(SessionControl):
             :mod:`hf_asynclm.generation`).
         max_cml_errors: stop after this many malformed CML blocks in a row (a model looping on
             broken CML; ``stop_reason="cml_errors"``); ``None`` never stops for that.
+        constrain_calls: constrained decoding of call blocks (:mod:`hf_asynclm.call_grammar`):
+            ``"off"`` or ``"schema"`` (only calls of these tools, with arguments of their types
+            and new call ids). Needs the markers as single tokens.
     """
 
     def __init__(
@@ -237,11 +242,18 @@ class AsyncLM(SessionControl):
         trap_cache_policy: str = "keep",
         interrupt_at: InterruptAt = "token",
         max_cml_errors: int | None = 8,
+        constrain_calls: ConstrainCalls = "off",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         self.interrupt_at: InterruptAt = check_interrupt_at(interrupt_at)  # type: ignore[assignment]
         self.max_cml_errors = check_max_cml_errors(max_cml_errors)
+        self.constrain_calls: ConstrainCalls = check_constrain_calls(constrain_calls)  # type: ignore[assignment]
+        if self.constrain_calls != "off" and not marker_token_ids(tokenizer).single_token:
+            raise ValueError(
+                f"constrain_calls={constrain_calls!r} needs the CML markers as single tokens; add them with "
+                "hf_asynclm.cml.add_cml_tokens(tokenizer, model) or pass constrain_calls='off'"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)
@@ -387,6 +399,10 @@ class AsyncLM(SessionControl):
                 streamer.put(input_ids.cpu())  # generate() did not see this streamer: give it the prompt
             elif streamer is None:
                 streamer = _streamer_of_calling_generate()
+            if alm.constrain_calls != "off":
+                # first, so that sampling warpers work on the valid tokens only
+                grammar = CallGrammarProcessor(alm.tokenizer, alm.registry.schemas())
+                logits_processor = LogitsProcessorList([grammar, *(logits_processor or [])])
             with alm._lock:
                 alm._session = session
             try:

@@ -252,6 +252,7 @@ def _run_task(
     max_new_tokens: int,
     processors_for: Callable[[Task], list[Any]] | None,
     interrupt_at: str = "token",
+    constrain_calls: str = "off",
 ) -> tuple[Any | None, float, str | None]:
     """Run one task greedily: (AsyncResult or None, wall seconds, error repr or None)."""
     from transformers import LogitsProcessorList
@@ -259,7 +260,8 @@ def _run_task(
     from .asynclm import AsyncLM
 
     alm = AsyncLM(
-        model, tokenizer, tools=tools, mode=mode, call_timeout_s=10, trap_timeout_s=10, interrupt_at=interrupt_at  # type: ignore[arg-type]
+        model, tokenizer, tools=tools, mode=mode, call_timeout_s=10, trap_timeout_s=10,
+        interrupt_at=interrupt_at, constrain_calls=constrain_calls,  # type: ignore[arg-type]
     )
     extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
     t0 = time.perf_counter()
@@ -281,16 +283,19 @@ def evaluate_synthetic(
     progress: Callable[[int], None] | None = None,
     processors_for: Callable[[Task], list[Any]] | None = None,
     interrupt_at: str = "token",
+    constrain_calls: str = "off",
 ) -> EvalReport:
     """Run synthetic tasks and score them (see the module docstring).
 
     ``processors_for(task)`` may return extra logits processors for a task (tests use it to
-    script a policy). ``interrupt_at`` is the runtime's injection rule (``AsyncLM``).
+    script a policy). ``interrupt_at`` and ``constrain_calls`` are the runtime's settings
+    (``AsyncLM``).
     """
     scores = []
     for task in tasks:
         result, wall, error = _run_task(
-            model, tokenizer, task, task_tools(task, latency_scale), mode, max_new_tokens, processors_for, interrupt_at
+            model, tokenizer, task, task_tools(task, latency_scale), mode, max_new_tokens, processors_for, interrupt_at,
+            constrain_calls,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -301,7 +306,7 @@ def evaluate_synthetic(
         scores.append(score)
         if progress is not None:
             progress(1)
-    return _aggregate("synthetic", mode, scores, {"interrupt_at": interrupt_at})
+    return _aggregate("synthetic", mode, scores, {"interrupt_at": interrupt_at, "constrain_calls": constrain_calls})
 
 
 def _generic_result(name: str, arguments: dict) -> Any:
@@ -321,16 +326,19 @@ def evaluate_bfcl(
     progress: Callable[[int], None] | None = None,
     processors_for: Callable[[Task], list[Any]] | None = None,
     interrupt_at: str = "token",
+    constrain_calls: str = "off",
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
-    ``interrupt_at`` is the runtime's injection rule (``AsyncLM``)."""
+    ``interrupt_at`` and ``constrain_calls`` are the runtime's settings (``AsyncLM``)."""
     from .bench.ast_match import match_task
 
     scores = []
     for task in tasks:
         tools = task_tools(task, latency_scale, _generic_result)
-        result, wall, error = _run_task(model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at)
+        result, wall, error = _run_task(
+            model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls
+        )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
             continue
@@ -368,6 +376,7 @@ def evaluate_bfcl(
         "lpt_order_rate": statistics.mean(lpt) if lpt else math.nan,
         "trap_rate": statistics.mean(traps) if traps else math.nan,
         "interrupt_at": interrupt_at,
+        "constrain_calls": constrain_calls,
     }
     return _aggregate("bfcl", mode, scores, extra)
 

@@ -307,8 +307,9 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     - ``tags`` (list of str): extra Hub tags.
     - ``runtime`` (dict): settings the checkpoint was trained for, which
       :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
-      otherwise: ``interrupt_at`` (``"token"`` or ``"word"``; the trainer writes ``"word"``,
-      see :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`).
+      otherwise: ``interrupt_at`` (``"token"`` or ``"word"``) and ``constrain_calls``
+      (``"off"`` or ``"schema"``); the trainer writes ``"word"`` and ``"schema"``, see
+      :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`.
 
     Args:
         folder: The checkpoint folder.
@@ -583,6 +584,7 @@ def render_model_card(
         cml_example=_cml_example(),
         limitations=limitations,
         interrupt_at=runtime.get("interrupt_at"),
+        constrain_calls=runtime.get("constrain_calls"),
     )
     return card
 

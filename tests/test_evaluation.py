@@ -73,8 +73,14 @@ def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):
     runner = CliRunner()
     r = runner.invoke(eval_command, [*args, "--out", str(tmp_path / "all.json")])
     assert r.exit_code == 0, r.output
-    all_ids = [t["task_id"] for t in json.loads((tmp_path / "all.json").read_text())[0]["tasks"]]
+    report = json.loads((tmp_path / "all.json").read_text())[0]
+    all_ids = [t["task_id"] for t in report["tasks"]]
     assert len(all_ids) >= 2
+    # the runtime settings the checkpoint records, unless the command line says otherwise
+    assert report["extra"]["constrain_calls"] == "schema" and report["extra"]["interrupt_at"] == "word"
+    r = runner.invoke(eval_command, [*args, "--constrain-calls", "off", "--out", str(tmp_path / "off.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "off.json").read_text())[0]["extra"]["constrain_calls"] == "off"
     # a JSON list of ids, and JSONL traces with task_id, both work and combine
     (tmp_path / "ids.json").write_text(json.dumps(all_ids[:1]))
     (tmp_path / "traces.jsonl").write_text(json.dumps({"task_id": all_ids[1], "mode": "async"}) + "\n")

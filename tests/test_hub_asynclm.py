@@ -79,6 +79,9 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     assert AsyncLM.from_pretrained().interrupt_at == "word"
     assert AsyncLM.from_pretrained(interrupt_at=None).interrupt_at == "word"
     assert AsyncLM.from_pretrained(interrupt_at="token").interrupt_at == "token"  # the caller wins
+    # ... and their calls are held to the tools' schemas
+    assert AsyncLM.from_pretrained().constrain_calls == "schema"
+    assert AsyncLM.from_pretrained(constrain_calls="off").constrain_calls == "off"
     folder = tmp_path / "ckpt"
     shutil.copytree(DEFAULT_CHECKPOINT, folder)
     record_path = folder / "cml_training.json"
@@ -86,13 +89,16 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     # a checkpoint that records nothing (made elsewhere): the paper's rule
     del record["runtime"]
     record_path.write_text(json.dumps(record))
-    assert checkpoint_runtime_defaults(folder) == {} and AsyncLM.from_pretrained(folder).interrupt_at == "token"
+    assert checkpoint_runtime_defaults(folder) == {}
+    bare = AsyncLM.from_pretrained(folder)
+    assert bare.interrupt_at == "token" and bare.constrain_calls == "off"
     # bad or unknown settings are left out with a warning, the weights still load
-    record["runtime"] = {"interrupt_at": "sentence", "speed": "fast"}
+    record["runtime"] = {"interrupt_at": "sentence", "speed": "fast", "constrain_calls": "json"}
     record_path.write_text(json.dumps(record))
     with caplog.at_level("WARNING", logger="hf_asynclm.asynclm"):
-        assert AsyncLM.from_pretrained(folder).interrupt_at == "token"
-    assert "'sentence'" in caplog.text and "unknown runtime setting 'speed'" in caplog.text
+        loaded = AsyncLM.from_pretrained(folder)
+    assert loaded.interrupt_at == "token" and loaded.constrain_calls == "off"
+    assert "'sentence'" in caplog.text and "unknown runtime setting 'speed'" in caplog.text and "'json'" in caplog.text
     record_path.write_text("not json")
     assert checkpoint_runtime_defaults(folder) == {}
     (folder / "cml_training.json").unlink()

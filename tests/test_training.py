@@ -278,8 +278,9 @@ def test_scratch_training_lowers_loss_and_saves_a_loadable_checkpoint(scratch_ru
     assert record["examples"] == len(EXAMPLES) and record["data_files"] == [str(data_file)]
     assert record["simulator"]["meta"]["category"]["parallel"] == 2
     assert (scratch_run / "model.safetensors").is_file()
-    # the simulator's traces only hold interrupts at word starts and after blocks: the checkpoint says so
-    assert record["runtime"] == {"interrupt_at": "word"}
+    # the simulator's traces only hold interrupts at word starts and after blocks, and the markers are
+    # single tokens (calls can be held to the tools' schemas): the checkpoint says so
+    assert record["runtime"] == {"interrupt_at": "word", "constrain_calls": "schema"}
 
     tok = AutoTokenizer.from_pretrained(scratch_run)
     model = AutoModelForCausalLM.from_pretrained(scratch_run)

@@ -63,8 +63,10 @@ logger = logging.getLogger(__name__)
 TRAINING_RECORD = "cml_training.json"
 #: Runtime settings every checkpoint this trainer writes is made for (``cml_training.json`` ->
 #: ``"runtime"``; ``AsyncLM.from_pretrained`` applies them): the simulator puts interrupts only
-#: between words or right after a block, so the model has never seen one inside a word.
-RUNTIME_DEFAULTS: dict[str, Any] = {"interrupt_at": "word"}
+#: between words or right after a block, so the model has never seen one inside a word; and its
+#: markers are single tokens, so its calls can be held to the tools' schemas
+#: (:mod:`hf_asynclm.call_grammar`): every call it writes is one the executor can run.
+RUNTIME_DEFAULTS: dict[str, Any] = {"interrupt_at": "word", "constrain_calls": "schema"}
 #: Projections LoRA adapts when present (Llama, Gemma, Mistral, Qwen all name them so).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,0 +1,537 @@
+"""Constrained decoding of CML blocks: :class:`CallGrammarProcessor`.
+
+A model that writes CML can still write a block the runtime cannot run: a tool that does not
+exist, an argument the tool does not take, a string where the tool wants a number, a missing
+``)``. With ``constrain_calls="schema"`` the runtime only lets the model pick tokens that keep
+the open block a valid call of one of *its* tools (the idea of grammar-constrained decoding in
+TGI, vLLM or llama.cpp, specialised to CML and the tools' JSON schemas):
+
+* ``[CALL]`` is followed by an id and ``[HEAD]`` (or, fire and forget, directly by the call);
+* the call is ``name(key=value, ...)`` with ``name`` one of the tools, each ``key`` one of its
+  parameters (each at most once), each value a literal of the parameter's JSON type (an
+  ``enum`` is one of its values) or the id of an earlier call (a reference the executor
+  resolves); ``)`` only once every required parameter is there; ``[END]`` only after ``)``;
+* ``[TRAP]`` is followed by ``[END]``; ``[HEAD]`` and ``[END]`` never appear outside a block;
+  nothing else (EOS, other markers, special tokens) is allowed inside one.
+
+What constraints cannot do is choose for the model: a call repeated or left out is still the
+model's decision. Tokens are checked lazily, most likely first: the processor keeps the valid
+tokens among the ``candidates`` most likely ones (greedy decoding takes the best valid token;
+sampling samples among those), scanning further down the ranking only when none of them is
+valid, and leaves the scores alone where no token at all is valid (the runtime then answers the
+broken block with an error interrupt, as without constraints). The processor is stateless: it
+reads the open block from ``input_ids`` at every step, so it works inside hf-asynclm's decode
+loop (with interrupts and resampled tokens) and in a plain ``model.generate`` alike. It needs
+the five markers as single tokens (:func:`~hf_asynclm.cml.add_cml_tokens`).
+
+Example:
+
+```python
+>>> from hf_asynclm.call_grammar import CallChecker
+>>> schema = {"name": "get_weather", "parameters": {"type": "object",
+...     "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}
+>>> checker = CallChecker([schema])
+>>> [checker.check(body).name for body in ('get_wea', 'get_weather(city="Par', 'get_weather(city="Paris")')]
+['PREFIX', 'PREFIX', 'COMPLETE']
+>>> [checker.check(body).name for body in ('get_time(', 'get_weather(town=', 'get_weather(days="3"', 'get_weather(days=3)')]
+['INVALID', 'INVALID', 'INVALID', 'INVALID']
+
+```
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from .cml import marker_token_ids
+from .executor.registry import _TYPE_ALIASES
+
+logger = logging.getLogger(__name__)
+
+ConstrainCalls = Literal["off", "schema"]
+#: The settings of ``AsyncLM(constrain_calls=...)``: no constraint, or calls valid for the tools' schemas.
+CONSTRAIN_CALLS: tuple[str, ...] = ("off", "schema")
+
+#: Longest run of whitespace allowed between the parts of a call (a model looping on spaces
+#: inside a block cannot go on for ever).
+MAX_SPACES = 2
+#: Deepest nesting of lists / dicts in an argument value.
+MAX_DEPTH = 8
+#: Longest number literal (a model looping on ``0000...`` cannot go on for ever).
+MAX_NUMBER_CHARS = 32
+
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.]*")
+_IDENT_CHARS = re.compile(r"[A-Za-z0-9_]*")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER_PREFIX = re.compile(r"-?\d*(?:\.\d*)?(?:[eE][+-]?\d*)?")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_CALL_IDS = re.compile(r"\[CALL\]\s*([A-Za-z_][A-Za-z0-9_]*)\s*\[HEAD\]")
+_PREHEAD_PARTS = re.compile(r"([ \t\n]*)([A-Za-z0-9_.]*)([ \t\n]*)")
+_SPACES = " \t\n"
+#: Longest call id (a model looping on id characters cannot go on for ever).
+MAX_ID_CHARS = 16
+_KEYWORDS = ("True", "False", "None")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def check_constrain_calls(value: str) -> str:
+    """Return ``value`` when it is a valid ``constrain_calls`` setting, else raise ``ValueError``."""
+    if value not in CONSTRAIN_CALLS:
+        raise ValueError(f"unknown constrain_calls {value!r}: use one of {', '.join(CONSTRAIN_CALLS)}")
+    return value
+
+
+class Status(enum.Enum):
+    """How a call body relates to the grammar."""
+
+    INVALID = 0  #: no continuation makes it a valid call
+    PREFIX = 1  #: some continuation does
+    COMPLETE = 2  #: a whole, valid call (``[END]`` may follow)
+
+
+class _Invalid(Exception):
+    pass
+
+
+class _Incomplete(Exception):
+    pass
+
+
+_JSON_TYPES = {"string", "integer", "number", "boolean", "array", "object", "null"}
+
+
+def _types(schema: Mapping[str, Any] | None) -> set[str]:
+    """The JSON types a value may have (empty: any). Python spellings (``float``, ``dict``) are
+    read as JSON ones; an unknown type (``any``) allows any value."""
+    if not schema:
+        return set()
+    t = schema.get("type")
+    if t is None:
+        return set()
+    types = {_TYPE_ALIASES.get(str(x).lower(), str(x).lower()) for x in ([t] if isinstance(t, str) else t)}
+    return types if types <= _JSON_TYPES else set()
+
+
+def _function_schema(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    return schema.get("function", schema) if isinstance(schema.get("function"), Mapping) else schema
+
+
+class CallChecker:
+    """Check a call body (``name(key=value, ...)``, what follows ``[HEAD]``) against the tools'
+    JSON schemas, as a prefix: :meth:`check` says whether it is a whole valid call, the start of
+    one, or neither.
+
+    Args:
+        schemas: tool schemas (OpenAI style ``{"type": "function", "function": {...}}`` or the
+            inner ``{"name", "parameters"}``), e.g. ``ToolRegistry.schemas()``.
+        call_ids: ids of earlier calls, which a value may name (a reference).
+    """
+
+    def __init__(self, schemas: Iterable[Mapping[str, Any]], call_ids: Iterable[str] = ()) -> None:
+        self.tools: dict[str, Mapping[str, Any]] = {}
+        for schema in schemas:
+            fn = _function_schema(schema)
+            name = fn.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"a tool schema without a name: {schema!r}")
+            self.tools[name] = fn.get("parameters") or {}
+        self.call_ids = tuple(call_ids)
+
+    # public -------------------------------------------------------------------------------------
+    def check(self, body: str) -> Status:
+        """:class:`Status` of ``body`` (leading and trailing whitespace allowed)."""
+        try:
+            _Parse(self, body).body()
+        except _Incomplete:
+            return Status.PREFIX
+        except _Invalid:
+            return Status.INVALID
+        return Status.COMPLETE
+
+    def in_string(self, body: str) -> bool:
+        """True when ``body`` is a valid start of a call that ends inside a string value (where
+        a character cut between two tokens may stand)."""
+        parse = _Parse(self, body)
+        try:
+            parse.body()
+        except _Incomplete:
+            return parse.in_string and not parse.string_enum
+        except _Invalid:
+            return False
+        return False
+
+
+class _Parse:
+    """A recursive-descent reader of one call body that raises ``_Incomplete`` where the text
+    ends before the call does, and ``_Invalid`` at the first character no call can have."""
+
+    def __init__(self, checker: CallChecker, text: str) -> None:
+        self.c = checker
+        self.s = text
+        self.i = 0
+        self.in_string = False  # the text ended inside a string value ...
+        self.string_enum = False  # ... of an enum
+
+    # characters ---------------------------------------------------------------------------------
+    def peek(self) -> str:
+        if self.i >= len(self.s):
+            raise _Incomplete
+        return self.s[self.i]
+
+    def expect(self, ch: str) -> None:
+        if self.peek() != ch:
+            raise _Invalid
+        self.i += 1
+
+    def spaces(self) -> None:
+        start = self.i
+        while self.i < len(self.s) and self.s[self.i] in _SPACES:
+            self.i += 1
+        if self.i - start > MAX_SPACES:
+            raise _Invalid
+
+    def read(self, pattern: re.Pattern[str]) -> str:
+        m = pattern.match(self.s, self.i)
+        text = m.group(0) if m else ""
+        self.i += len(text)
+        return text
+
+    # the call -----------------------------------------------------------------------------------
+    def body(self) -> None:
+        self.spaces()
+        name = self.read(_NAME_CHARS)
+        if self.i >= len(self.s):
+            if any(t.startswith(name) for t in self.c.tools):
+                raise _Incomplete
+            raise _Invalid
+        if name not in self.c.tools:
+            raise _Invalid
+        self.expect("(")
+        params = self.c.tools[name]
+        props: Mapping[str, Any] = params.get("properties") or {}
+        open_keys = not props or params.get("additionalProperties") is True
+        required = set(params.get("required") or [])
+        used: set[str] = set()
+        self.spaces()
+        while True:
+            if self.peek() == ")":
+                if not required <= used:
+                    raise _Invalid
+                self.i += 1
+                self.spaces()
+                if self.i < len(self.s):
+                    raise _Invalid
+                return
+            key = self.read(_IDENT_CHARS)
+            if self.i >= len(self.s):
+                if open_keys or any(k.startswith(key) and k not in used for k in props):
+                    raise _Incomplete
+                raise _Invalid
+            if not _IDENT.fullmatch(key) or key in used or (key not in props and not open_keys):
+                raise _Invalid
+            used.add(key)
+            self.spaces()
+            self.expect("=")
+            self.spaces()
+            self.value(props.get(key), depth=0)
+            self.spaces()
+            if self.peek() == ",":
+                self.i += 1
+                self.spaces()
+            elif self.peek() != ")":
+                raise _Invalid
+
+    # values -------------------------------------------------------------------------------------
+    def value(self, schema: Mapping[str, Any] | None, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise _Invalid
+        types = _types(schema)
+        ch = self.peek()
+        if ch in "\"'":
+            if types and "string" not in types:
+                raise _Invalid
+            self.string(schema)
+        elif ch == "-" or ch.isdigit():
+            if types and not types & {"integer", "number"}:
+                raise _Invalid
+            self.number(integer=bool(types) and "number" not in types)
+        elif ch.isalpha() or ch == "_":
+            self.word(types, schema)
+        elif ch in "[(":
+            if types and "array" not in types:
+                raise _Invalid
+            self.sequence("]" if ch == "[" else ")", (schema or {}).get("items"), depth)
+        elif ch == "{":
+            if types and "object" not in types:
+                raise _Invalid
+            self.mapping(depth)
+        else:
+            raise _Invalid
+
+    def string(self, schema: Mapping[str, Any] | None) -> None:
+        quote = self.peek()
+        self.i += 1
+        chars: list[str] = []
+        enum_values = [v for v in (schema or {}).get("enum") or () if isinstance(v, str)]
+        while True:
+            if self.i >= len(self.s):
+                text = "".join(chars)
+                self.in_string, self.string_enum = True, bool(enum_values)
+                if enum_values and not any(v.startswith(text) for v in enum_values):
+                    raise _Invalid
+                raise _Incomplete
+            ch = self.s[self.i]
+            self.i += 1
+            if ch == "\\":
+                if self.i >= len(self.s):
+                    raise _Incomplete
+                chars.append(_ESCAPES.get(self.s[self.i], self.s[self.i]))
+                self.i += 1
+            elif ch == quote:
+                text = "".join(chars)
+                if enum_values and text not in enum_values:
+                    raise _Invalid
+                return
+            elif ch == "\n":
+                raise _Invalid
+            else:
+                chars.append(ch)
+
+    def number(self, integer: bool) -> None:
+        text = self.read(_NUMBER_PREFIX)
+        if not text or (integer and any(c in text for c in ".eE")) or len(text) > MAX_NUMBER_CHARS:
+            raise _Invalid
+        digits = text.lstrip("-")
+        if len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
+            raise _Invalid  # Python reads no leading zeros (``011``)
+        if self.i >= len(self.s):
+            raise _Incomplete
+        if not _NUMBER.fullmatch(text):
+            raise _Invalid
+
+    def word(self, types: set[str], schema: Mapping[str, Any] | None) -> None:
+        """``True`` / ``False`` / ``None`` or the id of an earlier call."""
+        word = self.read(_IDENT_CHARS)
+        keywords = [k for k in _KEYWORDS if not types or (k == "None" and "null" in types) or (k != "None" and "boolean" in types)]
+        if self.i >= len(self.s):
+            if any(k.startswith(word) for k in keywords) or any(c.startswith(word) for c in self.c.call_ids):
+                raise _Incomplete
+            raise _Invalid
+        if word in self.c.call_ids or word in keywords:
+            return  # a literal of the right type, or a reference (its type is the earlier result's)
+        raise _Invalid
+
+    def sequence(self, close: str, items: Mapping[str, Any] | None, depth: int) -> None:
+        self.i += 1
+        self.spaces()
+        while True:
+            if self.peek() == close:
+                self.i += 1
+                return
+            self.value(items, depth + 1)
+            self.spaces()
+            if self.peek() == ",":
+                self.i += 1
+                self.spaces()
+            elif self.peek() != close:
+                raise _Invalid
+
+    def mapping(self, depth: int) -> None:
+        self.i += 1
+        self.spaces()
+        while True:
+            if self.peek() == "}":
+                self.i += 1
+                return
+            self.value(None, depth + 1)
+            self.spaces()
+            self.expect(":")
+            self.spaces()
+            self.value(None, depth + 1)
+            self.spaces()
+            if self.peek() == ",":
+                self.i += 1
+                self.spaces()
+            elif self.peek() != "}":
+                raise _Invalid
+
+
+class CallGrammarProcessor(LogitsProcessor):
+    """Allow only tokens that keep CML blocks valid calls of the given tools (see the module
+    docstring).
+
+    Args:
+        tokenizer: the model's tokenizer; the five CML markers must be single tokens.
+        tools: tool schemas (``ToolRegistry.schemas()`` or OpenAI-style dicts).
+        candidates: how many of the most likely tokens to keep the valid ones of.
+        max_scan: how far down the ranking to look when none of those is valid.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_asynclm.call_grammar import CallGrammarProcessor
+    >>> from hf_asynclm.testing import tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> schema = {"name": "get_weather", "parameters": {"type": "object",
+    ...     "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    >>> proc = CallGrammarProcessor(tok, [schema])
+    >>> ids = torch.tensor([tok.encode("[CALL] w1 [HEAD] get_weather(", add_special_tokens=False)])
+    >>> scores = torch.zeros(1, len(tok))
+    >>> allowed = [tok.decode([t]) for t in torch.nonzero(proc(ids, scores)[0] > -1e9).flatten().tolist()]
+    >>> len(allowed) > 0 and all("city".startswith(a.strip()) for a in allowed)
+    True
+
+    ```
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        tools: Sequence[Mapping[str, Any]],
+        candidates: int = 16,
+        max_scan: int = 2048,
+    ) -> None:
+        markers = marker_token_ids(tokenizer)
+        if not markers.single_token:
+            raise ValueError(
+                "constrained CML decoding needs the five markers as single tokens; add them with "
+                "hf_asynclm.cml.add_cml_tokens(tokenizer, model) (CML checkpoints have them)"
+            )
+        if candidates < 1 or max_scan < candidates:
+            raise ValueError(f"need 1 <= candidates <= max_scan, got {candidates} and {max_scan}")
+        self.tokenizer = tokenizer
+        self.schemas = list(tools)
+        CallChecker(self.schemas)  # fail now on a bad schema
+        self.candidates = candidates
+        self.max_scan = max_scan
+        self.markers = markers
+        self._marker_ids = torch.tensor(sorted(markers.by_id))
+        self._blocked = set(getattr(tokenizer, "all_special_ids", []) or []) - set(markers.by_id)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None:
+            self._blocked.add(int(eos))
+        self._context: tuple[int, int, CallChecker] | None = None  # (sequence id, block start, checker)
+        #: Steps at which no token was valid (scores left alone).
+        self.dead_ends = 0
+
+    # ---------------------------------------------------------------------------------------
+    def _checker(self, ids: list[int], start: int) -> CallChecker:
+        """The checker of the block starting at ``start`` (call ids written before it), cached."""
+        key = (hash(tuple(ids[: min(start, 64)])), start)
+        if self._context is not None and self._context[:2] == key:
+            return self._context[2]
+        before = self.tokenizer.decode(ids[:start], skip_special_tokens=False)
+        checker = CallChecker(self.schemas, call_ids=_CALL_IDS.findall(before))
+        self._context = (*key, checker)
+        return checker
+
+    def _state(self, ids: list[int]) -> tuple[str, int]:
+        """("outside" | "trap" | "prehead" | "body", index after the block's last marker)."""
+        m = self.markers
+        for pos in range(len(ids) - 1, -1, -1):
+            tid = ids[pos]
+            if tid not in m.by_id:
+                continue
+            if tid == m.end or tid == m.intr:
+                return "outside", pos + 1
+            if tid == m.trap:
+                return "trap", pos + 1
+            if tid == m.call:
+                return "prehead", pos + 1
+            if tid == m.head:
+                return "body", pos + 1
+        return "outside", len(ids)
+
+    def allowed(self, ids: list[int], token: int) -> bool:
+        """Whether ``token`` may follow ``ids`` (one sequence)."""
+        return self._allowed(ids, *self._state(ids), token)
+
+    def _allowed(self, ids: list[int], state: str, after: int, token: int) -> bool:
+        m = self.markers
+        if state == "outside":
+            return token not in (m.head, m.end)
+        if token in self._blocked or (token in m.by_id and token not in (m.head, m.end)):
+            return False
+        if state == "trap":
+            if token == m.end:
+                return True
+            return token not in m.by_id and not self.tokenizer.decode(ids[after:] + [token]).strip()
+        start = after - 1 if state == "prehead" else self._block_start(ids, after)
+        checker = self._checker(ids, start)
+        if token == m.head:
+            text = self.tokenizer.decode(ids[after:])
+            call_id = text.strip()
+            return (
+                state == "prehead" and "(" not in text and _IDENT.fullmatch(call_id) is not None
+                and call_id not in checker.call_ids
+            )
+        if token == m.end:
+            text = self.tokenizer.decode(ids[after:])
+            if state == "prehead" and "(" not in text:
+                return False
+            return checker.check(text) is Status.COMPLETE
+        text = self.tokenizer.decode(ids[after:] + [token])
+        partial_char = text.endswith("\ufffd")  # a character cut between tokens: only inside a string
+        text = text.rstrip("\ufffd")
+        if state == "prehead" and "(" not in text:
+            return not partial_char and self._prehead_ok(text, checker)
+        if partial_char:
+            return checker.in_string(text)
+        return checker.check(text) is not Status.INVALID
+
+    @staticmethod
+    def _prehead_ok(text: str, checker: CallChecker) -> bool:
+        """What follows ``[CALL]`` before ``[HEAD]`` or ``(``: a new call id, or the start of a
+        tool's name (fire and forget)."""
+        m = _PREHEAD_PARTS.fullmatch(text)
+        if m is None:
+            return False
+        lead, word, trail = m.groups()
+        if len(lead) > MAX_SPACES or len(trail) > MAX_SPACES or (trail and not word):
+            return False
+        if trail and word in checker.call_ids:
+            return False  # an id must be new
+        if any(name.startswith(word) for name in checker.tools):
+            return True
+        if not (word == "" or _IDENT.fullmatch(word)) or len(word) > MAX_ID_CHARS:
+            return False
+        # past the id of an earlier call (``m1`` -> ``m1...``), only digits make a new one
+        stems = [c for c in checker.call_ids if word.startswith(c) and word != c]
+        return not stems or word[len(max(stems, key=len)) :].isdigit()
+
+    def _block_start(self, ids: list[int], after_head: int) -> int:
+        pos = after_head - 1
+        while pos >= 0 and ids[pos] != self.markers.call:
+            pos -= 1
+        return max(pos, 0)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"CallGrammarProcessor follows one sequence; got a batch of {input_ids.shape[0]}")
+        ids = input_ids[0].tolist()
+        state, after = self._state(ids)
+        if state == "outside":
+            out = scores.clone()
+            out[0, [self.markers.head, self.markers.end]] = float("-inf")
+            return out
+        top = torch.topk(scores[0], min(self.max_scan, scores.shape[-1]))
+        valid: list[int] = []
+        for rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            if (rank >= self.candidates and valid) or value == float("-inf"):
+                break
+            if self._allowed(ids, state, after, token):
+                valid.append(token)
+        if not valid:
+            self.dead_ends += 1
+            logger.debug("no valid token inside the block %r", self.tokenizer.decode(ids[-32:]))
+            return scores
+        out = torch.full_like(scores, float("-inf"))
+        out[0, valid] = scores[0, valid]
+        return out

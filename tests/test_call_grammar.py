@@ -1,0 +1,291 @@
+"""Constrained decoding of CML call blocks (hf_asynclm.call_grammar)."""
+
+from __future__ import annotations
+
+import json
+import keyword
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_asynclm.call_grammar import CallChecker, CallGrammarProcessor, Status, check_constrain_calls
+from hf_asynclm.testing import tiny_llama, tiny_tokenizer
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "units": {"type": "string", "enum": ["C", "F"]}},
+            "required": ["city"],
+        },
+    },
+}
+BOOK = {
+    "name": "book",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "hotel": {"type": "string"},
+            "price": {"type": "number"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "extra": {"type": "object"},
+            "confirm": {"type": "boolean"},
+            "note": {"type": ["string", "null"]},
+        },
+        "required": ["hotel"],
+    },
+}
+RAW = {"name": "raw", "parameters": {"type": "dict", "properties": {"x": {"type": "float"}, "y": {"type": "any"}}, "required": ["x"]}}
+DOTTED = {"name": "math.factorial", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}
+
+
+def status(body: str, **kwargs) -> str:
+    return CallChecker([WEATHER, BOOK, DOTTED], **kwargs).check(body).name
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        'get_weather(city="Paris")',
+        ' get_weather(city="Paris", days=3) ',
+        "get_weather(city='Paris', units=\"F\",)",
+        'book(hotel="A \\"B\\"", price=-12.5e3, tags=["x", "y"], extra={"a": [1, {"b": None}]}, confirm=True, note=None)',
+        "book(hotel=w1)",  # a reference to an earlier call
+        "math.factorial(n=5)",
+        "book(hotel='x', price=0.5, tags=[], extra={})",
+        'raw(x=1.0, y="a")',  # Python type names and unknown types (BFCL's "float", "any") are read as JSON ones / any
+    ],
+)
+def test_whole_valid_calls_are_complete_and_every_prefix_is_a_prefix(body: str) -> None:
+    checker = CallChecker([WEATHER, BOOK, DOTTED, RAW], call_ids=["w1"])
+    assert checker.check(body) is Status.COMPLETE
+    for end in range(len(body.rstrip())):
+        assert checker.check(body[:end]) is Status.PREFIX, body[:end]
+
+
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        ("get_time(", "unknown tool"),
+        ("get_weather (", "space before the parenthesis"),
+        ("get_weather(town=", "unknown argument"),
+        ('get_weather(city="a", city=', "argument twice"),
+        ("get_weather(days=3)", "required argument missing"),
+        ('get_weather(days="3"', "string for an integer"),
+        ("get_weather(days=3.5", "float for an integer"),
+        ('get_weather(city="Paris", units="K"', "not in the enum"),
+        ('get_weather(city=3', "number for a string"),
+        ("book(hotel=x9", "a reference to no earlier call"),
+        ('book(hotel="a", confirm=Yes', "not a literal"),
+        ('book(hotel="a", price=None', "None for a number that is not nullable"),
+        ('get_weather(city="Paris") x', "text after the call"),
+        ('get_weather(city="Paris"   ', "too many spaces"),
+        ('get_weather(city="Par\nis")', "a newline in a string"),
+        ("get_weather(city=print(1))", "a call as a value"),
+        ('get_weather(city="a", days=011', "leading zero"),
+        ('get_weather(city="a", days=' + "5" * 40, "a number that does not end"),
+        ('book(hotel="a", price=any', "a word that is neither a literal nor an earlier call"),
+        ('get_weather("Paris")', "positional argument"),
+    ],
+)
+def test_invalid_calls_are_rejected_at_the_first_bad_character(body: str, why: str) -> None:
+    assert status(body, call_ids=["w1"]) == "INVALID", why
+
+
+names = st.text("abcdefghij_", min_size=1, max_size=8).filter(lambda s: s[0] != "_" and not keyword.iskeyword(s))
+literals = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
+              st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text("xyz", min_size=1, max_size=3), inner, max_size=3)),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=names, args=st.dictionaries(names, literals, min_size=0, max_size=4))
+def test_any_call_of_a_schemaless_tool_parses_prefix_by_prefix(name: str, args: dict) -> None:
+    """Property: the checker never rejects the start of a call the executor would accept."""
+    from hf_asynclm.executor import parse_call
+
+    body = f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
+    assert parse_call(body).kwargs == args or any(isinstance(v, float) for v in args.values())
+    checker = CallChecker([{"name": name, "parameters": {}}])
+    assert checker.check(body) is Status.COMPLETE, body
+    for end in range(len(body)):
+        assert checker.check(body[:end]) is Status.PREFIX, body[:end]
+
+
+def test_every_call_of_the_held_out_synthetic_tasks_passes_the_schema_check() -> None:
+    from hf_asynclm.data.synthetic import generate_tasks
+
+    n = 0
+    for task in generate_tasks(300, seed=1, split="eval"):
+        checker = CallChecker(task.tools, call_ids=[c.call_id for c in task.calls])
+        for call in task.calls:
+            assert checker.check(call.body()) is Status.COMPLETE, call.body()
+            n += 1
+    assert n > 500
+
+
+def test_bad_settings_and_tokenizers_are_refused() -> None:
+    with pytest.raises(ValueError, match="constrain_calls"):
+        check_constrain_calls("strict")
+    with pytest.raises(ValueError, match="single tokens"):
+        CallGrammarProcessor(tiny_tokenizer(with_markers=False), [WEATHER])
+    with pytest.raises(ValueError, match="without a name"):
+        CallGrammarProcessor(tiny_tokenizer(), [{"parameters": {}}])
+    with pytest.raises(ValueError, match="candidates"):
+        CallGrammarProcessor(tiny_tokenizer(), [WEATHER], candidates=0)
+
+
+def _sample_blocks(tok, model, prompt: str, processors: list, seed: int, n: int = 80) -> str:
+    torch.manual_seed(seed)
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True, temperature=1.5,
+                         logits_processor=processors, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+
+
+def test_a_random_model_writes_only_valid_calls_under_the_constraint() -> None:
+    """A random model (which writes garbage) sampled inside an open block: with the processor
+    everything it writes up to [END] is a valid call of the tools; without it, not."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=3)
+    prompt = "Weather in Paris? [CALL] w1 [HEAD]"
+    checker = CallChecker([WEATHER, BOOK])
+    valid_with = valid_without = 0
+    for seed in range(6):
+        proc = CallGrammarProcessor(tok, [WEATHER, BOOK])
+        text = _sample_blocks(tok, model, prompt, [proc], seed)
+        body = text.split("[END]")[0]
+        assert "[INTR]" not in body and "[CALL]" not in body and tok.eos_token not in body
+        expected = Status.COMPLETE if "[END]" in text else Status.PREFIX
+        assert checker.check(body) in (expected, Status.COMPLETE), text
+        valid_with += 1
+        bare = _sample_blocks(tok, model, prompt, [], seed).split("[END]")[0]
+        valid_without += checker.check(bare) is not Status.INVALID
+    assert valid_with == 6 and valid_without < 6
+
+
+def test_greedy_decoding_takes_the_best_valid_token() -> None:
+    tok = tiny_tokenizer()
+    proc = CallGrammarProcessor(tok, [WEATHER])
+    ids = tok.encode("[CALL] w1 [HEAD] get_weather(city=", add_special_tokens=False)
+    scores = torch.zeros(1, len(tok))
+    quote = tok.convert_tokens_to_ids('"')
+    bad = tok.encode("3", add_special_tokens=False)[0]
+    scores[0, bad] = 10.0  # the model prefers a number for a string argument
+    scores[0, quote] = 5.0
+    out = proc(torch.tensor([ids]), scores)
+    assert int(out.argmax()) == quote
+    assert torch.isinf(out[0, bad])
+
+
+def test_ids_of_earlier_calls_cannot_be_reused_and_head_end_stay_inside_blocks() -> None:
+    tok = tiny_tokenizer()
+    proc = CallGrammarProcessor(tok, [WEATHER])
+    head, end = tok.convert_tokens_to_ids("[HEAD]"), tok.convert_tokens_to_ids("[END]")
+    earlier = '[CALL] w1 [HEAD] get_weather(city="Rome") [END] [INTR] w1 [HEAD] {"t": 3} [END] '
+    assert not proc.allowed(tok.encode(earlier + "[CALL] w1", add_special_tokens=False), head)
+    assert proc.allowed(tok.encode(earlier + "[CALL] w2", add_special_tokens=False), head)
+    assert proc.allowed(tok.encode(earlier + "[CALL] w1", add_special_tokens=False), tok.encode("2", add_special_tokens=False)[0])
+    outside = tok.encode(earlier + "Rome is", add_special_tokens=False)
+    assert not proc.allowed(outside, head) and not proc.allowed(outside, end)
+    trap = tok.encode(earlier + "[TRAP]", add_special_tokens=False)
+    assert proc.allowed(trap, end) and not proc.allowed(trap, tok.encode("x", add_special_tokens=False)[0])
+    body = tok.encode(earlier + '[CALL] w2 [HEAD] get_weather(city="Rome")', add_special_tokens=False)
+    assert proc.allowed(body, end) and not proc.allowed(body[:-1], end)
+    assert not proc.allowed(body, tok.eos_token_id)
+
+
+def test_no_valid_token_leaves_the_scores_alone() -> None:
+    tok = tiny_tokenizer()
+    proc = CallGrammarProcessor(tok, [WEATHER], candidates=1, max_scan=1)
+    ids = tok.encode("[CALL] w1 [HEAD] get_weather(city=", add_special_tokens=False)
+    scores = torch.full((1, len(tok)), float("-inf"))
+    scores[0, tok.encode("3", add_special_tokens=False)[0]] = 0.0  # the only finite token is invalid
+    assert torch.equal(proc(torch.tensor([ids]), scores), scores)
+    assert proc.dead_ends == 1
+
+
+def test_the_schema_of_a_registry_works_as_it_is() -> None:
+    from hf_asynclm.executor.registry import ToolRegistry
+
+    def get_weather(city: str, days: int = 1) -> dict:
+        """Weather.
+
+        Args:
+            city: The city.
+            days: How many days.
+        """
+        return {"city": city}
+
+    schemas = ToolRegistry.coerce([get_weather]).schemas()
+    checker = CallChecker(schemas)
+    assert checker.check('get_weather(city="Oslo", days=2)') is Status.COMPLETE
+    assert checker.check("get_weather(days=2)") is Status.INVALID
+    assert json.dumps(schemas)  # plain data
+
+
+class _OpenACall:
+    """Logits processor: the first generated token is [CALL] (a random model would never write one)."""
+
+    def __init__(self, tok, prompt_len: int) -> None:
+        self.call = tok.convert_tokens_to_ids("[CALL]")
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_len:
+            scores = scores.clone()
+            scores[0, self.call] += 1e4
+        return scores
+
+
+@pytest.mark.parametrize("constrain", ["schema", "off"])
+def test_asynclm_holds_the_calls_of_a_random_model_to_the_schemas(constrain: str) -> None:
+    from transformers import LogitsProcessorList
+
+    from hf_asynclm import AsyncLM
+
+    def get_weather(city: str, days: int = 1) -> dict:
+        """Weather.
+
+        Args:
+            city: The city.
+            days: How many days.
+        """
+        return {"city": city, "temp_c": 18}
+
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok, seed=5), tok, tools=[get_weather], constrain_calls=constrain)
+    prompt_len = alm.encode_prompt("Weather in Paris?")["input_ids"].shape[1]
+    result = alm.generate("Weather in Paris?", max_new_tokens=60, do_sample=False,
+                          logits_processor=LogitsProcessorList([_OpenACall(tok, prompt_len)]))
+    assert result.raw_text.startswith("[CALL]")
+    block = result.raw_text.split("[END]")[0][len("[CALL]"):]
+    call_id, _, body = block.partition("[HEAD]")
+    checker = CallChecker(alm.registry.schemas())
+    if "[HEAD]" in block:
+        ok = re.fullmatch(r"\s*[A-Za-z_]\w*\s*", call_id) is not None and checker.check(body) is not Status.INVALID
+    elif "(" in call_id:  # fire and forget: the call follows [CALL]
+        ok = checker.check(call_id) is not Status.INVALID
+    else:  # still on the id
+        ok = re.fullmatch(r"\s*\w*\s*", call_id) is not None
+    assert ok == (constrain == "schema"), result.raw_text
+
+
+def test_asynclm_refuses_bad_constraint_settings() -> None:
+    from hf_asynclm import AsyncLM
+
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="constrain_calls"):
+        AsyncLM(tiny_llama(tok), tok, constrain_calls="strict")  # type: ignore[arg-type]
+    plain = tiny_tokenizer(with_markers=False)
+    with pytest.raises(ValueError, match="add_cml_tokens"):
+        AsyncLM(tiny_llama(plain), plain, constrain_calls="schema")
+    assert AsyncLM(tiny_llama(plain), plain).constrain_calls == "off"
