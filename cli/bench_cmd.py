@@ -279,7 +279,7 @@ def overhead_command(
     threads: int | None,
     out_dir: Path,
 ) -> None:
-    """Runtime overhead: (a) tokens/s vs plain generate, (b) interrupt cost, (c) dispatch latency."""
+    """Runtime overhead: (a) tokens/s vs plain generate, (b) interrupt cost, (c) dispatch latency, (d) constrained calls."""
     console = _console()
 
     def run() -> None:
@@ -294,7 +294,7 @@ def overhead_command(
         bm = load_bench_model(model_spec)
         console.print(f"model: {bm.label}")
         with _progress(console) as bar:
-            job = bar.add_task("overhead", total=3, current="")
+            job = bar.add_task("overhead", total=4, current="")
             report = run_overhead(cfg, bm, progress=lambda i, section: bar.update(job, completed=i, current=section))
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(report, out_dir / "overhead.json")

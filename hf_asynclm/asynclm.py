@@ -161,16 +161,17 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     """Runtime settings a checkpoint folder records for itself (``cml_training.json`` ->
     ``"runtime"``), checked; ``{}`` when it records none.
 
-    ``hf-asynclm train`` records ``{"interrupt_at": "word"}``: its traces only put interrupts
-    between words or right after a block. A value this version does not know is left out with
-    a warning (the constructor's default applies).
+    ``hf-asynclm train`` records ``{"interrupt_at": "word", "constrain_calls": "schema"}``: its
+    traces only put interrupts between words or right after a block, and its markers are single
+    tokens (calls can be held to the tools' schemas). A value this version does not know is left
+    out with a warning (the constructor's default applies).
 
     Example:
 
     ```python
     >>> from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
     >>> checkpoint_runtime_defaults(DEFAULT_CHECKPOINT)
-    {'interrupt_at': 'word'}
+    {'interrupt_at': 'word', 'constrain_calls': 'schema'}
 
     ```
     """
@@ -296,8 +297,9 @@ class AsyncLM(SessionControl):
         ``endpoint`` / ``HF_ENDPOINT``). LoRA adapters (``adapter_config.json``) are loaded on top
         of their base model with ``peft``. Remaining keyword arguments go to the
         :class:`AsyncLM` constructor; settings the checkpoint records for the runtime
-        (:func:`checkpoint_runtime_defaults`: ``interrupt_at="word"`` for checkpoints trained by
-        ``hf-asynclm train``) apply where those arguments leave them out or pass ``None``.
+        (:func:`checkpoint_runtime_defaults`: ``interrupt_at="word"`` and ``constrain_calls="schema"``
+        for checkpoints trained by ``hf-asynclm train``) apply where those arguments leave them out or
+        pass ``None``.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

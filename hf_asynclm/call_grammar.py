@@ -418,6 +418,7 @@ class CallGrammarProcessor(LogitsProcessor):
         if eos is not None:
             self._blocked.add(int(eos))
         self._context: tuple[int, int, CallChecker] | None = None  # (sequence id, block start, checker)
+        self._scan: tuple | None = None  # the last step: (sequence id, length, last tokens, state, after)
         #: Steps at which no token was valid (scores left alone).
         self.dead_ends = 0
 
@@ -432,10 +433,25 @@ class CallGrammarProcessor(LogitsProcessor):
         self._context = (*key, checker)
         return checker
 
-    def _state(self, ids: list[int]) -> tuple[str, int]:
-        """("outside" | "trap" | "prehead" | "body", index after the block's last marker)."""
+    def _state_during_generation(self, ids: list[int]) -> tuple[str, int]:
+        """:meth:`_state`, scanning only the tokens added since the last step when ``ids`` extends
+        the sequence of the last step (its start and its last tokens are the same)."""
+        key = (hash(tuple(ids[:64])),)
+        last = self._scan
+        if last is not None and last[0] == key and len(ids) >= last[1] and tuple(ids[max(0, last[1] - 8) : last[1]]) == last[2]:
+            found = self._state(ids, stop=last[1])
+            state, after = found if found is not None else (last[3], last[4])
+        else:
+            state, after = self._state(ids) or ("outside", len(ids))
+        self._scan = (key, len(ids), tuple(ids[max(0, len(ids) - 8) :]), state, after)
+        return state, after
+
+    def _state(self, ids: list[int], stop: int = 0) -> Any:
+        """("outside" | "trap" | "prehead" | "body", index after the block's last marker), from the
+        last marker at or after ``stop``; ``None`` when there is none there (with ``stop=0``:
+        ``("outside", len(ids))``)."""
         m = self.markers
-        for pos in range(len(ids) - 1, -1, -1):
+        for pos in range(len(ids) - 1, stop - 1, -1):
             tid = ids[pos]
             if tid not in m.by_id:
                 continue
@@ -447,7 +463,7 @@ class CallGrammarProcessor(LogitsProcessor):
                 return "prehead", pos + 1
             if tid == m.head:
                 return "body", pos + 1
-        return "outside", len(ids)
+        return ("outside", len(ids)) if stop == 0 else None
 
     def allowed(self, ids: list[int], token: int) -> bool:
         """Whether ``token`` may follow ``ids`` (one sequence)."""
@@ -516,7 +532,7 @@ class CallGrammarProcessor(LogitsProcessor):
         if input_ids.shape[0] != 1:
             raise ValueError(f"CallGrammarProcessor follows one sequence; got a batch of {input_ids.shape[0]}")
         ids = input_ids[0].tolist()
-        state, after = self._state(ids)
+        state, after = self._state_during_generation(ids)
         if state == "outside":
             out = scores.clone()
             out[0, [self.markers.head, self.markers.end]] = float("-inf")

@@ -19,5 +19,8 @@ def test_overhead_sections() -> None:
     assert all(r["ride_along_ms"] > 0 and r["reenter_ms"] > 0 for r in intr["rows"])
     assert len(disp["rows"]) == 4 and all(r["n"] == 3 and not math.isnan(r["median_ms"]) and r["median_ms"] >= 0 for r in disp["rows"])
     md = overhead_markdown(report)
-    for section in ("(a) Text without calls", "(b) Interrupt cost", "(c) Dispatch latency"):
+    for section in ("(a) Text without calls", "(b) Interrupt cost", "(c) Dispatch latency", "(d) Constrained calls"):
         assert section in md
+    grammar = report["constrained"]
+    assert grammar["rejected"] == 0  # every token of the valid demo calls is allowed
+    assert grammar["steps_inside"] > 10 and grammar["steps_outside"] > 3 and grammar["inside_median_ms"] > 0

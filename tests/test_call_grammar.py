@@ -289,3 +289,20 @@ def test_asynclm_refuses_bad_constraint_settings() -> None:
     with pytest.raises(ValueError, match="add_cml_tokens"):
         AsyncLM(tiny_llama(plain), plain, constrain_calls="schema")
     assert AsyncLM(tiny_llama(plain), plain).constrain_calls == "off"
+
+
+def test_the_step_by_step_state_matches_a_full_scan() -> None:
+    """The processor scans only new tokens while a sequence grows; any other sequence is scanned whole."""
+    tok = tiny_tokenizer()
+    proc = CallGrammarProcessor(tok, [WEATHER])
+    text = ('Hi. [CALL] w1 [HEAD] get_weather(city="Rome") [END] ok [INTR] w1 [HEAD] {"t": 3} [END] '
+            "[TRAP] [END] [CALL] w2 [HEAD] get_weather(city=\"Oslo\") [END] bye")
+    ids = tok.encode(text, add_special_tokens=False)
+    for n in range(1, len(ids) + 1):
+        assert proc._state_during_generation(ids[:n]) == proc._state(ids[:n]), tok.decode(ids[:n])
+    # not an extension of the last step: a shorter sequence, or one whose last tokens differ
+    for other in (ids[:5], ids[:12] + tok.encode(" [CALL] w3", add_special_tokens=False)):
+        assert proc._state_during_generation(other) == proc._state(other)
+    proc._state_during_generation(ids[:20])
+    changed = ids[:19] + tok.encode("[CALL]", add_special_tokens=False) + ids[20:30]
+    assert proc._state_during_generation(changed) == proc._state(changed)

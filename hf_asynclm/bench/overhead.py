@@ -1,6 +1,6 @@
 """``bench overhead``: what the hf-asynclm runtime costs, measured against plain transformers.
 
-Three sections, each in one run with the same model and settings:
+Four sections, each in one run with the same model and settings:
 
 (a) **Text without calls.** Tokens per second of ``model.generate(..., custom_generate=
     alm.custom_generate)`` divided by plain ``model.generate``: same prompt, greedy,
@@ -19,6 +19,10 @@ Three sections, each in one run with the same model and settings:
     (``CallRecord.started_at``), over ``generations x calls`` no-op calls, for ``async def``
     and plain (thread-pool) tools, with the decode thread computing (real decode) and mostly
     sleeping (decode emulated at 5 ms/token, like an accelerator). Target: median < 1 ms.
+(d) **Constrained calls.** Time of the ``constrain_calls="schema"`` logits processor
+    (:mod:`hf_asynclm.call_grammar`) per step, inside call blocks and outside, on the model's
+    own logits teacher-forced over two calls of the demo tools; set against (b)'s decode step.
+    Every token of those valid calls must be allowed (``rejected`` = 0).
 
 Example (tiny sizes):
 
@@ -28,8 +32,8 @@ Example (tiny sizes):
 >>> cfg = OverheadConfig(new_tokens=8, reps=1, interrupt_tokens=(8,), context_tokens=16, calls=2, generations=1, threads=1,
 ...                      emulated_tpot_ms=1.0)
 >>> report = run_overhead(cfg, load_bench_model("random"))
->>> sorted(k for k in ("text", "interrupt", "dispatch") if k in report)
-['dispatch', 'interrupt', 'text']
+>>> sorted(k for k in ("text", "interrupt", "dispatch", "constrained") if k in report)
+['constrained', 'dispatch', 'interrupt', 'text']
 
 ```
 """
@@ -51,7 +55,7 @@ from ..cml import format_call, format_interrupt, marker_token_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OverheadConfig", "run_overhead", "text_throughput", "interrupt_cost", "dispatch_latency"]
+__all__ = ["OverheadConfig", "run_overhead", "text_throughput", "interrupt_cost", "dispatch_latency", "constrained_cost"]
 
 _PROMPT = (
     "The weather in Paris is mild today. Let me check the flights and the hotels for you. "
@@ -342,10 +346,67 @@ def dispatch_latency(bm: Any, calls: int, generations: int, emulated_tpot_ms: fl
 
 
 # ---------------------------------------------------------------------------------------------
+# (d) constrained calls
+# ---------------------------------------------------------------------------------------------
+
+#: What (d) feeds after the prompt: text, two calls of the demo tools, text.
+_CONSTRAINED_TEXT = (
+    'Let me look. [CALL] w1 [HEAD] get_weather(city="Paris") [END] '
+    '[CALL] h1 [HEAD] find_hotel(city="Rio de Janeiro", max_price=250) [END] Both are on their way.'
+)
+
+
+def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
+    """Time :class:`~hf_asynclm.call_grammar.CallGrammarProcessor` per decode step, inside and
+    outside call blocks, on the model's own logits (teacher-forced over ``_CONSTRAINED_TEXT``
+    after a prompt with the demo tools); ``None`` when the markers are not single tokens.
+
+    Also a correctness check: every token of those valid calls must be allowed (``rejected``).
+    """
+    from ..asynclm import AsyncLM
+    from ..call_grammar import CallGrammarProcessor
+    from ..demo_tools import demo_tools
+
+    model, tok = bm.model, bm.tokenizer
+    if not marker_token_ids(tok).single_token:
+        return None
+    alm = AsyncLM(model, tok, tools=demo_tools())
+    prompt = alm.encode_prompt("Weather in Paris, and a hotel in Rio de Janeiro under $250?")["input_ids"][0].tolist()
+    ids = prompt + tok.encode(_CONSTRAINED_TEXT, add_special_tokens=False)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
+    schemas = alm.registry.schemas()
+    inside: list[float] = []
+    outside: list[float] = []
+    rejected = 0
+    for _ in range(reps):
+        proc = CallGrammarProcessor(tok, schemas)  # a fresh one per pass, as per generation
+        for pos in range(len(prompt), len(ids)):
+            seq = torch.tensor([ids[:pos]])
+            scores = logits[pos - 1 : pos].clone()
+            t0 = time.perf_counter()
+            proc(seq, scores)
+            dt = time.perf_counter() - t0
+            state, _ = proc._state(ids[:pos])
+            (outside if state == "outside" else inside).append(dt)
+            rejected += not proc.allowed(ids[:pos], ids[pos])  # the grammar's verdict, whatever the ranking
+    return {
+        "reps": reps,
+        "prompt_tokens": len(prompt),
+        "steps_inside": len(inside) // reps,
+        "steps_outside": len(outside) // reps,
+        "inside_median_ms": statistics.median(inside) * 1e3,
+        "inside_p99_ms": _pct(inside, 0.99) * 1e3,
+        "outside_median_ms": statistics.median(outside) * 1e3,
+        "rejected": rejected,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def run_overhead(config: OverheadConfig, bm: Any | None = None, progress: Callable[[int, str], None] | None = None) -> dict[str, Any]:
-    """Run the three sections; return a JSON-serialisable report."""
+    """Run the four sections; return a JSON-serialisable report."""
     from .latency import _environment, load_bench_model, torch_threads
 
     bm = bm or load_bench_model()
@@ -360,6 +421,9 @@ def run_overhead(config: OverheadConfig, bm: Any | None = None, progress: Callab
         disp = dispatch_latency(bm, config.calls, config.generations, config.emulated_tpot_ms)
         if progress:
             progress(3, "dispatch")
+        grammar = constrained_cost(bm, config.reps)
+        if progress:
+            progress(4, "constrained calls")
     return {
         "benchmark": "overhead",
         "config": config.to_dict(),
@@ -369,4 +433,5 @@ def run_overhead(config: OverheadConfig, bm: Any | None = None, progress: Callab
         "text": text,
         "interrupt": intr,
         "dispatch": disp,
+        "constrained": grammar,
     }

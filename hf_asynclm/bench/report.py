@@ -379,7 +379,7 @@ def plot_timeline_detail(task_row: Mapping[str, Any], path: str | Path, title: s
 
 
 def overhead_markdown(report: Mapping[str, Any]) -> str:
-    """Markdown of a ``bench overhead`` report (its three sections)."""
+    """Markdown of a ``bench overhead`` report (its sections)."""
     env = report.get("environment", {})
     a, b, c = report["text"], report["interrupt"], report["dispatch"]
     lines = [
@@ -419,6 +419,23 @@ def overhead_markdown(report: Mapping[str, Any]) -> str:
             f"| {row['tool']} | {row['decode']} | {row['median_ms']:.3f} | {row['p99_ms']:.3f} | {row['max_ms']:.3f} | {_num(row.get('first_median_ms'), '{:.3f}')} |"
         )
     lines += ["", f"Target: median under 1 ms: {c['verdict']}."]
+    d = report.get("constrained")
+    if d:
+        step = b["decode_step_ms"]
+        lines += [
+            "",
+            f"**(d) Constrained calls** (`constrain_calls=\"schema\"`: the logits processor per step, on the model's own logits "
+            f"over two calls of the demo tools after a {d['prompt_tokens']}-token prompt; {d['reps']} passes, medians):",
+            "",
+            "| where | steps per pass | processor (ms) | / decode step ({:.3f} ms) |".format(step),
+            "|---|---|---|---|",
+            f"| inside call blocks | {d['steps_inside']} | {d['inside_median_ms']:.3f} (p99 {d['inside_p99_ms']:.3f}) | {d['inside_median_ms'] / step:.2f} |",
+            f"| outside blocks | {d['steps_outside']} | {d['outside_median_ms']:.3f} | {d['outside_median_ms'] / step:.2f} |",
+            "",
+            f"Tokens of those valid calls the processor refused: {d['rejected']} (must be 0).",
+        ]
+    elif "constrained" in report:
+        lines += ["", "**(d) Constrained calls**: not measured (the CML markers are not single tokens in this tokenizer)."]
     return "\n".join(lines) + "\n"
 
 
