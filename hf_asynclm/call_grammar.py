@@ -50,6 +50,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .cml import marker_token_ids
+from .executor.executor import RESERVED_IDS
 from .executor.registry import _TYPE_ALIASES
 
 logger = logging.getLogger(__name__)
@@ -486,7 +487,7 @@ class CallGrammarProcessor(LogitsProcessor):
             call_id = text.strip()
             return (
                 state == "prehead" and "(" not in text and _IDENT.fullmatch(call_id) is not None
-                and call_id not in checker.call_ids
+                and call_id not in checker.call_ids and call_id not in RESERVED_IDS
             )
         if token == m.end:
             text = self.tokenizer.decode(ids[after:])
@@ -512,8 +513,8 @@ class CallGrammarProcessor(LogitsProcessor):
         lead, word, trail = m.groups()
         if len(lead) > MAX_SPACES or len(trail) > MAX_SPACES or (trail and not word):
             return False
-        if trail and word in checker.call_ids:
-            return False  # an id must be new
+        if trail and (word in checker.call_ids or word in RESERVED_IDS):
+            return False  # an id must be new, and not one the runtime keeps for itself
         if any(name.startswith(word) for name in checker.tools):
             return True
         if not (word == "" or _IDENT.fullmatch(word)) or len(word) > MAX_ID_CHARS:

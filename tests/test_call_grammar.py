@@ -193,6 +193,7 @@ def test_ids_of_earlier_calls_cannot_be_reused_and_head_end_stay_inside_blocks()
     earlier = '[CALL] w1 [HEAD] get_weather(city="Rome") [END] [INTR] w1 [HEAD] {"t": 3} [END] '
     assert not proc.allowed(tok.encode(earlier + "[CALL] w1", add_special_tokens=False), head)
     assert proc.allowed(tok.encode(earlier + "[CALL] w2", add_special_tokens=False), head)
+    assert not proc.allowed(tok.encode(earlier + "[CALL] user", add_special_tokens=False), head)  # reserved for the runtime
     assert proc.allowed(tok.encode(earlier + "[CALL] w1", add_special_tokens=False), tok.encode("2", add_special_tokens=False)[0])
     outside = tok.encode(earlier + "Rome is", add_special_tokens=False)
     assert not proc.allowed(outside, head) and not proc.allowed(outside, end)

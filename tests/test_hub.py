@@ -302,7 +302,7 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
         "config": {"learning_rate": 0.0002, "batch_size": 8, "max_length": 512, "lora": True, "lora_r": 16,
                    "seed": 0, "preset": None},
         "loss_history": [{"step": 10, "loss": 2.0}],
-        "runtime": {"interrupt_at": "word"},
+        "runtime": {"interrupt_at": "word", "constrain_calls": "schema"},
     }
     (tmp_path / "gemma-3-270m").mkdir()
     (folder / "cml_training.json").write_text(json.dumps(record))
@@ -316,7 +316,8 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
                 "| call_time_ms | mean 110.2 (min 30, max 500) |", "| scheduling | LPT=120 |"):
         assert row in text, row
     assert "truncated" not in text and "loss_history" not in text and "/data/traces" not in text
-    assert '"runtime": {"interrupt_at": "word"}' in text and "between words or right after a block" in text
+    assert '`"interrupt_at": "word"`' in text and "between words or right after a block" in text
+    assert '`"constrain_calls": "schema"`' in text and 'constrain_calls="off"' in text
     card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
     assert card.data.base_model == "google/gemma-3-270m"
 
