@@ -468,9 +468,16 @@ class CallGrammarProcessor(LogitsProcessor):
 
     def allowed(self, ids: list[int], token: int) -> bool:
         """Whether ``token`` may follow ``ids`` (one sequence)."""
-        return self._allowed(ids, *self._state(ids), token)
+        state, after = self._state(ids)
+        return self._allowed(ids, state, after, self._block_checker(ids, state, after), token)
 
-    def _allowed(self, ids: list[int], state: str, after: int, token: int) -> bool:
+    def _block_checker(self, ids: list[int], state: str, after: int) -> CallChecker | None:
+        """The checker of the open call block (``None`` outside one or in a trap)."""
+        if state not in ("prehead", "body"):
+            return None
+        return self._checker(ids, after - 1 if state == "prehead" else self._block_start(ids, after))
+
+    def _allowed(self, ids: list[int], state: str, after: int, checker: CallChecker | None, token: int) -> bool:
         m = self.markers
         if state == "outside":
             return token not in (m.head, m.end)
@@ -480,8 +487,7 @@ class CallGrammarProcessor(LogitsProcessor):
             if token == m.end:
                 return True
             return token not in m.by_id and not self.tokenizer.decode(ids[after:] + [token]).strip()
-        start = after - 1 if state == "prehead" else self._block_start(ids, after)
-        checker = self._checker(ids, start)
+        assert checker is not None
         if token == m.head:
             text = self.tokenizer.decode(ids[after:])
             call_id = text.strip()
@@ -538,12 +544,13 @@ class CallGrammarProcessor(LogitsProcessor):
             out = scores.clone()
             out[0, [self.markers.head, self.markers.end]] = float("-inf")
             return out
+        checker = self._block_checker(ids, state, after)
         top = torch.topk(scores[0], min(self.max_scan, scores.shape[-1]))
         valid: list[int] = []
         for rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             if (rank >= self.candidates and valid) or value == float("-inf"):
                 break
-            if self._allowed(ids, state, after, token):
+            if self._allowed(ids, state, after, checker, token):
                 valid.append(token)
         if not valid:
             self.dead_ends += 1
