@@ -197,6 +197,15 @@ class _Parse:
         if self.i - start > MAX_SPACES:
             raise _Invalid
 
+    def separator(self, close: str) -> None:
+        """After an argument or item: ``,`` and spaces, or ``close`` (left for the caller to read)."""
+        self.spaces()
+        if self.peek() == ",":
+            self.i += 1
+            self.spaces()
+        elif self.peek() != close:
+            raise _Invalid
+
     def read(self, pattern: re.Pattern[str]) -> str:
         m = pattern.match(self.s, self.i)
         text = m.group(0) if m else ""
@@ -241,12 +250,7 @@ class _Parse:
             self.expect("=")
             self.spaces()
             self.value(props.get(key), depth=0)
-            self.spaces()
-            if self.peek() == ",":
-                self.i += 1
-                self.spaces()
-            elif self.peek() != ")":
-                raise _Invalid
+            self.separator(")")
 
     # values -------------------------------------------------------------------------------------
     def value(self, schema: Mapping[str, Any] | None, depth: int) -> None:
@@ -336,12 +340,7 @@ class _Parse:
                 self.i += 1
                 return
             self.value(items, depth + 1)
-            self.spaces()
-            if self.peek() == ",":
-                self.i += 1
-                self.spaces()
-            elif self.peek() != close:
-                raise _Invalid
+            self.separator(close)
 
     def mapping(self, depth: int) -> None:
         self.i += 1
@@ -355,12 +354,7 @@ class _Parse:
             self.expect(":")
             self.spaces()
             self.value(None, depth + 1)
-            self.spaces()
-            if self.peek() == ",":
-                self.i += 1
-                self.spaces()
-            elif self.peek() != "}":
-                raise _Invalid
+            self.separator("}")
 
 
 class CallGrammarProcessor(LogitsProcessor):
