@@ -18,7 +18,10 @@ What constraints cannot do is choose for the model: a call repeated or left out 
 model's decision. Tokens are checked lazily, most likely first: the processor keeps the valid
 tokens among the ``candidates`` most likely ones (greedy decoding takes the best valid token;
 sampling samples among those), scanning further down the ranking only when none of them is
-valid, and leaves the scores alone where no token at all is valid (the runtime then answers the
+valid. Where none of the ``max_scan`` most likely tokens is valid either (a model with a large
+vocabulary that has talked itself into a corner, e.g. Gemma after ``[HEAD] co``), it looks through
+the whole vocabulary, indexed once by each token's first character, for the best valid tokens;
+only where no token at all is valid does it leave the scores alone (the runtime then answers the
 broken block with an error interrupt, as without constraints). The processor is stateless: it
 reads the open block from ``input_ids`` at every step, so it works inside hf-asynclm's decode
 loop (with interrupts and resampled tokens) and in a plain ``model.generate`` alike. It needs
@@ -365,7 +368,8 @@ class CallGrammarProcessor(LogitsProcessor):
         tokenizer: the model's tokenizer; the five CML markers must be single tokens.
         tools: tool schemas (``ToolRegistry.schemas()`` or OpenAI-style dicts).
         candidates: how many of the most likely tokens to keep the valid ones of.
-        max_scan: how far down the ranking to look when none of those is valid.
+        max_scan: how far down the ranking to look when none of those is valid, before looking
+            through the whole vocabulary (by first character).
 
     Example:
 
@@ -416,6 +420,9 @@ class CallGrammarProcessor(LogitsProcessor):
         self._scan: tuple | None = None  # the last step: (sequence id, length, last tokens, state, after)
         #: Steps at which no token was valid (scores left alone).
         self.dead_ends = 0
+        #: Steps at which the valid tokens were found only by the whole-vocabulary search.
+        self.vocabulary_searches = 0
+        self._by_first_char: dict[str, torch.Tensor] | None = None  # built at the first such step
 
     # ---------------------------------------------------------------------------------------
     def _checker(self, ids: list[int], start: int) -> CallChecker:
@@ -494,7 +501,11 @@ class CallGrammarProcessor(LogitsProcessor):
             if state == "prehead" and "(" not in text:
                 return False
             return checker.check(text) is Status.COMPLETE
-        text = self.tokenizer.decode(ids[after:] + [token])
+        return self._text_ok(state, self.tokenizer.decode(ids[after:] + [token]), checker)
+
+    def _text_ok(self, state: str, text: str, checker: CallChecker) -> bool:
+        """Whether ``text`` (what follows the open block's last marker, no marker in it) keeps a
+        ``prehead`` or ``body`` block valid."""
         partial_char = text.endswith("\ufffd")  # a character cut between tokens: only inside a string
         text = text.rstrip("\ufffd")
         if state == "prehead" and "(" not in text:
@@ -547,9 +558,61 @@ class CallGrammarProcessor(LogitsProcessor):
             if self._allowed(ids, state, after, checker, token):
                 valid.append(token)
         if not valid:
+            valid = self._search_vocabulary(ids, state, after, checker, scores[0])
+            self.vocabulary_searches += bool(valid)
+        if not valid:
             self.dead_ends += 1
             logger.debug("no valid token inside the block %r", self.tokenizer.decode(ids[-32:]))
             return scores
         out = torch.full_like(scores, float("-inf"))
         out[0, valid] = scores[0, valid]
         return out
+
+    # -- whole-vocabulary search ----------------------------------------------------------------
+    def _first_char_index(self) -> dict[str, torch.Tensor]:
+        """Token ids by the first character of their text (markers and blocked tokens left out),
+        built once: ~3 s for Gemma's 262k tokens."""
+        if self._by_first_char is None:
+            skip = set(self.markers.by_id) | self._blocked
+            groups: dict[str, list[int]] = {}
+            pieces = self.tokenizer.batch_decode([[t] for t in range(len(self.tokenizer))])
+            for token, piece in enumerate(pieces):
+                if token not in skip:
+                    groups.setdefault(piece[:1], []).append(token)
+            self._by_first_char = {c: torch.tensor(ts, dtype=torch.long) for c, ts in groups.items()}
+        return self._by_first_char
+
+    def _search_vocabulary(
+        self, ids: list[int], state: str, after: int, checker: CallChecker | None, scores: torch.Tensor
+    ) -> list[int]:
+        """The best valid tokens of the whole vocabulary (at most ``candidates``), for a step where
+        none of the ``max_scan`` most likely is valid.
+
+        Only tokens whose first character may come next are checked (each character of the
+        vocabulary's first characters tried once on the text so far; characters beyond ASCII only
+        inside a free string, the one place the grammar lets them stand), best score first.
+        """
+        index = self._first_char_index()
+        m = self.markers
+        if state == "trap":
+            keys = [c for c in index if c.isspace()]
+            pool = [torch.tensor([m.end])]
+        else:
+            assert checker is not None
+            text = self.tokenizer.decode(ids[after:]).rstrip("\ufffd")
+            in_string = state == "body" and checker.in_string(text)
+            keys = [  # tokens that decode to nothing are left out: they would keep any block "valid"
+                c for c in index
+                if c and ((c.isascii() and self._text_ok(state, text + c, checker)) or (not c.isascii() and in_string))
+            ]
+            pool = [torch.tensor([m.head, m.end])]
+        pool += [index[c] for c in keys]
+        tokens = torch.cat(pool)
+        order = torch.argsort(scores[tokens], descending=True, stable=True)
+        valid: list[int] = []
+        for rank, token in enumerate(tokens[order].tolist()):
+            if (rank >= self.candidates and valid) or scores[token].item() == float("-inf"):
+                break
+            if self._allowed(ids, state, after, checker, token):
+                valid.append(token)
+        return valid

@@ -214,6 +214,29 @@ def test_no_valid_token_leaves_the_scores_alone() -> None:
     assert proc.dead_ends == 1
 
 
+def test_a_valid_token_far_down_the_ranking_is_found_in_the_whole_vocabulary() -> None:
+    """None of the max_scan most likely tokens is valid (Gemma after ``[HEAD] co``): the processor
+    looks through the whole vocabulary and keeps the best valid tokens instead of giving up."""
+    tok = tiny_tokenizer()
+    proc = CallGrammarProcessor(tok, [WEATHER], candidates=2, max_scan=4)
+    ids = tok.encode("[CALL] w1 [HEAD] get_weather(", add_special_tokens=False)
+    scores = torch.linspace(1.0, 0.0, len(tok)).unsqueeze(0)  # token 0 best, the last worst
+    ranked = torch.argsort(scores[0], descending=True).tolist()
+    best = [t for t in ranked if proc.allowed(ids, t)][0]
+    assert ranked.index(best) >= 4  # beyond max_scan
+    out = proc(torch.tensor([ids]), scores)
+    kept = torch.nonzero(out[0] > float("-inf")).flatten().tolist()
+    assert best in kept and all(proc.allowed(ids, t) for t in kept)
+    assert int(out[0].argmax()) == best  # greedy decoding takes the best valid token
+    assert all(tok.decode(ids + [t]).endswith(tuple("city"[: i + 1] for i in range(4))) for t in kept)
+    assert proc.vocabulary_searches == 1 and proc.dead_ends == 0
+    # the same in a trap: only [END] or spaces, found however low they rank
+    trap = tok.encode("Rome [TRAP]", add_special_tokens=False)
+    out = proc(torch.tensor([trap]), scores)
+    kept = torch.nonzero(out[0] > float("-inf")).flatten().tolist()
+    assert kept and all(t == tok.convert_tokens_to_ids("[END]") or not tok.decode([t]).strip() for t in kept)
+
+
 def test_the_schema_of_a_registry_works_as_it_is() -> None:
     from hf_asynclm.executor.registry import ToolRegistry
 
