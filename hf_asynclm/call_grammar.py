@@ -551,12 +551,7 @@ class CallGrammarProcessor(LogitsProcessor):
             return out
         checker = self._block_checker(ids, state, after)
         top = torch.topk(scores[0], min(self.max_scan, scores.shape[-1]))
-        valid: list[int] = []
-        for rank, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-            if (rank >= self.candidates and valid) or value == float("-inf"):
-                break
-            if self._allowed(ids, state, after, checker, token):
-                valid.append(token)
+        valid = self._best_valid(ids, state, after, checker, top.indices.tolist(), top.values.tolist())
         if not valid:
             valid = self._search_vocabulary(ids, state, after, checker, scores[0])
             self.vocabulary_searches += bool(valid)
@@ -608,10 +603,17 @@ class CallGrammarProcessor(LogitsProcessor):
             pool = [torch.tensor([m.head, m.end])]
         pool += [index[c] for c in keys]
         tokens = torch.cat(pool)
-        order = torch.argsort(scores[tokens], descending=True, stable=True)
+        values, order = torch.sort(scores[tokens], descending=True, stable=True)
+        return self._best_valid(ids, state, after, checker, tokens[order].tolist(), values.tolist())
+
+    def _best_valid(
+        self, ids: list[int], state: str, after: int, checker: CallChecker | None, ranked: list[int], values: list[float]
+    ) -> list[int]:
+        """The valid tokens among the first ``candidates`` of ``ranked`` (best first, with their
+        scores ``values``), or, where none of those is, the first valid one further down."""
         valid: list[int] = []
-        for rank, token in enumerate(tokens[order].tolist()):
-            if (rank >= self.candidates and valid) or scores[token].item() == float("-inf"):
+        for rank, (token, value) in enumerate(zip(ranked, values)):
+            if (rank >= self.candidates and valid) or value == float("-inf"):
                 break
             if self._allowed(ids, state, after, checker, token):
                 valid.append(token)
