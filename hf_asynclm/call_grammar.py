@@ -555,7 +555,7 @@ class CallGrammarProcessor(LogitsProcessor):
         top = torch.topk(scores[0], min(self.max_scan, scores.shape[-1]))
         valid = self._best_valid(ids, state, after, checker, top.indices.tolist(), top.values.tolist())
         if not valid:
-            valid = self._search_vocabulary(ids, state, after, checker, scores[0])
+            valid = self._search_vocabulary(ids, state, after, checker, scores[0], checked=top.indices)
             self.vocabulary_searches += bool(valid)
         if not valid:
             self.dead_ends += 1
@@ -584,10 +584,11 @@ class CallGrammarProcessor(LogitsProcessor):
         return index
 
     def _search_vocabulary(
-        self, ids: list[int], state: str, after: int, checker: CallChecker | None, scores: torch.Tensor
+        self, ids: list[int], state: str, after: int, checker: CallChecker | None, scores: torch.Tensor,
+        checked: torch.Tensor,
     ) -> list[int]:
         """The best valid tokens of the whole vocabulary (at most ``candidates``), for a step where
-        none of the ``max_scan`` most likely is valid.
+        none of the ``max_scan`` most likely (``checked``, not checked again) is valid.
 
         Only tokens whose first character may come next are checked (each character of the
         vocabulary's first characters tried once on the text so far; characters beyond ASCII only
@@ -609,6 +610,7 @@ class CallGrammarProcessor(LogitsProcessor):
             pool = [torch.tensor([m.head, m.end])]
         pool += [index[c] for c in keys]
         tokens = torch.cat(pool)
+        tokens = tokens[~torch.isin(tokens, checked)]
         values, order = torch.sort(scores[tokens], descending=True, stable=True)
         return self._best_valid(ids, state, after, checker, tokens[order].tolist(), values.tolist())
 

@@ -235,6 +235,7 @@ def test_a_valid_token_far_down_the_ranking_is_found_in_the_whole_vocabulary() -
     out = proc(torch.tensor([trap]), scores)
     kept = torch.nonzero(out[0] > float("-inf")).flatten().tolist()
     assert kept and all(t == tok.convert_tokens_to_ids("[END]") or not tok.decode([t]).strip() for t in kept)
+    assert proc.vocabulary_searches == 2 and proc.dead_ends == 0
     # the index is built once per tokenizer (a processor is made per generation), and again when it grows
     index = proc._first_char_index()
     assert CallGrammarProcessor(tok, [WEATHER])._first_char_index() is index
