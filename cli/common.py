@@ -227,10 +227,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--constrain-calls",
-            type=click.Choice(["off", "schema"]),
+            type=click.Choice(["off", "schema", "grounded"]),
             default=None,
             help="Local backend: constrained decoding of call blocks: off, or schema (only calls of the tools with arguments of "
-            "their types, new ids). Default: what the checkpoint records, else off.",
+            "their types, new ids), or grounded (schema, and string and number values copied from the conversation or the tools' "
+            "schemas). Default: what the checkpoint records, else off.",
         ),
         click.option(
             "--emulate-tpot-ms",

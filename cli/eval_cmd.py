@@ -23,9 +23,10 @@ import click
     "Default: what the checkpoint records (word for checkpoints made by hf-asynclm train), else token.",
 )
 @click.option(
-    "--constrain-calls", type=click.Choice(["off", "schema"]), default=None,
+    "--constrain-calls", type=click.Choice(["off", "schema", "grounded"]), default=None,
     help="Constrained decoding of call blocks: off, or schema (only calls of the task's tools with arguments of "
-    "their types, new ids). Default: what the checkpoint records, else off.",
+    "their types, new ids), or grounded (schema, and string and number values copied from the conversation or the "
+    "tools' schemas). Default: what the checkpoint records, else off.",
 )
 @click.option(
     "--exclude-tasks", "exclude_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),

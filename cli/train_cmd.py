@@ -59,6 +59,8 @@ Examples:
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint in --out.")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete earlier checkpoints in --out and start over.")
+@click.option("--constrain-calls", type=click.Choice(["off", "schema", "grounded"]), default=None,
+              help="What the checkpoint records for the runtime's constrained calls (cml_training.json; AsyncLM.from_pretrained and the CLI use it) [schema].")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def train_command(quiet: bool, **options: Any) -> None:
     """Train a CML checkpoint: a tiny model from scratch, or fine-tune --base (full or --lora).

@@ -163,15 +163,16 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
 
     ``hf-asynclm train`` records ``{"interrupt_at": "word", "constrain_calls": "schema"}``: its
     traces only put interrupts between words or right after a block, and its markers are single
-    tokens (calls can be held to the tools' schemas). A value this version does not know is left
-    out with a warning (the constructor's default applies).
+    tokens (calls can be held to the tools' schemas; ``--constrain-calls`` records another setting,
+    e.g. the shipped cml-tiny's ``"grounded"``). A value this version does not know is left out
+    with a warning (the constructor's default applies).
 
     Example:
 
     ```python
     >>> from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
     >>> checkpoint_runtime_defaults(DEFAULT_CHECKPOINT)
-    {'interrupt_at': 'word', 'constrain_calls': 'schema'}
+    {'interrupt_at': 'word', 'constrain_calls': 'grounded'}
 
     ```
     """
@@ -222,8 +223,9 @@ class AsyncLM(SessionControl):
         max_cml_errors: stop after this many malformed CML blocks in a row (a model looping on
             broken CML; ``stop_reason="cml_errors"``); ``None`` never stops for that.
         constrain_calls: constrained decoding of call blocks (:mod:`hf_asynclm.call_grammar`):
-            ``"off"`` or ``"schema"`` (only calls of these tools, with arguments of their types
-            and new call ids). Needs the markers as single tokens.
+            ``"off"``, ``"schema"`` (only calls of these tools, with arguments of their types
+            and new call ids) or ``"grounded"`` (``"schema"``, and every string and number value
+            copied from the conversation or the tools' schemas). Needs the markers as single tokens.
     """
 
     def __init__(
@@ -403,7 +405,9 @@ class AsyncLM(SessionControl):
                 streamer = _streamer_of_calling_generate()
             if alm.constrain_calls != "off":
                 # first, so that sampling warpers work on the valid tokens only
-                grammar = CallGrammarProcessor(alm.tokenizer, alm.registry.schemas())
+                grammar = CallGrammarProcessor(
+                    alm.tokenizer, alm.registry.schemas(), grounded=alm.constrain_calls == "grounded"
+                )
                 logits_processor = LogitsProcessorList([grammar, *(logits_processor or [])])
             with alm._lock:
                 alm._session = session

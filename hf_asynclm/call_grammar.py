@@ -14,6 +14,15 @@ TGI, vLLM or llama.cpp, specialised to CML and the tools' JSON schemas):
 * ``[TRAP]`` is followed by ``[END]``; ``[HEAD]`` and ``[END]`` never appear outside a block;
   nothing else (EOS, other markers, special tokens) is allowed inside one.
 
+With ``constrain_calls="grounded"`` every string and number in the arguments must also be copied
+from the conversation so far (prompt, tools, the model's own text and the results before the
+block) or from the tools' schemas (descriptions, defaults): the value has to appear there
+whole, starting and ending where a word (a number) starts and ends, so that ``"Bankrupt"`` does
+not stand for ``"Bankruptcy"`` nor ``1000`` for ``1000000000.0``. ``True``/``False``/``None``,
+``enum`` values and references to earlier calls need no copy. It is for tasks whose values are
+all in the context (extraction-style requests, the BFCL plan in the prompt); a value that must be
+computed or translated (``"EUR"`` for "euros") cannot be written under it.
+
 What constraints cannot do is choose for the model: a call repeated or left out is still the
 model's decision. Tokens are checked lazily, most likely first: the processor keeps the valid
 tokens among the ``candidates`` most likely ones (greedy decoding takes the best valid token;
@@ -59,15 +68,18 @@ from .executor.registry import _TYPE_ALIASES
 
 logger = logging.getLogger(__name__)
 
-ConstrainCalls = Literal["off", "schema"]
-#: The settings of ``AsyncLM(constrain_calls=...)``: no constraint, or calls valid for the tools' schemas.
-CONSTRAIN_CALLS: tuple[str, ...] = ("off", "schema")
+ConstrainCalls = Literal["off", "schema", "grounded"]
+#: The settings of ``AsyncLM(constrain_calls=...)``: no constraint, calls valid for the tools' schemas,
+#: or valid calls whose string and number values are copied from the context.
+CONSTRAIN_CALLS: tuple[str, ...] = ("off", "schema", "grounded")
 
 #: Longest run of whitespace allowed between the parts of a call (a model looping on spaces
 #: inside a block cannot go on for ever).
 MAX_SPACES = 2
 #: Deepest nesting of lists / dicts in an argument value.
 MAX_DEPTH = 8
+#: Most bytes of one character a block may wait for (UTF-8 takes at most four: three pending).
+MAX_PENDING_BYTES = 3
 #: Longest number literal (a model looping on ``0000...`` cannot go on for ever).
 MAX_NUMBER_CHARS = 32
 
@@ -76,7 +88,8 @@ _IDENT_CHARS = re.compile(r"[A-Za-z0-9_]*")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER_PREFIX = re.compile(r"-?\d*(?:\.\d*)?(?:[eE][+-]?\d*)?")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
-_CALL_IDS = re.compile(r"\[CALL\]\s*([A-Za-z_][A-Za-z0-9_]*)\s*\[HEAD\]")
+#: A number in running text (``constrain_calls="grounded"``): not glued to a word or another number.
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?!\d)(?!\.\d)")
 _PREHEAD_PARTS = re.compile(r"([ \t\n]*)([A-Za-z0-9_.]*)([ \t\n]*)")
 _SPACES = " \t\n"
 #: Longest call id (a model looping on id characters cannot go on for ever).
@@ -129,6 +142,101 @@ def _function_schema(schema: Mapping[str, Any]) -> Mapping[str, Any]:
     return schema.get("function", schema) if isinstance(schema.get("function"), Mapping) else schema
 
 
+_DOC_KEYS = ("description", "default", "examples", "title")
+
+
+def _documentation(value: Any, documenting: bool = False) -> list[str]:
+    """The texts and numbers a schema documents (under ``description``, ``default``, ``examples``,
+    ``title``), which ``constrain_calls="grounded"`` lets values copy."""
+    if isinstance(value, Mapping):
+        return [t for k, v in value.items() for t in _documentation(v, documenting or k in _DOC_KEYS)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _documentation(v, documenting)]
+    if documenting and not isinstance(value, bool) and isinstance(value, (str, int, float)):
+        return [str(value)]
+    return []
+
+
+def _word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+class Grounding:
+    """The text argument values must be copied from (``constrain_calls="grounded"``), and the
+    checks a :class:`CallChecker` makes against it. A string value must occur in the text with
+    no word character right before or after it where its own first or last character is a word
+    character (``"Rome"`` in ``"Rome, Italy"``, not ``"Rom"``), and not begin or end with
+    whitespace. A number must be one of the text's numbers as written (``120.5``, ``-3``,
+    ``1e-06``; a whole number written ``500000.0`` may also be written ``500000``); an integer
+    argument only takes whole numbers.
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.call_grammar import Grounding
+    >>> g = Grounding('Find flights to Rome, Italy for 120.5 USD, 3 seats')
+    >>> g.string("Rome"), g.string("Rome, Italy"), g.string("Rom"), g.string("Paris")
+    (True, True, False, False)
+    >>> g.string_prefix("Rom"), g.number("120.5"), g.number("120"), g.number_prefix("12")
+    (True, True, False, True)
+    >>> g.number_prefix("12", integer=True), g.number("3", integer=True)
+    (False, True)
+
+    ```
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._memo: dict[tuple[str, str], bool] = {}
+        numbers = set(_NUMBER_IN_TEXT.findall(text))
+        numbers |= {n.split(".")[0] for n in numbers if re.fullmatch(r"-?\d+\.0+", n)}
+        self._numbers = numbers
+        self._integers = {n for n in numbers if re.fullmatch(r"-?\d+", n)}
+
+    def _check(self, kind: str, value: str) -> bool:
+        key = (kind, value)
+        known = self._memo.get(key)
+        if known is None:
+            known = self._memo[key] = self._search(kind, value)
+        return known
+
+    def _search(self, kind: str, value: str) -> bool:
+        g = self.text
+        start = g.find(value)
+        while start >= 0:
+            end = start + len(value)
+            if not (start > 0 and value and _word_char(g[start - 1]) and _word_char(value[0])) and not (
+                kind == "string" and end < len(g) and _word_char(g[end]) and _word_char(value[-1])
+            ) and not (kind == "non_ascii" and (end >= len(g) or g[end].isascii())) and not (
+                kind == "prefix" and value[-1].isspace() and not g[end:].strip()  # nothing left to end it with
+            ):
+                return True
+            start = g.find(value, start + 1)
+        return False
+
+    def string(self, value: str) -> bool:
+        """Whether the string ``value`` may be written whole (the empty string always may; no
+        value starts or ends with whitespace)."""
+        return value == "" or (value == value.strip() and self._check("string", value))
+
+    def string_prefix(self, value: str) -> bool:
+        """Whether a string value may start with ``value``."""
+        return value == "" or (not value[0].isspace() and self._check("prefix", value))
+
+    def non_ascii_follows(self, value: str) -> bool:
+        """Whether a string value starting with ``value`` may go on with a character beyond ASCII
+        (a token that ends inside such a character can only be checked this way)."""
+        return self._check("non_ascii", value)
+
+    def number(self, literal: str, integer: bool = False) -> bool:
+        """Whether the number ``literal`` (as written) may be written whole."""
+        return literal in (self._integers if integer else self._numbers)
+
+    def number_prefix(self, literal: str, integer: bool = False) -> bool:
+        """Whether a number literal may start with ``literal``."""
+        return any(n.startswith(literal) for n in (self._integers if integer else self._numbers))
+
+
 class CallChecker:
     """Check a call body (``name(key=value, ...)``, what follows ``[HEAD]``) against the tools'
     JSON schemas, as a prefix: :meth:`check` says whether it is a whole valid call, the start of
@@ -138,9 +246,13 @@ class CallChecker:
         schemas: tool schemas (OpenAI style ``{"type": "function", "function": {...}}`` or the
             inner ``{"name", "parameters"}``), e.g. ``ToolRegistry.schemas()``.
         call_ids: ids of earlier calls, which a value may name (a reference).
+        grounding: when given, string and number values must be copied from it (see
+            :class:`Grounding`; ``constrain_calls="grounded"``).
     """
 
-    def __init__(self, schemas: Iterable[Mapping[str, Any]], call_ids: Iterable[str] = ()) -> None:
+    def __init__(
+        self, schemas: Iterable[Mapping[str, Any]], call_ids: Iterable[str] = (), grounding: str | Grounding | None = None
+    ) -> None:
         self.tools: dict[str, Mapping[str, Any]] = {}
         for schema in schemas:
             fn = _function_schema(schema)
@@ -149,6 +261,7 @@ class CallChecker:
                 raise ValueError(f"a tool schema without a name: {schema!r}")
             self.tools[name] = fn.get("parameters") or {}
         self.call_ids = tuple(call_ids)
+        self.grounding = Grounding(grounding) if isinstance(grounding, str) else grounding
 
     # public -------------------------------------------------------------------------------------
     def check(self, body: str) -> Status:
@@ -161,6 +274,23 @@ class CallChecker:
             return Status.INVALID
         return Status.COMPLETE
 
+    def writable(self, schema: Mapping[str, Any] | None) -> bool:
+        """Whether some value may be written for a parameter of this schema: always, except
+        where values must be grounded and the parameter takes only numbers the context lacks
+        (a reference to an earlier call is always a value)."""
+        if self.grounding is None or self.call_ids:
+            return True
+        types = _types(schema)
+        if not types or types - {"integer", "number"} or (schema or {}).get("enum"):
+            return True
+        return self.grounding.number_prefix("", integer="number" not in types)
+
+    def callable(self, name: str) -> bool:
+        """Whether the tool ``name`` can be called: each of its required parameters is :meth:`writable`."""
+        params = self.tools[name]
+        props: Mapping[str, Any] = params.get("properties") or {}
+        return all(self.writable(props.get(key)) for key in params.get("required") or [])
+
     def in_string(self, body: str) -> bool:
         """True when ``body`` is a valid start of a call that ends inside a string value (where
         a character cut between two tokens may stand)."""
@@ -168,7 +298,9 @@ class CallChecker:
         try:
             parse.body()
         except _Incomplete:
-            return parse.in_string and not parse.string_enum
+            if not parse.in_string or parse.string_enum:
+                return False
+            return self.grounding is None or self.grounding.non_ascii_follows(parse.string_text)
         except _Invalid:
             return False
         return False
@@ -184,6 +316,7 @@ class _Parse:
         self.i = 0
         self.in_string = False  # the text ended inside a string value ...
         self.string_enum = False  # ... of an enum
+        self.string_text = ""  # ... after these characters
 
     # characters ---------------------------------------------------------------------------------
     def peek(self) -> str:
@@ -223,10 +356,10 @@ class _Parse:
         self.spaces()
         name = self.read(_NAME_CHARS)
         if self.i >= len(self.s):
-            if any(t.startswith(name) for t in self.c.tools):
+            if any(t.startswith(name) and self.c.callable(t) for t in self.c.tools):
                 raise _Incomplete
             raise _Invalid
-        if name not in self.c.tools:
+        if name not in self.c.tools or not self.c.callable(name):
             raise _Invalid
         self.expect("(")
         params = self.c.tools[name]
@@ -246,11 +379,13 @@ class _Parse:
                 return
             key = self.read(_IDENT_CHARS)
             if self.i >= len(self.s):
-                if open_keys or any(k.startswith(key) and k not in used for k in props):
+                if open_keys or any(k.startswith(key) and k not in used and self.c.writable(v) for k, v in props.items()):
                     raise _Incomplete
                 raise _Invalid
             if not _IDENT.fullmatch(key) or key in used or (key not in props and not open_keys):
                 raise _Invalid
+            if key in props and not self.c.writable(props[key]):
+                raise _Invalid  # grounded: no value of its type is in the context
             used.add(key)
             self.spaces()
             self.expect("=")
@@ -293,8 +428,10 @@ class _Parse:
         while True:
             if self.i >= len(self.s):
                 text = "".join(chars)
-                self.in_string, self.string_enum = True, bool(enum_values)
+                self.in_string, self.string_enum, self.string_text = True, bool(enum_values), text
                 if enum_values and not any(v.startswith(text) for v in enum_values):
+                    raise _Invalid
+                if not enum_values and self.c.grounding is not None and not self.c.grounding.string_prefix(text):
                     raise _Invalid
                 raise _Incomplete
             ch = self.s[self.i]
@@ -307,6 +444,8 @@ class _Parse:
             elif ch == quote:
                 text = "".join(chars)
                 if enum_values and text not in enum_values:
+                    raise _Invalid
+                if not enum_values and self.c.grounding is not None and not self.c.grounding.string(text):
                     raise _Invalid
                 return
             elif ch == "\n":
@@ -321,9 +460,12 @@ class _Parse:
         digits = text.lstrip("-")
         if len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
             raise _Invalid  # Python reads no leading zeros (``011``)
+        grounding = self.c.grounding
         if self.i >= len(self.s):
+            if grounding is not None and not grounding.number_prefix(text, integer):
+                raise _Invalid
             raise _Incomplete
-        if not _NUMBER.fullmatch(text):
+        if not _NUMBER.fullmatch(text) or (grounding is not None and not grounding.number(text, integer)):
             raise _Invalid
 
     def word(self, types: set[str], schema: Mapping[str, Any] | None) -> None:
@@ -373,6 +515,8 @@ class CallGrammarProcessor(LogitsProcessor):
         candidates: how many of the most likely tokens to keep the valid ones of.
         max_scan: how far down the ranking to look when none of those is valid, before looking
             through the whole vocabulary (by first character).
+        grounded: also require string and number values to be copied from the text before the
+            block or from the tools' schemas (``constrain_calls="grounded"``, see :class:`Grounding`).
 
     Example:
 
@@ -399,6 +543,7 @@ class CallGrammarProcessor(LogitsProcessor):
         tools: Sequence[Mapping[str, Any]],
         candidates: int = 16,
         max_scan: int = 2048,
+        grounded: bool = False,
     ) -> None:
         markers = marker_token_ids(tokenizer)
         if not markers.single_token:
@@ -413,13 +558,17 @@ class CallGrammarProcessor(LogitsProcessor):
         CallChecker(self.schemas)  # fail now on a bad schema
         self.candidates = candidates
         self.max_scan = max_scan
+        self.grounded = grounded
+        # what the tools' documentation says (descriptions, defaults, examples) may be copied too
+        self._schema_text = "\n".join(_documentation(self.schemas)) if grounded else ""
         self.markers = markers
         self._marker_ids = torch.tensor(sorted(markers.by_id))
         self._blocked = set(getattr(tokenizer, "all_special_ids", []) or []) - set(markers.by_id)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is not None:
             self._blocked.add(int(eos))
-        self._context: tuple[int, int, CallChecker] | None = None  # (sequence id, block start, checker)
+        self._context: tuple[int, int, CallChecker] | None = None  # (hash of the text before, block start, checker)
+        self._prompt: tuple[int, ...] | None = None  # the first input of the sequence followed: its prompt
         self._scan: tuple | None = None  # the last step: (sequence id, length, last tokens, state, after)
         #: Steps at which no token was valid (scores left alone).
         self.dead_ends = 0
@@ -429,13 +578,40 @@ class CallGrammarProcessor(LogitsProcessor):
     # ---------------------------------------------------------------------------------------
     def _checker(self, ids: list[int], start: int) -> CallChecker:
         """The checker of the block starting at ``start`` (call ids written before it), cached."""
-        key = (hash(tuple(ids[: min(start, 64)])), start)
+        key = (hash(tuple(ids[:start])), start)
         if self._context is not None and self._context[:2] == key:
             return self._context[2]
-        before = self.tokenizer.decode(ids[:start], skip_special_tokens=False)
-        checker = CallChecker(self.schemas, call_ids=_CALL_IDS.findall(before))
+        grounding = None
+        if self.grounded:
+            grounding = f"{self.tokenizer.decode(ids[:start], skip_special_tokens=False)}\n{self._schema_text}"
+        checker = CallChecker(self.schemas, call_ids=self._call_ids(ids, start), grounding=grounding)
         self._context = (*key, checker)
         return checker
+
+    def _call_ids(self, ids: list[int], start: int) -> list[str]:
+        """Ids of the calls written before ``start`` by this generation (their ``[HEAD]`` after the
+        prompt): a prompt's example or an earlier turn names no call the executor knows."""
+        prompt_len = self._prompt_length(ids)
+        found: list[str] = []
+        call = None
+        for pos in range(start):
+            tid = ids[pos]
+            if tid == self.markers.call:
+                call = pos
+            elif tid == self.markers.head and call is not None:
+                if pos >= prompt_len:
+                    call_id = self.tokenizer.decode(ids[call + 1 : pos], skip_special_tokens=False).strip()
+                    if _IDENT.fullmatch(call_id):
+                        found.append(call_id)
+                call = None
+            elif tid in self.markers.by_id:
+                call = None
+        return found
+
+    def _prompt_length(self, ids: list[int]) -> int:
+        """Length of the prompt ``ids`` began with (0: not the sequence this processor followed)."""
+        prompt = self._prompt
+        return len(prompt) if prompt is not None and tuple(ids[: len(prompt)]) == prompt else 0
 
     def _state_during_generation(self, ids: list[int]) -> tuple[str, int]:
         """:meth:`_state`, scanning only the tokens added since the last step when ``ids`` extends
@@ -509,7 +685,10 @@ class CallGrammarProcessor(LogitsProcessor):
         """Whether ``text`` (what follows the open block's last marker, no marker in it) keeps a
         ``prehead`` or ``body`` block valid."""
         partial_char = text.endswith("\ufffd")  # a character cut between tokens: only inside a string
-        text = text.rstrip("\ufffd")
+        stripped = text.rstrip("\ufffd")
+        if len(text) - len(stripped) > MAX_PENDING_BYTES:
+            return False  # no character takes more bytes: these never make one
+        text = stripped
         if state == "prehead" and "(" not in text:
             return not partial_char and self._prehead_ok(text, checker)
         if partial_char:
@@ -546,6 +725,8 @@ class CallGrammarProcessor(LogitsProcessor):
         if input_ids.shape[0] != 1:
             raise ValueError(f"CallGrammarProcessor follows one sequence; got a batch of {input_ids.shape[0]}")
         ids = input_ids[0].tolist()
+        if not self._prompt_length(ids):
+            self._prompt = tuple(ids)  # the first step of a sequence sees its prompt
         state, after = self._state_during_generation(ids)
         if state == "outside":
             out = scores.clone()

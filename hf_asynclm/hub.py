@@ -308,7 +308,7 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     - ``runtime`` (dict): settings the checkpoint was trained for, which
       :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
       otherwise: ``interrupt_at`` (``"token"`` or ``"word"``) and ``constrain_calls``
-      (``"off"`` or ``"schema"``); the trainer writes ``"word"`` and ``"schema"``, see
+      (``"off"``, ``"schema"`` or ``"grounded"``); the trainer writes ``"word"`` and ``"schema"``, see
       :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`.
 
     Args:

@@ -22,5 +22,6 @@ def test_overhead_sections() -> None:
     for section in ("(a) Text without calls", "(b) Interrupt cost", "(c) Dispatch latency", "(d) Constrained calls"):
         assert section in md
     grammar = report["constrained"]
-    assert grammar["rejected"] == 0  # every token of the valid demo calls is allowed
+    assert grammar["rejected"] == 0 and grammar["grounded_rejected"] == 0  # every token of the valid demo calls is allowed
+    assert grammar["grounded_inside_median_ms"] > 0 and '"grounded"' in md
     assert grammar["steps_inside"] > 10 and grammar["steps_outside"] > 3 and grammar["inside_median_ms"] > 0

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_asynclm.call_grammar import CallChecker, CallGrammarProcessor, Status, check_constrain_calls
+from hf_asynclm.call_grammar import MAX_PENDING_BYTES, CallChecker, CallGrammarProcessor, Grounding, Status, check_constrain_calls
 from hf_asynclm.testing import tiny_llama, tiny_tokenizer
 
 WEATHER = {
@@ -276,7 +276,7 @@ class _OpenACall:
         return scores
 
 
-@pytest.mark.parametrize("constrain", ["schema", "off"])
+@pytest.mark.parametrize("constrain", ["schema", "grounded", "off"])
 def test_asynclm_holds_the_calls_of_a_random_model_to_the_schemas(constrain: str) -> None:
     from transformers import LogitsProcessorList
 
@@ -306,7 +306,7 @@ def test_asynclm_holds_the_calls_of_a_random_model_to_the_schemas(constrain: str
         ok = checker.check(call_id) is not Status.INVALID
     else:  # still on the id
         ok = re.fullmatch(r"\s*\w*\s*", call_id) is not None
-    assert ok == (constrain == "schema"), result.raw_text
+    assert ok == (constrain != "off"), result.raw_text
 
 
 def test_asynclm_refuses_bad_constraint_settings() -> None:
@@ -336,3 +336,203 @@ def test_the_step_by_step_state_matches_a_full_scan() -> None:
     proc._state_during_generation(ids[:20])
     changed = ids[:19] + tok.encode("[CALL]", add_special_tokens=False) + ids[20:30]
     assert proc._state_during_generation(changed) == proc._state(changed)
+
+
+# -- constrain_calls="grounded": values copied from the context ---------------------------------
+CONTEXT = 'Book 3 nights at the Hotel Roma in Rome, Italy for 120.5 USD (was 500000.0); coords -122.4194, ends 2027-08-07 at $180.'
+
+
+@pytest.mark.parametrize(
+    ("value", "whole", "prefix"),
+    [
+        ("Rome", True, True),
+        ("Rome, Italy", True, True),
+        ("Hotel Roma", True, True),
+        ("Rom", False, True),  # a word cut short
+        ("ome", False, False),  # a word entered in the middle
+        ("Paris", False, False),
+        ("", True, True),
+        (", Italy", True, True),  # no word character at the cut: allowed
+        ("2027-08-07", True, True),
+        ("Hotel ", False, True),  # whitespace at either end: never a whole value
+        (" Roma", False, False),
+    ],
+)
+def test_grounded_strings_are_whole_words_of_the_context(value: str, whole: bool, prefix: bool) -> None:
+    g = Grounding(CONTEXT)
+    assert g.string(value) is whole
+    assert g.string_prefix(value) is prefix
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab Z1.,-é\n", max_size=24), data=st.data())
+def test_grounded_strings_can_always_be_finished_and_whole_values_start_as_prefixes(text: str, data) -> None:
+    """Property: every prefix the grounding allows has a whole value that extends it (no dead
+    end), and every prefix of a whole value is allowed."""
+    g = Grounding(text)
+    subs = {text[i:j] for i in range(len(text)) for j in range(i + 1, len(text) + 1)}
+    whole = {v for v in subs if g.string(v)}
+    for v in subs:
+        if g.string_prefix(v):
+            assert any(w.startswith(v) for w in whole), (text, v)
+    if whole:
+        v = data.draw(st.sampled_from(sorted(whole)))
+        assert all(g.string_prefix(v[:k]) for k in range(len(v) + 1)), (text, v)
+
+
+@pytest.mark.parametrize(
+    ("literal", "number", "integer", "prefix"),
+    [
+        ("120.5", True, False, True),
+        ("120", False, False, True),  # the start of 120.5, not a number of the text
+        ("3", True, True, True),
+        ("500000.0", True, False, True),
+        ("500000", True, True, True),  # a whole number written 500000.0
+        ("-122.4194", True, False, True),
+        ("122.4194", False, False, False),  # the sign belongs to the number
+        ("180", True, True, True),  # a number that ends a sentence
+        ("2027", True, True, True),
+        ("12", False, False, True),
+        ("7", False, False, False),  # inside 2027-08-07: glued to a digit or word
+        ("999", False, False, False),
+    ],
+)
+def test_grounded_numbers_are_numbers_of_the_context_as_written(literal: str, number: bool, integer: bool, prefix: bool) -> None:
+    g = Grounding(CONTEXT)
+    assert g.number(literal) is number
+    assert g.number(literal, integer=True) is integer
+    assert g.number_prefix(literal) is prefix
+
+
+def test_the_grounded_checker_refuses_miscopied_values_and_exempts_literals_enums_and_references() -> None:
+    context = 'Weather in Rome for 3 days, in C. Then book Bankruptcy Inn at 99.5. [CALL] w1 [HEAD]'
+    ok = ['get_weather(city="Rome")', 'get_weather(city="Rome", days=3, units="F")', 'book(hotel="Bankruptcy Inn", price=99.5)',
+          'book(hotel=w1, confirm=True, note=None)', 'book(hotel="Rome", tags=["Rome", "Bankruptcy Inn"], extra={"Rome": 3})']
+    bad = ['get_weather(city="Rom")', 'get_weather(city="Paris")', 'get_weather(city="Rome", days=4)',
+           'book(hotel="Bankrupt")', 'book(hotel="Bankruptcy Inn", price=99)', 'book(hotel="Rome", tags=["Romx"])',
+           'book(hotel="Rome", extra={"Lima": 3})', 'get_weather(city="Rome", days=99)']
+    for body in ok:
+        assert status(body, call_ids=["w1"], grounding=context) == "COMPLETE", body
+        for end in range(1, len(body)):
+            assert status(body[:end], call_ids=["w1"], grounding=context) == "PREFIX", body[:end]
+    for body in bad:
+        assert status(body, call_ids=["w1"], grounding=context) == "INVALID", body
+        assert status(body, call_ids=["w1"]) == "COMPLETE", body  # the schema alone allows them
+
+
+def _literals(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _literals(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _literals(v)
+    elif not isinstance(value, bool) and value is not None:
+        yield value
+
+
+def test_every_value_of_the_bfcl_plan_is_grounded_in_its_prompt() -> None:
+    """With the plan in the prompt (the paper's cheat sheet) every ground-truth value is there,
+    as the plan writes it (BFCL's own types aside: some ground truths break their schemas)."""
+    from hf_asynclm.data import bfcl
+
+    try:
+        tasks = [t for cat in ("simple_python", "multiple", "parallel", "parallel_multiple") for t in bfcl.load_tasks(cat)[:40]]
+    except FileNotFoundError:
+        pytest.skip("bfcl-eval data not installed")
+    n = 0
+    for task in tasks:
+        task = bfcl.with_cheat_sheet(task, {c.call_id: 100 for c in task.calls})
+        grounding = Grounding("\n".join(str(m.get("content")) for m in task.messages))
+        for call in task.calls:
+            for value in _literals(call.arguments):
+                ok = grounding.string(value) if isinstance(value, str) else grounding.number(repr(value))
+                assert ok, (call.body(), value)
+                n += 1
+    assert n > 300
+
+
+def test_a_random_model_copies_values_only_from_the_context_under_the_grounded_constraint() -> None:
+    """Sampled at a high temperature inside an open block, a random model may pick any value:
+    grounded, every string and number it finishes is one the prompt (or the schemas) holds."""
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=3)
+    prompt = "Weather in Paris or Oslo for 2 or 14 days? [CALL] w1 [HEAD]"
+    grounding = Grounding(prompt)
+    finished = 0
+    for seed in range(8):
+        proc = CallGrammarProcessor(tok, [WEATHER], grounded=True)
+        text = _sample_blocks(tok, model, prompt, [proc], seed, n=60)
+        body = text.split("[END]")[0]
+        assert CallChecker([WEATHER], grounding=prompt).check(body) is not Status.INVALID, text
+        for value in re.findall(r'city=\s*"([^"]*)"', body):
+            assert grounding.string(value), text
+            finished += 1
+        for value in re.findall(r"days=\s*(-?[\d.]+)", body):
+            assert grounding.number(value, integer=True), text
+            finished += 1
+        assert not any(ch in body for ch in "\ufffd")
+    assert finished >= 4
+
+
+def test_a_token_that_never_completes_a_character_is_refused() -> None:
+    """Inside a free string a token may end inside a character (its other bytes follow); a run
+    longer than any character is refused (schema and grounded); grounded, only where the context
+    goes on with a character beyond ASCII after the string so far."""
+    tok = tiny_tokenizer()
+    byte = next(t for t in range(len(tok)) if tok.decode([t]) == "\ufffd")  # a lone byte of a longer character
+    for grounded in (False, True):
+        proc = CallGrammarProcessor(tok, [WEATHER], grounded=grounded)
+        ids = tok.encode('Wetter in Zürich? [CALL] w1 [HEAD] get_weather(city="Z', add_special_tokens=False)
+        for _ in range(MAX_PENDING_BYTES):
+            assert proc.allowed(ids, byte)
+            ids.append(byte)
+        assert not proc.allowed(ids, byte)
+        plain = tok.encode('Weather in Zurich? [CALL] w1 [HEAD] get_weather(city="Z', add_special_tokens=False)
+        assert proc.allowed(plain, byte) is not grounded
+    assert CallChecker([WEATHER], grounding="Wetter in Zürich?").in_string('get_weather(city="Z')
+    assert not CallChecker([WEATHER], grounding="Weather in Zurich?").in_string('get_weather(city="Z')
+
+
+def test_grounded_parameters_with_no_value_in_the_context_are_not_offered() -> None:
+    """Grounded, a number parameter can only be chosen where the context holds a number of its
+    type (or an earlier call to refer to); a tool whose required one cannot be is not offered."""
+    no_numbers = "Weather in Paris?"
+    assert status('get_weather(city="Paris", d', grounding=no_numbers) == "INVALID"
+    assert status('get_weather(city="Paris", days=', grounding=no_numbers) == "INVALID"
+    assert status('get_weather(city="Paris", u', grounding=no_numbers) == "PREFIX"  # an enum needs no copy
+    assert status('get_weather(city="Paris", d', grounding="Weather in Paris for 3 days?") == "PREFIX"
+    assert status('get_weather(city="Paris", d', grounding="Weather in Paris for 2.5 days?") == "INVALID"  # integer
+    assert status("math.f", grounding=no_numbers) == "INVALID"
+    assert status("math.f", grounding="5!") == "PREFIX"
+    assert status("math.f", grounding=no_numbers, call_ids=["n1"]) == "PREFIX"  # math.factorial(n=n1)
+    assert status("math.f") == "PREFIX"
+
+
+def test_call_ids_in_the_prompt_are_not_calls_of_the_generation() -> None:
+    """A prompt's example (``[CALL] w1 [HEAD] ...``) or an earlier turn names no call the executor
+    knows: its ids may be used again and are no references; the generation's own ids are."""
+    tok = tiny_tokenizer()
+    head = tok.convert_tokens_to_ids("[HEAD]")
+    prompt = tok.encode('Example: [CALL] w1 [HEAD] get_weather(city="Rome") [END] Now: [CALL]', add_special_tokens=False)
+    proc = CallGrammarProcessor(tok, [WEATHER, BOOK])
+    proc(torch.tensor([prompt]), torch.zeros(1, len(tok)))  # the first step: the prompt
+    assert proc.allowed(prompt + tok.encode(" w1 ", add_special_tokens=False), head)
+    body = prompt + tok.encode(' w2 [HEAD] book(hotel=w', add_special_tokens=False)
+    assert not proc.allowed(body, tok.encode("1", add_special_tokens=False)[0])  # not a reference
+    generated = prompt + tok.encode(' w2 [HEAD] get_weather(city="Oslo") [END] [CALL] w3 [HEAD] book(hotel=w', add_special_tokens=False)
+    assert proc.allowed(generated, tok.encode("2", add_special_tokens=False)[0])
+    again = prompt + tok.encode(' w2 [HEAD] get_weather(city="Oslo") [END] [CALL] w2 ', add_special_tokens=False)
+    assert not proc.allowed(again, head)
+
+
+def test_one_processor_reused_for_another_prompt_grounds_in_that_prompt() -> None:
+    tok = tiny_tokenizer()
+    proc = CallGrammarProcessor(tok, [WEATHER], grounded=True)
+    quote = tok.encode('"', add_special_tokens=False)[0]
+    for city, other in (("Paris", "Oslo"), ("Oslo", "Paris")):
+        prompt = tok.encode(f"A long shared system prompt. Weather in {city}? [CALL] w1 [HEAD]", add_special_tokens=False)
+        proc(torch.tensor([prompt]), torch.zeros(1, len(tok)))  # a new sequence: its first step
+        assert proc.allowed(prompt + tok.encode(f' get_weather(city="{city}', add_special_tokens=False), quote)
+        assert not proc.allowed(prompt + tok.encode(f' get_weather(city="{other}', add_special_tokens=False), quote)

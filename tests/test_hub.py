@@ -318,6 +318,11 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
     assert "truncated" not in text and "loss_history" not in text and "/data/traces" not in text
     assert '`"interrupt_at": "word"`' in text and "between words or right after a block" in text
     assert '`"constrain_calls": "schema"`' in text and 'constrain_calls="off"' in text
+    assert "copied from the conversation" not in text
+    record["runtime"]["constrain_calls"] = "grounded"
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
+    assert '`"constrain_calls": "grounded"`' in text and "copied from the conversation" in text
     card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
     assert card.data.base_model == "google/gemma-3-270m"
 

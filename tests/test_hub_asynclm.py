@@ -79,8 +79,8 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     assert AsyncLM.from_pretrained().interrupt_at == "word"
     assert AsyncLM.from_pretrained(interrupt_at=None).interrupt_at == "word"
     assert AsyncLM.from_pretrained(interrupt_at="token").interrupt_at == "token"  # the caller wins
-    # ... and their calls are held to the tools' schemas
-    assert AsyncLM.from_pretrained().constrain_calls == "schema"
+    # ... and their calls are held to the tools' schemas (cml-tiny's values also to the context)
+    assert AsyncLM.from_pretrained().constrain_calls == "grounded"
     assert AsyncLM.from_pretrained(constrain_calls="off").constrain_calls == "off"
     folder = tmp_path / "ckpt"
     shutil.copytree(DEFAULT_CHECKPOINT, folder)

@@ -395,9 +395,11 @@ def test_lora_merge_writes_a_plain_model(tiny_base, data_file, tmp_path):
 def test_full_fine_tuning_of_a_base(tiny_base, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = train(_micro(data_file, tmp_path / "full", base_model=str(tiny_base), max_steps=3, learning_rate=1e-2))
+    out = train(_micro(data_file, tmp_path / "full", base_model=str(tiny_base), max_steps=3, learning_rate=1e-2,
+                       constrain_calls="grounded"))
     record = json.loads((out / TRAINING_RECORD).read_text())
     assert record["mode"] == "full" and record["trainable_parameters"] == record["parameters"]
+    assert record["runtime"] == {"interrupt_at": "word", "constrain_calls": "grounded"}  # as asked for
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == record["vocab_size"]
 
@@ -425,6 +427,8 @@ def test_config_errors_are_clear(data_file, tmp_path):
         TrainConfig(preset="huge")
     with pytest.raises(ValueError, match="convert"):
         TrainConfig(data=str(data_file), base_model="gemma.gguf").validate()
+    with pytest.raises(ValueError, match="constrain_calls"):
+        TrainConfig(data=str(data_file), constrain_calls="strict").validate()
     cfg = TrainConfig.from_preset("tiny", data="x", learning_rate=1e-3)
     assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 4, 1e-3, "tiny")
 

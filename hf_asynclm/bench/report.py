@@ -431,9 +431,14 @@ def overhead_markdown(report: Mapping[str, Any]) -> str:
             "|---|---|---|---|",
             f"| inside call blocks | {d['steps_inside']} | {d['inside_median_ms']:.3f} (p99 {d['inside_p99_ms']:.3f}) | {d['inside_median_ms'] / step:.2f} |",
             f"| outside blocks | {d['steps_outside']} | {d['outside_median_ms']:.3f} | {d['outside_median_ms'] / step:.2f} |",
-            "",
-            f"Tokens of those valid calls the processor refused: {d['rejected']} (must be 0).",
         ]
+        if "grounded_inside_median_ms" in d:
+            lines.append(
+                f"| inside call blocks, `\"grounded\"` | {d['steps_inside']} | {d['grounded_inside_median_ms']:.3f} "
+                f"(p99 {d['grounded_inside_p99_ms']:.3f}) | {d['grounded_inside_median_ms'] / step:.2f} |"
+            )
+        lines += ["", f"Tokens of those valid calls the processor refused: {d['rejected']} (must be 0)"
+                  + (f"; with `\"grounded\"`: {d['grounded_rejected']} (must be 0)." if "grounded_rejected" in d else ".")]
     elif "constrained" in report:
         lines += ["", "**(d) Constrained calls**: not measured (the CML markers are not single tokens in this tokenizer)."]
     return "\n".join(lines) + "\n"

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..call_grammar import CONSTRAIN_CALLS
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
 from ..prompting import CML_CHAT_TEMPLATE, template_knows_cml
 from .dataset import (
@@ -145,6 +146,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     selective_loss: bool = True  # LM head only at labelled positions
 
+    # what the checkpoint records for the runtime (cml_training.json -> "runtime")
+    constrain_calls: str = RUNTIME_DEFAULTS["constrain_calls"]  # "off", "schema" or "grounded"
+
     # bookkeeping
     logging_steps: int = 10
     save_steps: int = 500
@@ -210,6 +214,8 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("give max_steps > 0 or num_epochs > 0")
+        if self.constrain_calls not in CONSTRAIN_CALLS:
+            raise ValueError(f"unknown constrain_calls {self.constrain_calls!r}: use one of {', '.join(CONSTRAIN_CALLS)}")
         if self.base_model is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
 
@@ -657,7 +663,7 @@ def train(config: TrainConfig) -> Path:
             "vocab_size": len(tokenizer),
             "marker_token_ids": {m: i for i, m in sorted(marker_token_ids(tokenizer).by_id.items())},
             "files": files,
-            "runtime": dict(RUNTIME_DEFAULTS),
+            "runtime": {**RUNTIME_DEFAULTS, "constrain_calls": config.constrain_calls},
             "simulator": summarize_meta(dataset.examples),
             "config": _jsonable({**dataclasses.asdict(config), "learning_rate": config.resolved_learning_rate()}),
             "versions": {
