@@ -57,7 +57,7 @@ import enum
 import logging
 import re
 import weakref
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, NoReturn, Sequence
 
 import torch
 from transformers import LogitsProcessor
@@ -427,19 +427,14 @@ class _Parse:
         enum_values = [v for v in (schema or {}).get("enum") or () if isinstance(v, str)]
         while True:
             if self.i >= len(self.s):
-                text = "".join(chars)
-                self.in_string, self.string_enum, self.string_text = True, bool(enum_values), text
-                if enum_values and not any(v.startswith(text) for v in enum_values):
-                    raise _Invalid
-                if not enum_values and self.c.grounding is not None and not self.c.grounding.string_prefix(text):
-                    raise _Invalid
-                raise _Incomplete
+                self.open_string("".join(chars), enum_values)
             ch = self.s[self.i]
             self.i += 1
             if ch == "\\":
-                if self.i >= len(self.s):
-                    raise _Incomplete
-                chars.append(_ESCAPES.get(self.s[self.i], self.s[self.i]))
+                if self.i >= len(self.s):  # what the escape stands for is not known yet
+                    self.open_string("".join(chars), enum_values, escape=True)
+                # Python's reading: a known escape is its character, any other keeps the backslash
+                chars.append(_ESCAPES.get(self.s[self.i], "\\" + self.s[self.i]))
                 self.i += 1
             elif ch == quote:
                 text = "".join(chars)
@@ -452,6 +447,20 @@ class _Parse:
                 raise _Invalid
             else:
                 chars.append(ch)
+
+    def open_string(self, text: str, enum_values: list[str], escape: bool = False) -> NoReturn:
+        """The text ends inside a string value whose characters so far are ``text`` (and, with
+        ``escape``, a backslash whose character is still to come): ``_Incomplete`` where some
+        value may still follow (an enum value, or one the grounding holds), else ``_Invalid``."""
+        self.in_string, self.string_enum, self.string_text = True, bool(enum_values), text
+        starts = [text + e for e in (*_ESCAPES.values(), "\\")] if escape else [text]
+        if enum_values:
+            ok = any(v.startswith(t) for v in enum_values for t in starts)
+        elif self.c.grounding is not None:
+            ok = any(self.c.grounding.string_prefix(t) for t in starts)
+        else:
+            ok = True
+        raise _Incomplete if ok else _Invalid
 
     def number(self, integer: bool) -> None:
         text = self.read(_NUMBER_PREFIX)

@@ -536,3 +536,16 @@ def test_one_processor_reused_for_another_prompt_grounds_in_that_prompt() -> Non
         proc(torch.tensor([prompt]), torch.zeros(1, len(tok)))  # a new sequence: its first step
         assert proc.allowed(prompt + tok.encode(f' get_weather(city="{city}', add_special_tokens=False), quote)
         assert not proc.allowed(prompt + tok.encode(f' get_weather(city="{other}', add_special_tokens=False), quote)
+
+
+def test_a_backslash_at_the_end_is_checked_against_what_it_may_stand_for() -> None:
+    """A string may end in a backslash whose character comes with the next token: an enum (or,
+    grounded, the context) must have a value that goes on with an escaped character; escapes
+    read as Python reads them (an unknown one keeps its backslash)."""
+    assert status('get_weather(city="Paris", units="\\') == "INVALID"  # no unit goes on with an escape
+    assert status('get_weather(city="Par\\') == "PREFIX"  # a free string may
+    assert status('get_weather(city="Rome\\', grounding="Weather in Rome?") == "INVALID"
+    assert status('get_weather(city="it\\', grounding="Weather in it\'s town?") == "PREFIX"
+    assert status('get_weather(city="it\\\'s town")', grounding="Weather in it\'s town?") == "COMPLETE"
+    assert status('get_weather(city="\\d+")', grounding="match \\d+ please") == "COMPLETE"  # the value is \\d+
+    assert status('get_weather(city="d+")', grounding="match \\d+ please") == "COMPLETE"
