@@ -393,20 +393,17 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
                 state, _ = proc._state(ids[:pos])
                 (outside if state == "outside" else inside).append(dt)
                 rejected += not proc.allowed(ids[:pos], ids[pos])  # the grammar's verdict, whatever the ranking
-        if not grounded:
+        key = "grounded_" if grounded else ""  # "grounded": the values of those calls are copied from the prompt
+        report.update({
+            f"{key}inside_median_ms": statistics.median(inside) * 1e3,
+            f"{key}inside_p99_ms": _pct(inside, 0.99) * 1e3,
+            f"{key}rejected": rejected,
+        })
+        if not grounded:  # the steps and the time outside blocks are the same in both settings
             report.update({
                 "steps_inside": len(inside) // reps,
                 "steps_outside": len(outside) // reps,
-                "inside_median_ms": statistics.median(inside) * 1e3,
-                "inside_p99_ms": _pct(inside, 0.99) * 1e3,
                 "outside_median_ms": statistics.median(outside) * 1e3,
-                "rejected": rejected,
-            })
-        else:  # constrain_calls="grounded": the values of those calls are copied from the prompt
-            report.update({
-                "grounded_inside_median_ms": statistics.median(inside) * 1e3,
-                "grounded_inside_p99_ms": _pct(inside, 0.99) * 1e3,
-                "grounded_rejected": rejected,
             })
     return report
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..call_grammar import CONSTRAIN_CALLS
+from ..call_grammar import check_constrain_calls
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
 from ..prompting import CML_CHAT_TEMPLATE, template_knows_cml
 from .dataset import (
@@ -214,8 +214,7 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("give max_steps > 0 or num_epochs > 0")
-        if self.constrain_calls not in CONSTRAIN_CALLS:
-            raise ValueError(f"unknown constrain_calls {self.constrain_calls!r}: use one of {', '.join(CONSTRAIN_CALLS)}")
+        check_constrain_calls(self.constrain_calls)
         if self.base_model is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
 
