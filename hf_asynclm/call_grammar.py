@@ -201,15 +201,22 @@ class Grounding:
         return known
 
     def _search(self, kind: str, value: str) -> bool:
+        """Whether some occurrence of ``value`` in the text suits ``kind``: ``string`` (a whole
+        value), ``prefix`` (the start of one) or ``non_ascii`` (the start of one that goes on with a
+        character beyond ASCII)."""
         g = self.text
         start = g.find(value)
         while start >= 0:
             end = start + len(value)
-            if not (start > 0 and value and _word_char(g[start - 1]) and _word_char(value[0])) and not (
-                kind == "string" and end < len(g) and _word_char(g[end]) and _word_char(value[-1])
-            ) and not (kind == "non_ascii" and (end >= len(g) or g[end].isascii())) and not (
-                kind == "prefix" and value[-1].isspace() and not g[end:].strip()  # nothing left to end it with
-            ):
+            if start > 0 and value and _word_char(g[start - 1]) and _word_char(value[0]):
+                pass  # entered in the middle of a word
+            elif kind == "string" and end < len(g) and _word_char(g[end]) and _word_char(value[-1]):
+                pass  # cut off in the middle of a word
+            elif kind == "non_ascii" and (end >= len(g) or g[end].isascii()):
+                pass
+            elif kind == "prefix" and value[-1].isspace() and not g[end:].strip():
+                pass  # nothing left to end it with (no value ends with whitespace)
+            else:
                 return True
             start = g.find(value, start + 1)
         return False
