@@ -125,6 +125,7 @@ class ModelSettings:
     call_timeout: float = 30.0
     interrupt_at: str | None = None  # None: the checkpoint's recorded choice, else token
     constrain_calls: str | None = None  # None: the checkpoint's recorded choice, else off
+    no_repeat_calls: bool | None = None  # None: the checkpoint's recorded choice, else allowed
     emulate_tpot_ms: float | None = None
     emulate_ttft_ms: float | None = None
 
@@ -154,6 +155,8 @@ class ModelSettings:
         if self.backend == "local":
             if self.endpoint:
                 raise click.UsageError("--endpoint is for --backend tgi or openai (the local backend loads --model itself)")
+            if self.no_repeat_calls and self.constrain_calls == "off":
+                raise click.UsageError("--no-repeat-calls works through constrained calls: leave out --constrain-calls off")
         else:
             if not self.endpoint:
                 raise click.UsageError(f"--backend {self.backend} needs --endpoint URL (e.g. http://127.0.0.1:8080)")
@@ -166,6 +169,8 @@ class ModelSettings:
                 raise click.UsageError("--interrupt-at applies to the local backend only (a server re-submits at safe points)")
             if self.constrain_calls is not None:
                 raise click.UsageError("--constrain-calls applies to the local backend only (use the server's own grammar support)")
+            if self.no_repeat_calls is not None:
+                raise click.UsageError("--no-repeat-calls/--repeat-calls apply to the local backend only")
 
 
 def check_endpoint(url: str) -> None:
@@ -232,6 +237,14 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Local backend: constrained decoding of call blocks: off, or schema (only calls of the tools with arguments of "
             "their types, new ids), or grounded (schema, and string and number values copied from the conversation or the tools' "
             "schemas). Default: what the checkpoint records, else off.",
+        ),
+        click.option(
+            "--no-repeat-calls/--repeat-calls",
+            "no_repeat_calls",
+            default=None,
+            help="Local backend: never let the model repeat a call it has made in this generation (same tool and arguments): "
+            "with constrained calls, the value that would repeat one is not offered. --repeat-calls allows it (tools that "
+            "are polled). Default: what the checkpoint records, else allowed.",
         ),
         click.option(
             "--emulate-tpot-ms",
@@ -364,7 +377,7 @@ def load_alm(settings: ModelSettings, tools: Any) -> Any:
             with user_errors(f"cannot load model {settings.model!r}" if settings.model else "cannot load the default model"):
                 return AsyncLM.from_pretrained(
                     settings.model, device=settings.device, interrupt_at=settings.interrupt_at,
-                    constrain_calls=settings.constrain_calls, **common,
+                    constrain_calls=settings.constrain_calls, no_repeat_calls=settings.no_repeat_calls, **common,
                 )
         except click.ClickException as exc:
             if settings.model is None:

@@ -29,6 +29,11 @@ import click
     "tools' schemas). Default: what the checkpoint records, else off.",
 )
 @click.option(
+    "--no-repeat-calls/--repeat-calls", "no_repeat_calls", default=None,
+    help="Never let the model repeat a call it has made in this generation (same tool and arguments): with constrained "
+    "calls, the value that would repeat one is not offered. Default: what the checkpoint records, else allowed.",
+)
+@click.option(
     "--exclude-tasks", "exclude_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="BFCL: leave out tasks a checkpoint trained on: training traces (JSONL with task_id) or a JSON list of "
     "task ids. Repeatable.",
@@ -46,6 +51,7 @@ def eval_command(
     latency_scale: float,
     interrupt_at: str | None,
     constrain_calls: str | None,
+    no_repeat_calls: bool | None,
     exclude_files: tuple[Path, ...],
     data_dir: Path | None,
     out: Path | None,
@@ -72,7 +78,9 @@ def eval_command(
     from hf_asynclm.evaluation import evaluate_bfcl, evaluate_synthetic, format_report
 
     try:
-        alm = AsyncLM.from_pretrained(model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls)
+        alm = AsyncLM.from_pretrained(
+            model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls
+        )
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
 
@@ -89,6 +97,7 @@ def eval_command(
                         alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
+                        no_repeat_calls=alm.no_repeat_calls,
                     )
                 )
         if n_bfcl:
@@ -121,6 +130,7 @@ def eval_command(
                         alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
+                        no_repeat_calls=alm.no_repeat_calls,
                     )
                 )
     for report in reports:

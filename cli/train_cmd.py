@@ -61,6 +61,8 @@ Examples:
 @click.option("--overwrite", is_flag=True, default=None, help="Delete earlier checkpoints in --out and start over.")
 @click.option("--constrain-calls", type=click.Choice(["off", "schema", "grounded"]), default=None,
               help="What the checkpoint records for the runtime's constrained calls (cml_training.json; AsyncLM.from_pretrained and the CLI use it) [schema].")
+@click.option("--no-repeat-calls", is_flag=True, default=None,
+              help="Also record no_repeat_calls: the runtime steers the model away from repeating a call it has made (needs --constrain-calls schema or grounded).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def train_command(quiet: bool, **options: Any) -> None:
     """Train a CML checkpoint: a tiny model from scratch, or fine-tune --base (full or --lora).

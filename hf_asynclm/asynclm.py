@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from .call_grammar import CallGrammarProcessor, ConstrainCalls, check_constrain_calls
+from .call_grammar import CallGrammarProcessor, ConstrainCalls, check_constrain_calls, check_no_repeat_calls
 from .cml import marker_token_ids, visible_text
 from .executor.executor import ToolExecutor
 from .executor.registry import ToolRegistry
@@ -154,7 +154,11 @@ def _streamer_of_calling_generate() -> Any | None:
 
 
 #: Constructor settings a checkpoint may record in ``cml_training.json`` -> ``"runtime"``.
-_RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {"interrupt_at": check_interrupt_at, "constrain_calls": check_constrain_calls}
+_RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "interrupt_at": check_interrupt_at,
+    "constrain_calls": check_constrain_calls,
+    "no_repeat_calls": check_no_repeat_calls,
+}
 
 
 def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
@@ -164,7 +168,7 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     ``hf-asynclm train`` records ``{"interrupt_at": "word", "constrain_calls": "schema"}``: its
     traces only put interrupts between words or right after a block, and its markers are single
     tokens (calls can be held to the tools' schemas; ``--constrain-calls`` records another setting,
-    e.g. the shipped cml-tiny's ``"grounded"``). A value this version does not know is left out
+    e.g. the shipped cml-tiny's ``"grounded"``, and ``--no-repeat-calls`` adds ``"no_repeat_calls": true``). A value this version does not know is left out
     with a warning (the constructor's default applies).
 
     Example:
@@ -172,7 +176,7 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     ```python
     >>> from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
     >>> checkpoint_runtime_defaults(DEFAULT_CHECKPOINT)
-    {'interrupt_at': 'word', 'constrain_calls': 'grounded'}
+    {'interrupt_at': 'word', 'constrain_calls': 'grounded', 'no_repeat_calls': True}
 
     ```
     """
@@ -226,6 +230,11 @@ class AsyncLM(SessionControl):
             ``"off"``, ``"schema"`` (only calls of these tools, with arguments of their types
             and new call ids) or ``"grounded"`` (``"schema"``, and every string and number value
             copied from the conversation or the tools' schemas). Needs the markers as single tokens.
+        no_repeat_calls: with ``constrain_calls`` on, never let the model write a call it has
+            already written in this generation (same tool, same arguments): where the last
+            argument would repeat one, the model is steered to another value (see
+            :class:`~hf_asynclm.call_grammar.CallChecker`). For small models that lose track of
+            which items of a list they have asked for; leave it off where a tool is polled.
     """
 
     def __init__(
@@ -246,6 +255,7 @@ class AsyncLM(SessionControl):
         interrupt_at: InterruptAt = "token",
         max_cml_errors: int | None = 8,
         constrain_calls: ConstrainCalls = "off",
+        no_repeat_calls: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -257,6 +267,9 @@ class AsyncLM(SessionControl):
                 f"constrain_calls={constrain_calls!r} needs the CML markers as single tokens; add them with "
                 "hf_asynclm.cml.add_cml_tokens(tokenizer, model) or pass constrain_calls='off'"
             )
+        self.no_repeat_calls = check_no_repeat_calls(no_repeat_calls)
+        if self.no_repeat_calls and self.constrain_calls == "off":
+            raise ValueError("no_repeat_calls=True works through constrained decoding: pass constrain_calls='schema' or 'grounded'")
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)
@@ -345,12 +358,16 @@ class AsyncLM(SessionControl):
             model = model.float()  # half-precision weights (smaller to ship) run in float32 on a CPU
         model.eval()
         recorded = checkpoint_runtime_defaults(folder)
+        from_record = set()
         for name in _RUNTIME_SETTINGS:  # None or left out: what the checkpoint records, else the constructor's default
             if kwargs.get(name) is None:
                 kwargs.pop(name, None)
                 if name in recorded:
                     kwargs[name] = recorded[name]
+                    from_record.add(name)
                     logger.info("%s: %s=%r, as the checkpoint records", folder.name, name, recorded[name])
+        if "no_repeat_calls" in from_record and kwargs.get("constrain_calls", "off") == "off":
+            kwargs.pop("no_repeat_calls")  # the caller turned constraints off: this one goes with them
         return cls(model, tokenizer, tools=tools, mode=mode, **kwargs)
 
     # sessions ----------------------------------------------------------------------------------
@@ -406,7 +423,8 @@ class AsyncLM(SessionControl):
             if alm.constrain_calls != "off":
                 # first, so that sampling warpers work on the valid tokens only
                 grammar = CallGrammarProcessor(
-                    alm.tokenizer, alm.registry.schemas(), grounded=alm.constrain_calls == "grounded"
+                    alm.tokenizer, alm.registry.schemas(), grounded=alm.constrain_calls == "grounded",
+                    no_repeat=alm.no_repeat_calls,
                 )
                 logits_processor = LogitsProcessorList([grammar, *(logits_processor or [])])
             with alm._lock:

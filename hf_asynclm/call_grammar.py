@@ -54,6 +54,7 @@ Example:
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import re
 import weakref
@@ -64,6 +65,7 @@ from transformers import LogitsProcessor
 
 from .cml import marker_token_ids
 from .executor.executor import RESERVED_IDS
+from .executor.parsing import CallParseError, Ref, parse_call
 from .executor.registry import _TYPE_ALIASES
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,13 @@ def check_constrain_calls(value: str) -> str:
     """Return ``value`` when it is a valid ``constrain_calls`` setting, else raise ``ValueError``."""
     if value not in CONSTRAIN_CALLS:
         raise ValueError(f"unknown constrain_calls {value!r}: use one of {', '.join(CONSTRAIN_CALLS)}")
+    return value
+
+
+def check_no_repeat_calls(value: Any) -> bool:
+    """Return ``value`` when it is a valid ``no_repeat_calls`` setting (a bool), else raise ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"no_repeat_calls must be True or False, got {value!r}")
     return value
 
 
@@ -161,6 +170,33 @@ def _word_char(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
 
 
+#: What an argument value is compared by (``no_repeat``): numbers by value (``8 == 8.0``) but not
+#: with booleans, lists and tuples alike, references by the call they name.
+_Canonical = Any
+
+
+def canonical_value(value: Any) -> _Canonical:
+    """A hashable stand-in for an argument value, equal for values that make the same call."""
+    if isinstance(value, bool) or value is None:
+        return ("const", value)
+    if isinstance(value, (int, float)):
+        return ("num", float(value))
+    if isinstance(value, str):
+        return ("str", value)
+    if isinstance(value, Ref):
+        return ("ref", value.call_id)
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(canonical_value(v) for v in value))
+    if isinstance(value, dict):
+        items = [(canonical_value(k), canonical_value(v)) for k, v in value.items()]
+        return ("map", tuple(sorted(items, key=repr)))
+    return ("other", repr(value))
+
+
+def _canonical_call(name: str, kwargs: Mapping[str, Any]) -> tuple[str, frozenset]:
+    return name, frozenset((k, canonical_value(v)) for k, v in kwargs.items())
+
+
 class Grounding:
     """The text argument values must be copied from (``constrain_calls="grounded"``), and the
     checks a :class:`CallChecker` makes against it. A string value must occur in the text with
@@ -193,17 +229,18 @@ class Grounding:
         self._numbers = numbers
         self._integers = {n for n in numbers if re.fullmatch(r"-?\d+", n)}
 
-    def _check(self, kind: str, value: str) -> bool:
-        key = (kind, value)
+    def _check(self, kind: str, value: str, excluded: tuple[str, ...] = ()) -> bool:
+        key = (kind, value, excluded)
         known = self._memo.get(key)
         if known is None:
-            known = self._memo[key] = self._search(kind, value)
+            known = self._memo[key] = self._search(kind, value, excluded)
         return known
 
-    def _search(self, kind: str, value: str) -> bool:
+    def _search(self, kind: str, value: str, excluded: tuple[str, ...] = ()) -> bool:
         """Whether some occurrence of ``value`` in the text suits ``kind``: ``string`` (a whole
         value), ``prefix`` (the start of one) or ``non_ascii`` (the start of one that goes on with a
-        character beyond ASCII)."""
+        character beyond ASCII). Occurrences where one of the ``excluded`` values starts are passed
+        over."""
         g = self.text
         start = g.find(value)
         while start >= 0:
@@ -216,32 +253,46 @@ class Grounding:
                 pass
             elif kind == "prefix" and value[-1].isspace() and not g[end:].strip():
                 pass  # nothing left to end it with (no value ends with whitespace)
+            elif any(g.startswith(x, start) for x in excluded):
+                pass  # where a value that would repeat a call is written
             else:
                 return True
             start = g.find(value, start + 1)
         return False
 
-    def string(self, value: str) -> bool:
+    def string(self, value: str, excluded: tuple[str, ...] = ()) -> bool:
         """Whether the string ``value`` may be written whole (the empty string always may; no
-        value starts or ends with whitespace)."""
-        return value == "" or (value == value.strip() and self._check("string", value))
+        value starts or ends with whitespace). With ``excluded``, the value must be none of them
+        and be found where none of them starts (no piece of a value that would repeat a call)."""
+        if value in excluded:
+            return False
+        return value == "" or (value == value.strip() and self._check("string", value, excluded))
 
-    def string_prefix(self, value: str) -> bool:
-        """Whether a string value may start with ``value``."""
-        return value == "" or (not value[0].isspace() and self._check("prefix", value))
+    def string_prefix(self, value: str, excluded: tuple[str, ...] = ()) -> bool:
+        """Whether a string value may start with ``value`` (see :meth:`string` for ``excluded``)."""
+        if value == "":  # the empty string, or any value
+            return "" not in excluded or any(self._check("prefix", c, excluded) for c in self._first_chars)
+        return not value[0].isspace() and self._check("prefix", value, excluded)
 
-    def non_ascii_follows(self, value: str) -> bool:
+    @functools.cached_property
+    def _first_chars(self) -> frozenset[str]:
+        return frozenset(ch for ch in self.text if not ch.isspace())
+
+    def non_ascii_follows(self, value: str, excluded: tuple[str, ...] = ()) -> bool:
         """Whether a string value starting with ``value`` may go on with a character beyond ASCII
         (a token that ends inside such a character can only be checked this way)."""
-        return self._check("non_ascii", value)
+        return self._check("non_ascii", value, excluded)
 
-    def number(self, literal: str, integer: bool = False) -> bool:
-        """Whether the number ``literal`` (as written) may be written whole."""
-        return literal in (self._integers if integer else self._numbers)
+    def number(self, literal: str, integer: bool = False, excluded: frozenset[float] = frozenset()) -> bool:
+        """Whether the number ``literal`` (as written) may be written whole (and is none of the
+        ``excluded`` values)."""
+        return literal in (self._integers if integer else self._numbers) and float(literal) not in excluded
 
-    def number_prefix(self, literal: str, integer: bool = False) -> bool:
+    def number_prefix(self, literal: str, integer: bool = False, excluded: frozenset[float] = frozenset()) -> bool:
         """Whether a number literal may start with ``literal``."""
-        return any(n.startswith(literal) for n in (self._integers if integer else self._numbers))
+        return any(
+            n.startswith(literal) and float(n) not in excluded for n in (self._integers if integer else self._numbers)
+        )
 
 
 class CallChecker:
@@ -255,10 +306,19 @@ class CallChecker:
         call_ids: ids of earlier calls, which a value may name (a reference).
         grounding: when given, string and number values must be copied from it (see
             :class:`Grounding`; ``constrain_calls="grounded"``).
+        earlier_calls: when given, ``(name, arguments)`` of calls already made, none of which may
+            be made again (``no_repeat_calls``): a call with the same tool and the same arguments
+            is invalid, and where the last argument's value would make one, that value is not
+            offered (under grounding, neither is any value found where it is written, so that the
+            model turns to another value rather than a piece of this one).
     """
 
     def __init__(
-        self, schemas: Iterable[Mapping[str, Any]], call_ids: Iterable[str] = (), grounding: str | Grounding | None = None
+        self,
+        schemas: Iterable[Mapping[str, Any]],
+        call_ids: Iterable[str] = (),
+        grounding: str | Grounding | None = None,
+        earlier_calls: Iterable[tuple[str, Mapping[str, Any]]] = (),
     ) -> None:
         self.tools: dict[str, Mapping[str, Any]] = {}
         for schema in schemas:
@@ -269,6 +329,7 @@ class CallChecker:
             self.tools[name] = fn.get("parameters") or {}
         self.call_ids = tuple(call_ids)
         self.grounding = Grounding(grounding) if isinstance(grounding, str) else grounding
+        self.earlier_calls = {_canonical_call(name, kwargs) for name, kwargs in earlier_calls}
 
     # public -------------------------------------------------------------------------------------
     def check(self, body: str) -> Status:
@@ -298,6 +359,21 @@ class CallChecker:
         props: Mapping[str, Any] = params.get("properties") or {}
         return all(self.writable(props.get(key)) for key in params.get("required") or [])
 
+    def repeats(self, name: str, values: Mapping[str, _Canonical]) -> bool:
+        """Whether ``name`` with these (canonical) argument values is one of the earlier calls."""
+        return (name, frozenset(values.items())) in self.earlier_calls
+
+    def repeating_values(self, name: str, values: Mapping[str, _Canonical], key: str) -> list[_Canonical]:
+        """The (canonical) values of ``key`` that, written after ``values``, would make an earlier call."""
+        out = []
+        for other, args in self.earlier_calls:
+            if other != name or len(args) != len(values) + 1:
+                continue
+            found = dict(args)
+            if key in found and all(k in found and found[k] == v for k, v in values.items()):
+                out.append(found[key])
+        return out
+
     def in_string(self, body: str) -> bool:
         """True when ``body`` is a valid start of a call that ends inside a string value (where
         a character cut between two tokens may stand)."""
@@ -307,7 +383,7 @@ class CallChecker:
         except _Incomplete:
             if not parse.in_string or parse.string_enum:
                 return False
-            return self.grounding is None or self.grounding.non_ascii_follows(parse.string_text)
+            return self.grounding is None or self.grounding.non_ascii_follows(parse.string_text, parse.string_excluded)
         except _Invalid:
             return False
         return False
@@ -324,6 +400,7 @@ class _Parse:
         self.in_string = False  # the text ended inside a string value ...
         self.string_enum = False  # ... of an enum
         self.string_text = ""  # ... after these characters
+        self.string_excluded: tuple[str, ...] = ()  # ... which may not become one of these
 
     # characters ---------------------------------------------------------------------------------
     def peek(self) -> str:
@@ -374,10 +451,11 @@ class _Parse:
         open_keys = not props or params.get("additionalProperties") is True
         required = set(params.get("required") or [])
         used: set[str] = set()
+        values: dict[str, _Canonical] = {}
         self.spaces()
         while True:
             if self.peek() == ")":
-                if not required <= used:
+                if not required <= used or (self.c.earlier_calls and self.c.repeats(name, values)):
                     raise _Invalid
                 self.i += 1
                 self.spaces()
@@ -394,82 +472,119 @@ class _Parse:
             if key in props and not self.c.writable(props[key]):
                 raise _Invalid  # grounded: no value of its type is in the context
             used.add(key)
+            excluded: list[_Canonical] = []
+            if self.c.earlier_calls and not open_keys and not any(
+                k not in used and self.c.writable(v) for k, v in props.items()
+            ):  # the last argument: no value that makes an earlier call
+                excluded = self.c.repeating_values(name, values, key)
             self.spaces()
             self.expect("=")
             self.spaces()
-            self.value(props.get(key), depth=0)
+            values[key] = self.value(props.get(key), depth=0, excluded=excluded)
             self.separator(")")
 
     # values -------------------------------------------------------------------------------------
-    def value(self, schema: Mapping[str, Any] | None, depth: int) -> None:
+    def value(self, schema: Mapping[str, Any] | None, depth: int, excluded: Sequence[_Canonical] = ()) -> _Canonical:
+        """Read one value; return it (:func:`canonical_value`). It may not be one of ``excluded``."""
         if depth > MAX_DEPTH:
             raise _Invalid
         types = _types(schema)
+        if excluded and self.i >= len(self.s) and not self.some_value(schema, types, excluded):
+            raise _Invalid  # every value this parameter may take would repeat a call
         ch = self.peek()
         if ch in "\"'":
             if types and "string" not in types:
                 raise _Invalid
-            self.string(schema)
-        elif ch == "-" or ch.isdigit():
+            return self.string(schema, tuple(v[1] for v in excluded if v[0] == "str"))
+        if ch == "-" or ch.isdigit():
             if types and not types & {"integer", "number"}:
                 raise _Invalid
-            self.number(integer=bool(types) and "number" not in types)
-        elif ch.isalpha() or ch == "_":
-            self.word(types, schema)
-        elif ch in "[(":
+            return self.number(bool(types) and "number" not in types, frozenset(v[1] for v in excluded if v[0] == "num"))
+        if ch.isalpha() or ch == "_":
+            return self.word(types, excluded)
+        if ch in "[(":
             if types and "array" not in types:
                 raise _Invalid
-            self.sequence("]" if ch == "[" else ")", (schema or {}).get("items"), depth)
-        elif ch == "{":
+            return self.sequence("]" if ch == "[" else ")", (schema or {}).get("items"), depth)
+        if ch == "{":
             if types and "object" not in types:
                 raise _Invalid
-            self.mapping(depth)
-        else:
-            raise _Invalid
+            return self.mapping(depth)
+        raise _Invalid
 
-    def string(self, schema: Mapping[str, Any] | None) -> None:
+    def some_value(self, schema: Mapping[str, Any] | None, types: set[str], excluded: Sequence[_Canonical]) -> bool:
+        """Whether a value of this parameter that is none of ``excluded`` may be written."""
+        if not types or types & {"array", "object"}:
+            return True
+        if any(("ref", c) not in excluded for c in self.c.call_ids):
+            return True
+        grounding = self.c.grounding
+        if "string" in types:
+            strings = tuple(v[1] for v in excluded if v[0] == "str")
+            enum = [v for v in (schema or {}).get("enum") or () if isinstance(v, str)]
+            if enum:
+                if any(v not in strings for v in enum):
+                    return True
+            elif grounding is None or grounding.string_prefix("", strings):
+                return True
+        if types & {"integer", "number"}:
+            numbers = frozenset(v[1] for v in excluded if v[0] == "num")
+            if grounding is None or grounding.number_prefix("", "number" not in types, numbers):
+                return True
+        consts = [True, False] if "boolean" in types else []
+        consts += [None] if "null" in types else []
+        return any(("const", c) not in excluded for c in consts)
+
+    def string(self, schema: Mapping[str, Any] | None, excluded: tuple[str, ...] = ()) -> _Canonical:
         quote = self.peek()
         self.i += 1
         chars: list[str] = []
-        enum_values = [v for v in (schema or {}).get("enum") or () if isinstance(v, str)]
+        enum_values = [v for v in (schema or {}).get("enum") or () if isinstance(v, str) and v not in excluded]
+        is_enum = any(isinstance(v, str) for v in (schema or {}).get("enum") or ())
         while True:
             if self.i >= len(self.s):
-                self.open_string("".join(chars), enum_values)
+                self.open_string("".join(chars), enum_values, is_enum, excluded)
             ch = self.s[self.i]
             self.i += 1
             if ch == "\\":
                 if self.i >= len(self.s):  # what the escape stands for is not known yet
-                    self.open_string("".join(chars), enum_values, escape=True)
+                    self.open_string("".join(chars), enum_values, is_enum, excluded, escape=True)
                 # Python's reading: a known escape is its character, any other keeps the backslash
                 chars.append(_ESCAPES.get(self.s[self.i], "\\" + self.s[self.i]))
                 self.i += 1
             elif ch == quote:
                 text = "".join(chars)
-                if enum_values and text not in enum_values:
+                if is_enum and text not in enum_values:
                     raise _Invalid
-                if not enum_values and self.c.grounding is not None and not self.c.grounding.string(text):
+                if text in excluded:
                     raise _Invalid
-                return
+                if not is_enum and self.c.grounding is not None and not self.c.grounding.string(text, excluded):
+                    raise _Invalid
+                return ("str", text)
             elif ch == "\n":
                 raise _Invalid
             else:
                 chars.append(ch)
 
-    def open_string(self, text: str, enum_values: list[str], escape: bool = False) -> NoReturn:
+    def open_string(
+        self, text: str, enum_values: list[str], is_enum: bool, excluded: tuple[str, ...], escape: bool = False
+    ) -> NoReturn:
         """The text ends inside a string value whose characters so far are ``text`` (and, with
         ``escape``, a backslash whose character is still to come): ``_Incomplete`` where some
-        value may still follow (an enum value, or one the grounding holds), else ``_Invalid``."""
-        self.in_string, self.string_enum, self.string_text = True, bool(enum_values), text
+        value may still follow (one of the ``enum_values`` of an enum, or one the grounding holds),
+        else ``_Invalid``."""
+        self.in_string, self.string_enum, self.string_text = True, is_enum, text
+        self.string_excluded = excluded
         starts = [text + e for e in (*_ESCAPES.values(), "\\")] if escape else [text]
-        if enum_values:
+        if is_enum:
             ok = any(v.startswith(t) for v in enum_values for t in starts)
         elif self.c.grounding is not None:
-            ok = any(self.c.grounding.string_prefix(t) for t in starts)
+            ok = any(self.c.grounding.string_prefix(t, excluded) for t in starts)
         else:
             ok = True
         raise _Incomplete if ok else _Invalid
 
-    def number(self, integer: bool) -> None:
+    def number(self, integer: bool, excluded: frozenset[float] = frozenset()) -> _Canonical:
         text = self.read(_NUMBER_PREFIX)
         if not text or (integer and any(c in text for c in ".eE")) or len(text) > MAX_NUMBER_CHARS:
             raise _Invalid
@@ -478,46 +593,54 @@ class _Parse:
             raise _Invalid  # Python reads no leading zeros (``011``)
         grounding = self.c.grounding
         if self.i >= len(self.s):
-            if grounding is not None and not grounding.number_prefix(text, integer):
+            if grounding is not None and not grounding.number_prefix(text, integer, excluded):
                 raise _Invalid
             raise _Incomplete
-        if not _NUMBER.fullmatch(text) or (grounding is not None and not grounding.number(text, integer)):
+        if not _NUMBER.fullmatch(text) or float(text) in excluded:
             raise _Invalid
+        if grounding is not None and not grounding.number(text, integer, excluded):
+            raise _Invalid
+        return ("num", float(text))
 
-    def word(self, types: set[str], schema: Mapping[str, Any] | None) -> None:
+    def word(self, types: set[str], excluded: Sequence[_Canonical] = ()) -> _Canonical:
         """``True`` / ``False`` / ``None`` or the id of an earlier call."""
         word = self.read(_IDENT_CHARS)
         keywords = [k for k in _KEYWORDS if not types or (k == "None" and "null" in types) or (k != "None" and "boolean" in types)]
+        values = {k: ("const", {"True": True, "False": False, "None": None}[k]) for k in keywords}
+        values.update({c: ("ref", c) for c in self.c.call_ids})
+        values = {w: v for w, v in values.items() if v not in excluded}
         if self.i >= len(self.s):
-            if any(k.startswith(word) for k in keywords) or any(c.startswith(word) for c in self.c.call_ids):
+            if any(w.startswith(word) for w in values):
                 raise _Incomplete
             raise _Invalid
-        if word in self.c.call_ids or word in keywords:
-            return  # a literal of the right type, or a reference (its type is the earlier result's)
+        if word in values:
+            return values[word]  # a literal of the right type, or a reference (its type is the earlier result's)
         raise _Invalid
 
-    def sequence(self, close: str, items: Mapping[str, Any] | None, depth: int) -> None:
+    def sequence(self, close: str, items: Mapping[str, Any] | None, depth: int) -> _Canonical:
         self.i += 1
         self.spaces()
+        found = []
         while True:
             if self.peek() == close:
                 self.i += 1
-                return
-            self.value(items, depth + 1)
+                return ("seq", tuple(found))
+            found.append(self.value(items, depth + 1))
             self.separator(close)
 
-    def mapping(self, depth: int) -> None:
+    def mapping(self, depth: int) -> _Canonical:
         self.i += 1
         self.spaces()
+        found = []
         while True:
             if self.peek() == "}":
                 self.i += 1
-                return
-            self.value(None, depth + 1)
+                return ("map", tuple(sorted(found, key=repr)))
+            key = self.value(None, depth + 1)
             self.spaces()
             self.expect(":")
             self.spaces()
-            self.value(None, depth + 1)
+            found.append((key, self.value(None, depth + 1)))
             self.separator("}")
 
 
@@ -533,6 +656,10 @@ class CallGrammarProcessor(LogitsProcessor):
             through the whole vocabulary (by first character).
         grounded: also require string and number values to be copied from the text before the
             block or from the tools' schemas (``constrain_calls="grounded"``, see :class:`Grounding`).
+        no_repeat: never write a call this generation has already written (same tool, same
+            arguments; ``no_repeat_calls``): the value of the last argument that would repeat one
+            is not offered, so the model writes another (see :class:`CallChecker`). A model that
+            must poll (call the same thing twice on purpose) needs this off.
 
     Example:
 
@@ -560,6 +687,7 @@ class CallGrammarProcessor(LogitsProcessor):
         candidates: int = 16,
         max_scan: int = 2048,
         grounded: bool = False,
+        no_repeat: bool = False,
     ) -> None:
         markers = marker_token_ids(tokenizer)
         if not markers.single_token:
@@ -575,6 +703,7 @@ class CallGrammarProcessor(LogitsProcessor):
         self.candidates = candidates
         self.max_scan = max_scan
         self.grounded = grounded
+        self.no_repeat = no_repeat
         # what the tools' documentation says (descriptions, defaults, examples) may be copied too
         self._schema_text = "\n".join(_documentation(self.schemas)) if grounded else ""
         self.markers = markers
@@ -590,6 +719,9 @@ class CallGrammarProcessor(LogitsProcessor):
         self.dead_ends = 0
         #: Steps at which the valid tokens were found only by the whole-vocabulary search.
         self.vocabulary_searches = 0
+        #: Steps (``no_repeat``) at which only a repeated call could go on, and was let through.
+        self.repeats_allowed = 0
+        self._relaxed_cache: tuple[CallChecker, CallChecker] | None = None
 
     # ---------------------------------------------------------------------------------------
     def _checker(self, ids: list[int], start: int) -> CallChecker:
@@ -600,29 +732,50 @@ class CallGrammarProcessor(LogitsProcessor):
         grounding = None
         if self.grounded:
             grounding = f"{self.tokenizer.decode(ids[:start], skip_special_tokens=False)}\n{self._schema_text}"
-        checker = CallChecker(self.schemas, call_ids=self._call_ids(ids, start), grounding=grounding)
+        call_ids, bodies = self._blocks_before(ids, start)
+        earlier: list[tuple[str, dict[str, Any]]] = []
+        for body in bodies if self.no_repeat else ():
+            try:
+                parsed = parse_call(body)
+            except CallParseError:
+                continue
+            if not parsed.args:
+                earlier.append((parsed.name, parsed.kwargs))
+        checker = CallChecker(self.schemas, call_ids=call_ids, grounding=grounding, earlier_calls=earlier)
         self._context = (*key, checker)
         return checker
 
-    def _call_ids(self, ids: list[int], start: int) -> list[str]:
-        """Ids of the calls written before ``start`` by this generation (their ``[HEAD]`` after the
+    def _relaxed(self, checker: CallChecker) -> CallChecker:
+        """``checker`` without the rule against repeated calls (cached for the open block)."""
+        if self._relaxed_cache is None or self._relaxed_cache[0] is not checker:
+            self._relaxed_cache = (checker, CallChecker(self.schemas, call_ids=checker.call_ids, grounding=checker.grounding))
+        return self._relaxed_cache[1]
+
+    def _blocks_before(self, ids: list[int], start: int) -> tuple[list[str], list[str]]:
+        """Ids and bodies of the call blocks written before ``start`` by this generation (after the
         prompt): a prompt's example or an earlier turn names no call the executor knows."""
         prompt_len = self._prompt_length(ids)
-        found: list[str] = []
-        call = None
+        m = self.markers
+        call_ids: list[str] = []
+        bodies: list[str] = []
+        call = body = None  # where the open block's [CALL] is and where its body starts
         for pos in range(start):
             tid = ids[pos]
-            if tid == self.markers.call:
-                call = pos
-            elif tid == self.markers.head and call is not None:
+            if tid == m.call:
+                call, body = pos, pos + 1
+            elif tid == m.head and call is not None and body == call + 1:
                 if pos >= prompt_len:
                     call_id = self.tokenizer.decode(ids[call + 1 : pos], skip_special_tokens=False).strip()
                     if _IDENT.fullmatch(call_id):
-                        found.append(call_id)
-                call = None
-            elif tid in self.markers.by_id:
-                call = None
-        return found
+                        call_ids.append(call_id)
+                body = pos + 1
+            elif tid == m.end and call is not None and body is not None:
+                if body > prompt_len:
+                    bodies.append(self.tokenizer.decode(ids[body:pos], skip_special_tokens=False))
+                call = body = None
+            elif tid in m.by_id:
+                call = body = None
+        return call_ids, bodies
 
     def _prompt_length(self, ids: list[int]) -> int:
         """Length of the prompt ``ids`` began with (0: not the sequence this processor followed)."""
@@ -754,6 +907,12 @@ class CallGrammarProcessor(LogitsProcessor):
         if not valid:
             valid = self._search_vocabulary(ids, state, after, checker, scores[0], checked=top.indices)
             self.vocabulary_searches += bool(valid)
+        if not valid and checker is not None and checker.earlier_calls:
+            # every way on repeats a call: a repeated call is still better than a broken block
+            checker = self._relaxed(checker)
+            valid = self._best_valid(ids, state, after, checker, top.indices.tolist(), top.values.tolist())
+            valid = valid or self._search_vocabulary(ids, state, after, checker, scores[0], checked=top.indices)
+            self.repeats_allowed += bool(valid)
         if not valid:
             self.dead_ends += 1
             logger.debug("no valid token inside the block %r", self.tokenizer.decode(ids[-32:]))

@@ -253,6 +253,7 @@ def _run_task(
     processors_for: Callable[[Task], list[Any]] | None,
     interrupt_at: str = "token",
     constrain_calls: str = "off",
+    no_repeat_calls: bool = False,
 ) -> tuple[Any | None, float, str | None]:
     """Run one task greedily: (AsyncResult or None, wall seconds, error repr or None)."""
     from transformers import LogitsProcessorList
@@ -261,7 +262,7 @@ def _run_task(
 
     alm = AsyncLM(
         model, tokenizer, tools=tools, mode=mode, call_timeout_s=10, trap_timeout_s=10,
-        interrupt_at=interrupt_at, constrain_calls=constrain_calls,  # type: ignore[arg-type]
+        interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls,  # type: ignore[arg-type]
     )
     extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
     t0 = time.perf_counter()
@@ -284,18 +285,19 @@ def evaluate_synthetic(
     processors_for: Callable[[Task], list[Any]] | None = None,
     interrupt_at: str = "token",
     constrain_calls: str = "off",
+    no_repeat_calls: bool = False,
 ) -> EvalReport:
     """Run synthetic tasks and score them (see the module docstring).
 
     ``processors_for(task)`` may return extra logits processors for a task (tests use it to
-    script a policy). ``interrupt_at`` and ``constrain_calls`` are the runtime's settings
-    (``AsyncLM``).
+    script a policy). ``interrupt_at``, ``constrain_calls`` and ``no_repeat_calls`` are the
+    runtime's settings (``AsyncLM``).
     """
     scores = []
     for task in tasks:
         result, wall, error = _run_task(
             model, tokenizer, task, task_tools(task, latency_scale), mode, max_new_tokens, processors_for, interrupt_at,
-            constrain_calls,
+            constrain_calls, no_repeat_calls,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -306,7 +308,8 @@ def evaluate_synthetic(
         scores.append(score)
         if progress is not None:
             progress(1)
-    return _aggregate("synthetic", mode, scores, {"interrupt_at": interrupt_at, "constrain_calls": constrain_calls})
+    runtime = {"interrupt_at": interrupt_at, "constrain_calls": constrain_calls, "no_repeat_calls": no_repeat_calls}
+    return _aggregate("synthetic", mode, scores, runtime)
 
 
 def _generic_result(name: str, arguments: dict) -> Any:
@@ -327,17 +330,19 @@ def evaluate_bfcl(
     processors_for: Callable[[Task], list[Any]] | None = None,
     interrupt_at: str = "token",
     constrain_calls: str = "off",
+    no_repeat_calls: bool = False,
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
-    ``interrupt_at`` and ``constrain_calls`` are the runtime's settings (``AsyncLM``)."""
+    ``interrupt_at``, ``constrain_calls`` and ``no_repeat_calls`` are the runtime's settings (``AsyncLM``)."""
     from .bench.ast_match import match_task
 
     scores = []
     for task in tasks:
         tools = task_tools(task, latency_scale, _generic_result)
         result, wall, error = _run_task(
-            model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls
+            model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls,
+            no_repeat_calls,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -377,6 +382,7 @@ def evaluate_bfcl(
         "trap_rate": statistics.mean(traps) if traps else math.nan,
         "interrupt_at": interrupt_at,
         "constrain_calls": constrain_calls,
+        "no_repeat_calls": no_repeat_calls,
     }
     return _aggregate("bfcl", mode, scores, extra)
 
@@ -409,7 +415,12 @@ def format_report(report: EvalReport) -> str:
     lines.append(f"| argument values right | {report.value_recall:.1%} |")
     lines.append(f"| valid CML blocks | {report.cml_validity:.1%} |")
     for k, v in report.extra.items():
-        lines.append(f"| {k.replace('_', ' ')} | {float(v):.1%} |" if isinstance(v, (int, float)) else f"| {k} | {v} |")
+        if isinstance(v, bool):  # a setting, not a rate
+            lines.append(f"| {k} | {'on' if v else 'off'} |")
+        elif isinstance(v, (int, float)):
+            lines.append(f"| {k.replace('_', ' ')} | {float(v):.1%} |")
+        else:
+            lines.append(f"| {k} | {v} |")
     lines += ["", "| category | n | success |", "|---|---|---|"]
     for c, d in report.per_category.items():
         lines.append(f"| {c} | {d['n']} | {d['success']:.1%} |")

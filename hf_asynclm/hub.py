@@ -307,8 +307,9 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     - ``tags`` (list of str): extra Hub tags.
     - ``runtime`` (dict): settings the checkpoint was trained for, which
       :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
-      otherwise: ``interrupt_at`` (``"token"`` or ``"word"``) and ``constrain_calls``
-      (``"off"``, ``"schema"`` or ``"grounded"``); the trainer writes ``"word"`` and ``"schema"``, see
+      otherwise: ``interrupt_at`` (``"token"`` or ``"word"``), ``constrain_calls``
+      (``"off"``, ``"schema"`` or ``"grounded"``) and ``no_repeat_calls`` (bool); the trainer
+      writes ``"word"`` and ``"schema"`` (and ``no_repeat_calls`` when asked), see
       :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`.
 
     Args:
@@ -585,6 +586,7 @@ def render_model_card(
         limitations=limitations,
         interrupt_at=runtime.get("interrupt_at"),
         constrain_calls=runtime.get("constrain_calls"),
+        no_repeat_calls=runtime.get("no_repeat_calls") is True,
     )
     return card
 

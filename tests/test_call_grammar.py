@@ -549,3 +549,152 @@ def test_a_backslash_at_the_end_is_checked_against_what_it_may_stand_for() -> No
     assert status('get_weather(city="it\\\'s town")', grounding="Weather in it\'s town?") == "COMPLETE"
     assert status('get_weather(city="\\d+")', grounding="match \\d+ please") == "COMPLETE"  # the value is \\d+
     assert status('get_weather(city="d+")', grounding="match \\d+ please") == "COMPLETE"
+
+
+# -- no_repeat_calls -----------------------------------------------------------------------------
+CALENDAR = {"name": "get_calendar", "parameters": {"type": "object", "properties": {"date": {"type": "string"}}, "required": ["date"]}}
+HOTEL = {
+    "name": "book_hotel",
+    "parameters": {
+        "type": "object",
+        "properties": {"hotel_id": {"type": "string"}, "nights": {"type": "integer"}},
+        "required": ["hotel_id", "nights"],
+    },
+}
+DATES = "Check my calendar on 2028-02-10, 2028-10-10 and 2029-09-16."
+
+
+def repeat_status(body: str, earlier: list, **kwargs) -> str:
+    return CallChecker([CALENDAR, HOTEL, WEATHER, BOOK], earlier_calls=earlier, **kwargs).check(body).name
+
+
+def test_a_call_made_before_cannot_be_made_again_whatever_the_order_or_spelling_of_its_arguments() -> None:
+    earlier = [("book_hotel", {"hotel_id": "UM445", "nights": 8})]
+    assert repeat_status('book_hotel(hotel_id="UM445", nights=8)', []) == "COMPLETE"
+    assert repeat_status('book_hotel(hotel_id="UM445", nights=8)', earlier) == "INVALID"
+    assert repeat_status("book_hotel(nights=8, hotel_id='UM445')", earlier) == "INVALID"
+    assert repeat_status('book_hotel(hotel_id="UM445", nights=9)', earlier) == "COMPLETE"
+    assert repeat_status('book_hotel(hotel_id="UM446", nights=8)', earlier) == "COMPLETE"
+    assert repeat_status('get_weather(city="Oslo", days=2)', [("get_weather", {"city": "Oslo"})]) == "COMPLETE"  # another call
+    # the same values as other literals: 8.0 is 8; True is not 1
+    assert repeat_status("book(hotel='A', price=8.0)", [("book", {"hotel": "A", "price": 8})]) == "INVALID"
+    assert repeat_status("book(hotel='A', confirm=True)", [("book", {"hotel": "A", "confirm": 1})]) == "COMPLETE"
+    assert repeat_status("book(hotel='A', tags=['x', 'y'])", [("book", {"hotel": "A", "tags": ("x", "y")})]) == "INVALID"
+    assert repeat_status("book(hotel='A', extra={'k': [1]})", [("book", {"hotel": "A", "extra": {"k": [1.0]}})]) == "INVALID"
+    assert repeat_status("book(hotel='A', extra={'k': [2]})", [("book", {"hotel": "A", "extra": {"k": [1.0]}})]) == "COMPLETE"
+
+
+def test_the_value_that_would_repeat_a_call_is_refused_as_soon_as_it_is_the_only_way_on() -> None:
+    """On the last argument the repeating value is refused while it is written, not only at
+    ``)``: grounded, every occurrence of it in the context is passed over, so the model turns
+    to another date rather than to a piece or an extension of this one."""
+    earlier = [("get_calendar", {"date": "2028-02-10"})]
+    text = DATES + " [CALL] c1 [HEAD] get_calendar(date='2028-02-10') [END]"
+    assert repeat_status("get_calendar(date='2028-0", earlier, grounding=text) == "INVALID"  # only 2028-02-10 goes on so
+    assert repeat_status("get_calendar(date='2028-1", earlier, grounding=text) == "PREFIX"
+    assert repeat_status("get_calendar(date='2028')", earlier, grounding=text) == "COMPLETE"  # the year of 2028-10-10
+    assert repeat_status("get_calendar(date='2028-10-10')", earlier, grounding=text) == "COMPLETE"
+    assert repeat_status("get_calendar(date='2028-02-10')", [], grounding=text) == "COMPLETE"
+    # not grounded: refused when the value is finished (the model may not close the string on it)
+    assert repeat_status("get_calendar(date='2028-02-10'", earlier) == "INVALID"
+    assert repeat_status("get_calendar(date='2028-02-1", earlier) == "PREFIX"
+    # numbers, enums and keywords likewise
+    hotel = [("book_hotel", {"hotel_id": "UM445", "nights": 8})]
+    ground = "Book UM445 for 8 or 18 nights."
+    assert repeat_status("book_hotel(hotel_id='UM445', nights=8", hotel, grounding=ground) == "INVALID"
+    assert repeat_status("book_hotel(hotel_id='UM445', nights=1", hotel, grounding=ground) == "PREFIX"
+    assert repeat_status("book_hotel(nights=8, hotel_id='U", hotel, grounding=ground) == "INVALID"
+    assert repeat_status("book_hotel(nights=18, hotel_id='UM445')", hotel, grounding=ground) == "COMPLETE"
+    weather = [("get_weather", {"city": "Oslo", "days": 2, "units": "C"})]
+    assert repeat_status('get_weather(city="Oslo", days=2, units="C', weather) == "INVALID"
+    assert repeat_status('get_weather(city="Oslo", days=2, units="F")', weather) == "COMPLETE"
+    booked = [("book", {"hotel": "A", "confirm": True, "price": 3, "tags": [], "extra": {}, "note": None})]
+    assert repeat_status("book(hotel='A', price=3, tags=[], extra={}, note=None, confirm=T", booked) == "INVALID"
+    assert repeat_status("book(hotel='A', price=3, tags=[], extra={}, note=None, confirm=F", booked) == "PREFIX"
+
+
+def test_a_call_that_may_still_take_an_optional_argument_is_refused_only_at_its_end() -> None:
+    """Where more arguments may follow, the value is no repeat yet (``get_weather(city="Oslo",
+    days=3)`` is another call): only ``)`` after the same arguments is refused."""
+    earlier = [("get_weather", {"city": "Oslo"})]
+    ground = "Weather in Oslo or Rome for 3 days?"
+    assert repeat_status('get_weather(city="Oslo"', earlier, grounding=ground) == "PREFIX"
+    assert repeat_status('get_weather(city="Oslo")', earlier, grounding=ground) == "INVALID"
+    assert repeat_status('get_weather(city="Oslo", days=3)', earlier, grounding=ground) == "COMPLETE"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    made=st.lists(st.sampled_from(["2028-02-10", "2028-10-10", "2029-09-16", "2028"]), max_size=4, unique=True),
+    body=st.sampled_from(["2028-02-10", "2028-10-10", "2029-09-16", "2028", "2028-02", "10"]),
+)
+def test_no_prefix_of_a_call_is_refused_while_a_new_call_can_still_come_of_it(made: list, body: str) -> None:
+    """Whatever has been made: a repeat is refused; a new call that is accepted is accepted
+    prefix by prefix; a date no call has used is refused only where a used value starts it (the
+    price of passing over the places where a used value is written: ``2028`` used shuts out
+    ``2028-10-10``)."""
+    text = DATES + "".join(f" [CALL] c{i} [HEAD] get_calendar(date='{d}') [END]" for i, d in enumerate(made))
+    checker = CallChecker([CALENDAR], grounding=text, earlier_calls=[("get_calendar", {"date": d}) for d in made])
+    call = f"get_calendar(date='{body}')"
+    result = checker.check(call)
+    if body in made:
+        assert result is Status.INVALID
+    elif result is Status.COMPLETE:
+        assert all(checker.check(call[:i]) is Status.PREFIX for i in range(1, len(call)))
+    unmade = [d for d in ("2028-02-10", "2028-10-10", "2029-09-16") if d not in made]
+    for d in unmade:
+        shut_out = any(d.startswith(m) for m in made)
+        assert (checker.check(f"get_calendar(date='{d}')") is Status.COMPLETE) is not shut_out
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def test_the_processor_steers_away_from_a_call_this_generation_already_made() -> None:
+    tok = tiny_tokenizer()
+    prompt = _ids(tok, DATES + " ")
+    made = _ids(tok, "[CALL] c1 [HEAD] get_calendar(date='2028-02-10') [END] [CALL] c2 [HEAD] get_calendar(date='2028-")
+    proc = CallGrammarProcessor(tok, [CALENDAR], grounded=True, no_repeat=True)
+    proc(torch.tensor([prompt]), torch.zeros(1, len(tok)))  # the first step sees the prompt
+    zero, one = _ids(tok, "0")[0], _ids(tok, "1")[0]
+    assert not proc.allowed(prompt + made, zero) and proc.allowed(prompt + made, one)
+    scores = torch.zeros(1, len(tok))
+    scores[0, zero] = 5.0  # the model would write 2028-02-10 again
+    scores[0, one] = 1.0
+    assert int(proc(torch.tensor([prompt + made]), scores).argmax()) == one
+    # without the setting, or with the earlier call in the prompt (an example, not this generation's call)
+    assert CallGrammarProcessor(tok, [CALENDAR], grounded=True).allowed(prompt + made, zero)
+    fresh = CallGrammarProcessor(tok, [CALENDAR], grounded=True, no_repeat=True)
+    fresh(torch.tensor([prompt + made[:-12]]), torch.zeros(1, len(tok)))
+    assert fresh.allowed(prompt + made, zero)
+
+
+def test_where_only_a_repeat_can_go_on_it_is_let_through_rather_than_broken() -> None:
+    """A model cornered into a repeat (both booleans used, no earlier id to refer to) still
+    writes a valid block: the repeat is allowed and counted, no dead end."""
+    tok = tiny_tokenizer()
+    toggle = {"name": "toggle", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]}}
+    prompt = _ids(tok, "Switch it. ")
+    made = _ids(tok, "[CALL] toggle(on=True) [END] [CALL] toggle(on=False) [END] [CALL] toggle(on=")
+    proc = CallGrammarProcessor(tok, [toggle], no_repeat=True)
+    proc(torch.tensor([prompt]), torch.zeros(1, len(tok)))
+    true = _ids(tok, "T")[0]
+    assert not proc.allowed(prompt + made, true)  # by the rule alone
+    scores = torch.zeros(1, len(tok))
+    scores[0, true] = 5.0
+    out = proc(torch.tensor([prompt + made]), scores)
+    assert int(out.argmax()) == true and proc.repeats_allowed == 1 and proc.dead_ends == 0
+    assert all(tok.decode([t]) in ("T", "F", "Tr", "Fa", "True", "False") for t in torch.nonzero(out[0] > float("-inf")).flatten().tolist())
+
+
+def test_asynclm_no_repeat_calls_settings() -> None:
+    from hf_asynclm import AsyncLM
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    with pytest.raises(ValueError, match="constrain_calls"):
+        AsyncLM(model, tok, no_repeat_calls=True)
+    with pytest.raises(TypeError, match="True or False"):
+        AsyncLM(model, tok, constrain_calls="schema", no_repeat_calls="yes")  # type: ignore[arg-type]
+    assert AsyncLM(model, tok, constrain_calls="grounded", no_repeat_calls=True).no_repeat_calls is True

@@ -311,6 +311,8 @@ def test_missing_default_checkpoint(monkeypatch, tmp_path):
         (["--interrupt-at", "sentence"], "'sentence' is not one of"),
         (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--constrain-calls", "schema"], "local backend only"),
         (["--constrain-calls", "json"], "'json' is not one of"),
+        (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--no-repeat-calls"], "local backend only"),
+        (["--constrain-calls", "off", "--no-repeat-calls"], "works through constrained calls"),
     ],
 )
 def test_bad_options(args, needle):

@@ -31,6 +31,22 @@ def test_scripted_simulator_policy_scores_perfectly():
     assert "task success | 100.0%" in format_report(report)
 
 
+def test_the_constraints_let_a_perfect_policy_through():
+    """Schema-checked calls that may not repeat an earlier call do not stand in the way of the
+    plan (no plan makes the same call twice); the report says which settings ran."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    tasks = generate_tasks(6, seed=5, split="eval")
+    report = evaluate_synthetic(
+        tiny_llama(tok), tok, tasks, max_new_tokens=400, latency_scale=0.02, processors_for=_scripted(tok),
+        constrain_calls="schema", no_repeat_calls=True,
+    )
+    assert report.success_rate == 1.0, [t for t in report.tasks if not t.success]
+    assert report.extra["no_repeat_calls"] is True
+    text = format_report(report)
+    assert "| no_repeat_calls | on |" in text and "| constrain_calls | schema |" in text
+
+
 def test_random_model_fails_and_scoring_catches_near_misses():
     tok = tiny_tokenizer()
     tok.chat_template = CML_CHAT_TEMPLATE

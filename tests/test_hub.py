@@ -323,6 +323,11 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
     (folder / "cml_training.json").write_text(json.dumps(record))
     text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
     assert '`"constrain_calls": "grounded"`' in text and "copied from the conversation" in text
+    assert "no_repeat_calls" not in text
+    record["runtime"]["no_repeat_calls"] = True
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
+    assert '`"no_repeat_calls": true`' in text and "no_repeat_calls=False" in text
     card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
     assert card.data.base_model == "google/gemma-3-270m"
 

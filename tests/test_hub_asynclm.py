@@ -82,6 +82,12 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     # ... and their calls are held to the tools' schemas (cml-tiny's values also to the context)
     assert AsyncLM.from_pretrained().constrain_calls == "grounded"
     assert AsyncLM.from_pretrained(constrain_calls="off").constrain_calls == "off"
+    # ... and may not repeat a call: a setting that goes with the constraint when the caller turns it off
+    assert AsyncLM.from_pretrained().no_repeat_calls is True
+    assert AsyncLM.from_pretrained(no_repeat_calls=False).no_repeat_calls is False
+    assert AsyncLM.from_pretrained(constrain_calls="off").no_repeat_calls is False
+    with pytest.raises(ValueError, match="no_repeat_calls"):
+        AsyncLM.from_pretrained(constrain_calls="off", no_repeat_calls=True)
     folder = tmp_path / "ckpt"
     shutil.copytree(DEFAULT_CHECKPOINT, folder)
     record_path = folder / "cml_training.json"
@@ -93,12 +99,17 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     bare = AsyncLM.from_pretrained(folder)
     assert bare.interrupt_at == "token" and bare.constrain_calls == "off"
     # bad or unknown settings are left out with a warning, the weights still load
-    record["runtime"] = {"interrupt_at": "sentence", "speed": "fast", "constrain_calls": "json"}
+    record["runtime"] = {"interrupt_at": "sentence", "speed": "fast", "constrain_calls": "json", "no_repeat_calls": "yes"}
     record_path.write_text(json.dumps(record))
     with caplog.at_level("WARNING", logger="hf_asynclm.asynclm"):
         loaded = AsyncLM.from_pretrained(folder)
-    assert loaded.interrupt_at == "token" and loaded.constrain_calls == "off"
+    assert loaded.interrupt_at == "token" and loaded.constrain_calls == "off" and loaded.no_repeat_calls is False
     assert "'sentence'" in caplog.text and "unknown runtime setting 'speed'" in caplog.text and "'json'" in caplog.text
+    assert "'yes'" in caplog.text
+    # a recorded no_repeat_calls whose constraint is not recorded (or is off) is not applied
+    record["runtime"] = {"no_repeat_calls": True}
+    record_path.write_text(json.dumps(record))
+    assert AsyncLM.from_pretrained(folder).no_repeat_calls is False
     record_path.write_text("not json")
     assert checkpoint_runtime_defaults(folder) == {}
     (folder / "cml_training.json").unlink()

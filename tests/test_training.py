@@ -396,10 +396,10 @@ def test_full_fine_tuning_of_a_base(tiny_base, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = train(_micro(data_file, tmp_path / "full", base_model=str(tiny_base), max_steps=3, learning_rate=1e-2,
-                       constrain_calls="grounded"))
+                       constrain_calls="grounded", no_repeat_calls=True))
     record = json.loads((out / TRAINING_RECORD).read_text())
     assert record["mode"] == "full" and record["trainable_parameters"] == record["parameters"]
-    assert record["runtime"] == {"interrupt_at": "word", "constrain_calls": "grounded"}  # as asked for
+    assert record["runtime"] == {"interrupt_at": "word", "constrain_calls": "grounded", "no_repeat_calls": True}  # as asked for
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == record["vocab_size"]
 
@@ -429,6 +429,8 @@ def test_config_errors_are_clear(data_file, tmp_path):
         TrainConfig(data=str(data_file), base_model="gemma.gguf").validate()
     with pytest.raises(ValueError, match="constrain_calls"):
         TrainConfig(data=str(data_file), constrain_calls="strict").validate()
+    with pytest.raises(ValueError, match="no_repeat_calls works through constrained calls"):
+        TrainConfig(data=str(data_file), constrain_calls="off", no_repeat_calls=True).validate()
     cfg = TrainConfig.from_preset("tiny", data="x", learning_rate=1e-3)
     assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 4, 1e-3, "tiny")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..call_grammar import check_constrain_calls
+from ..call_grammar import check_constrain_calls, check_no_repeat_calls
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
 from ..prompting import CML_CHAT_TEMPLATE, template_knows_cml
 from .dataset import (
@@ -148,6 +148,7 @@ class TrainConfig:
 
     # what the checkpoint records for the runtime (cml_training.json -> "runtime")
     constrain_calls: str = RUNTIME_DEFAULTS["constrain_calls"]  # "off", "schema" or "grounded"
+    no_repeat_calls: bool = False  # recorded only when True (needs constrain_calls on)
 
     # bookkeeping
     logging_steps: int = 10
@@ -215,6 +216,9 @@ class TrainConfig:
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("give max_steps > 0 or num_epochs > 0")
         check_constrain_calls(self.constrain_calls)
+        check_no_repeat_calls(self.no_repeat_calls)
+        if self.no_repeat_calls and self.constrain_calls == "off":
+            raise ValueError("no_repeat_calls works through constrained calls: record constrain_calls 'schema' or 'grounded' too")
         if self.base_model is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
 
@@ -662,7 +666,11 @@ def train(config: TrainConfig) -> Path:
             "vocab_size": len(tokenizer),
             "marker_token_ids": {m: i for i, m in sorted(marker_token_ids(tokenizer).by_id.items())},
             "files": files,
-            "runtime": {**RUNTIME_DEFAULTS, "constrain_calls": config.constrain_calls},
+            "runtime": {
+                **RUNTIME_DEFAULTS,
+                "constrain_calls": config.constrain_calls,
+                **({"no_repeat_calls": True} if config.no_repeat_calls else {}),
+            },
             "simulator": summarize_meta(dataset.examples),
             "config": _jsonable({**dataclasses.asdict(config), "learning_rate": config.resolved_learning_rate()}),
             "versions": {
