@@ -23,8 +23,10 @@ not stand for ``"Bankruptcy"`` nor ``1000`` for ``1000000000.0``. ``True``/``Fal
 all in the context (extraction-style requests, the BFCL plan in the prompt); a value that must be
 computed or translated (``"EUR"`` for "euros") cannot be written under it.
 
-What constraints cannot do is choose for the model: a call repeated or left out is still the
-model's decision. Tokens are checked lazily, most likely first: the processor keeps the valid
+With ``no_repeat_calls`` (:class:`CallChecker`'s ``earlier_calls``) the model may also not write a call
+it has already written in this generation: where the last argument would make the call a repeat,
+that value is not offered, so the model turns to another one. What constraints cannot do is choose
+for the model: a call left out is still the model's decision. Tokens are checked lazily, most likely first: the processor keeps the valid
 tokens among the ``candidates`` most likely ones (greedy decoding takes the best valid token;
 sampling samples among those), scanning further down the ranking only when none of them is
 valid. Where none of the ``max_scan`` most likely tokens is valid either (a model with a large
@@ -47,6 +49,9 @@ Example:
 ['PREFIX', 'PREFIX', 'COMPLETE']
 >>> [checker.check(body).name for body in ('get_time(', 'get_weather(town=', 'get_weather(days="3"', 'get_weather(days=3)')]
 ['INVALID', 'INVALID', 'INVALID', 'INVALID']
+>>> again = CallChecker([schema], earlier_calls=[("get_weather", {"city": "Paris"})])  # no_repeat_calls
+>>> [again.check(body).name for body in ('get_weather(city="Paris")', 'get_weather(city="Paris", days=3)')]
+['INVALID', 'COMPLETE']
 
 ```
 """
@@ -191,6 +196,11 @@ def canonical_value(value: Any) -> _Canonical:
         items = [(canonical_value(k), canonical_value(v)) for k, v in value.items()]
         return ("map", tuple(sorted(items, key=repr)))
     return ("other", repr(value))
+
+
+def _switch_only(types: set[str]) -> bool:
+    """A parameter that only takes ``True`` / ``False`` (/ ``None``)."""
+    return bool(types) and types <= {"boolean", "null"}
 
 
 def _canonical_call(name: str, kwargs: Mapping[str, Any]) -> tuple[str, frozenset]:
@@ -477,6 +487,8 @@ class _Parse:
                 k not in used and self.c.writable(v) for k, v in props.items()
             ):  # the last argument: no value that makes an earlier call
                 excluded = self.c.repeating_values(name, values, key)
+                if excluded and not self.some_value(props.get(key), _types(props.get(key)), excluded):
+                    raise _Invalid  # every value it may take would repeat a call
             self.spaces()
             self.expect("=")
             self.spaces()
@@ -489,8 +501,6 @@ class _Parse:
         if depth > MAX_DEPTH:
             raise _Invalid
         types = _types(schema)
-        if excluded and self.i >= len(self.s) and not self.some_value(schema, types, excluded):
-            raise _Invalid  # every value this parameter may take would repeat a call
         ch = self.peek()
         if ch in "\"'":
             if types and "string" not in types:
@@ -516,7 +526,7 @@ class _Parse:
         """Whether a value of this parameter that is none of ``excluded`` may be written."""
         if not types or types & {"array", "object"}:
             return True
-        if any(("ref", c) not in excluded for c in self.c.call_ids):
+        if not _switch_only(types) and any(("ref", c) not in excluded for c in self.c.call_ids):
             return True
         grounding = self.c.grounding
         if "string" in types:
@@ -607,7 +617,8 @@ class _Parse:
         word = self.read(_IDENT_CHARS)
         keywords = [k for k in _KEYWORDS if not types or (k == "None" and "null" in types) or (k != "None" and "boolean" in types)]
         values = {k: ("const", {"True": True, "False": False, "None": None}[k]) for k in keywords}
-        values.update({c: ("ref", c) for c in self.c.call_ids})
+        if not (excluded and _switch_only(types)):  # no reference stands in for a used True / False
+            values.update({c: ("ref", c) for c in self.c.call_ids})
         values = {w: v for w, v in values.items() if v not in excluded}
         if self.i >= len(self.s):
             if any(w.startswith(word) for w in values):
@@ -658,8 +669,10 @@ class CallGrammarProcessor(LogitsProcessor):
             block or from the tools' schemas (``constrain_calls="grounded"``, see :class:`Grounding`).
         no_repeat: never write a call this generation has already written (same tool, same
             arguments; ``no_repeat_calls``): the value of the last argument that would repeat one
-            is not offered, so the model writes another (see :class:`CallChecker`). A model that
-            must poll (call the same thing twice on purpose) needs this off.
+            is not offered, so the model writes another (see :class:`CallChecker`); where every way
+            on is a repeat, the repeat is let through rather than breaking the block
+            (:attr:`repeats_allowed` counts those steps). A model that must poll (call the same
+            thing twice on purpose) needs this off.
 
     Example:
 
