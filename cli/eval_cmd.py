@@ -16,7 +16,15 @@ import click
 @click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--latency-scale", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="Tools sleep their prompt latency times this.")
+@click.option("--latency-scale", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="--clock wall: tools sleep their prompt latency times this.")
+@click.option(
+    "--clock", type=click.Choice(["wall", "virtual"]), default="wall", show_default=True,
+    help="wall: tools really sleep and results go in where the model is when they return (varies from run to run). "
+    "virtual: simulated time, as in the training traces (each token costs --tpot-ms, each call its prompt latency; "
+    "tools return at once): the same report on every run and machine.",
+)
+@click.option("--tpot-ms", default="5,30", show_default=True, metavar="LOW,HIGH",
+              help="--clock virtual: simulated time per token, drawn per task from this range (ms).")
 @click.option(
     "--interrupt-at", type=click.Choice(["token", "word"]), default=None,
     help="Where results go in: any safe point (token) or only at word boundaries and after blocks (word). "
@@ -49,6 +57,8 @@ def eval_command(
     seed: int,
     max_new_tokens: int,
     latency_scale: float,
+    clock: str,
+    tpot_ms: str,
     interrupt_at: str | None,
     constrain_calls: str | None,
     no_repeat_calls: bool | None,
@@ -61,6 +71,7 @@ def eval_command(
     \b
     Examples:
       hf-asynclm eval --synthetic 200
+      hf-asynclm eval --synthetic 200 --clock virtual      # the same report on every run
       hf-asynclm eval --model out/gemma-3-270m-cml --synthetic 0 --bfcl 200 --modes sync,async
     """
     from rich.console import Console
@@ -73,6 +84,13 @@ def eval_command(
         raise click.UsageError(f"unknown mode(s) {bad}: use async, sync, sync-parallel")
     if n_synthetic == 0 and n_bfcl == 0:
         raise click.UsageError("nothing to evaluate: give --synthetic N and/or --bfcl N")
+    from hf_asynclm.data.simulate import check_tpot_range
+
+    try:
+        tpot_range = check_tpot_range(tpot_ms.split(","))
+    except ValueError as exc:
+        raise click.UsageError(f"--tpot-ms: {exc}") from None
+    clocked = {"clock": clock, "tpot_range_ms": tpot_range}
 
     from hf_asynclm import AsyncLM
     from hf_asynclm.evaluation import evaluate_bfcl, evaluate_synthetic, format_report
@@ -97,7 +115,7 @@ def eval_command(
                         alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls,
+                        no_repeat_calls=alm.no_repeat_calls, **clocked,
                     )
                 )
         if n_bfcl:
@@ -130,7 +148,7 @@ def eval_command(
                         alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls,
+                        no_repeat_calls=alm.no_repeat_calls, **clocked,
                     )
                 )
     for report in reports:

@@ -42,6 +42,7 @@ _EXPORTS = {
     "format_interrupt": "cml",
     "format_trap": "cml",
     "parse_blocks": "cml",
+    "VirtualClock": "virtual_time",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .monitor import CMLMonitor
     from .processors import CMLLogitsProcessor
     from .streamer import CMLIteratorStreamer, CMLStreamer, CMLTextStreamer, StreamEvent
+    from .virtual_time import VirtualClock
 
 
 def __getattr__(name: str) -> Any:

@@ -52,6 +52,7 @@ from .generation import (
 )
 from .prompting import build_prompt
 from .streamer import CMLIteratorStreamer, StreamEvent
+from .virtual_time import VirtualClock
 
 logger = logging.getLogger(__name__)
 
@@ -371,14 +372,21 @@ class AsyncLM(SessionControl):
         return cls(model, tokenizer, tools=tools, mode=mode, **kwargs)
 
     # sessions ----------------------------------------------------------------------------------
-    def new_session(self, mode: Mode | None = None) -> GenerationSession:
-        """A fresh runtime session (executor, monitor, counters) for one generation."""
+    def new_session(self, mode: Mode | None = None, virtual_clock: VirtualClock | None = None) -> GenerationSession:
+        """A fresh runtime session (executor, monitor, counters) for one generation.
+
+        ``virtual_clock``: run it in simulated time (:mod:`hf_asynclm.virtual_time`): results go
+        in where the simulated clock says, the same on every run (give each generation a new
+        clock). Pass the session to ``model.generate(..., custom_generate=alm.custom_generate,
+        asynclm_session=session)`` and read the result with :meth:`result_of`.
+        """
         executor = ToolExecutor(
             self.registry,
             timeout_s=self.call_timeout_s,
             max_workers=self.max_workers,
             max_in_flight=self.max_in_flight,
             max_result_chars=self.max_result_chars,
+            **({"clock": virtual_clock} if virtual_clock is not None else {}),
         )
         return GenerationSession(
             self.tokenizer,
@@ -455,6 +463,7 @@ class AsyncLM(SessionControl):
         *,
         mode: Mode | None = None,
         streamer: Any | None = None,
+        virtual_clock: VirtualClock | None = None,
         **generation_kwargs: Any,
     ) -> AsyncResult:
         """Generate with asynchronous function calling.
@@ -464,6 +473,9 @@ class AsyncLM(SessionControl):
             mode: override the instance's mode for this call.
             streamer: a transformers streamer (a :class:`~hf_asynclm.streamer.CMLStreamer`
                 also receives call / interrupt / trap events).
+            virtual_clock: run in simulated time (a new
+                :class:`~hf_asynclm.virtual_time.VirtualClock` per call): results go in where
+                the simulated clock says, so greedy runs repeat exactly.
             **generation_kwargs: anything ``model.generate`` takes (``max_new_tokens``,
                 ``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty``,
                 ``generation_config``, ``logits_processor``, ``stopping_criteria`` ...).
@@ -471,7 +483,7 @@ class AsyncLM(SessionControl):
         if mode is not None and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         inputs = self.encode_prompt(prompt_or_messages)
-        session = self.new_session(mode)
+        session = self.new_session(mode, virtual_clock=virtual_clock)
         self.model.generate(
             **inputs,
             custom_generate=self.custom_generate,

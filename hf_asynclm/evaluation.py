@@ -14,6 +14,10 @@ scaled by ``latency_scale``) and scores
 paper did for its latency runs) and scores BFCL AST accuracy of the emitted calls, whether
 independent calls were written longest-first (LPT), and whether the model trapped to wait.
 
+Both run on the wall clock by default (results go in where the model is when the sleeping tool
+returns, which varies a little from run to run) or, with ``clock="virtual"``, in simulated time
+(:mod:`hf_asynclm.virtual_time`): the same report on every run.
+
 Example:
 
 ```python
@@ -254,6 +258,7 @@ def _run_task(
     interrupt_at: str = "token",
     constrain_calls: str = "off",
     no_repeat_calls: bool = False,
+    virtual_clock: Any | None = None,
 ) -> tuple[Any | None, float, str | None]:
     """Run one task greedily: (AsyncResult or None, wall seconds, error repr or None)."""
     from transformers import LogitsProcessorList
@@ -267,7 +272,7 @@ def _run_task(
     extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
     t0 = time.perf_counter()
     try:
-        result = alm.generate(task.messages, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+        result = alm.generate(task.messages, max_new_tokens=max_new_tokens, do_sample=False, virtual_clock=virtual_clock, **extra)
     except Exception as exc:  # a broken task must not end the evaluation
         logger.exception("task %s failed", task.task_id)
         return None, time.perf_counter() - t0, repr(exc)
@@ -286,18 +291,24 @@ def evaluate_synthetic(
     interrupt_at: str = "token",
     constrain_calls: str = "off",
     no_repeat_calls: bool = False,
+    clock: str = "wall",
+    tpot_range_ms: Sequence[float] = (5.0, 30.0),
 ) -> EvalReport:
     """Run synthetic tasks and score them (see the module docstring).
 
     ``processors_for(task)`` may return extra logits processors for a task (tests use it to
     script a policy). ``interrupt_at``, ``constrain_calls`` and ``no_repeat_calls`` are the
-    runtime's settings (``AsyncLM``).
+    runtime's settings (``AsyncLM``). ``clock="virtual"`` runs each task in simulated time
+    (:func:`task_clock`: ``tpot_range_ms`` per token, the tools' prompt latencies per call; the
+    tools return at once), so the report is the same on every run and machine.
     """
+    check_clock(clock)
     scores = []
     for task in tasks:
         result, wall, error = _run_task(
-            model, tokenizer, task, task_tools(task, latency_scale), mode, max_new_tokens, processors_for, interrupt_at,
-            constrain_calls, no_repeat_calls,
+            model, tokenizer, task, task_tools(task, 0.0 if clock == "virtual" else latency_scale), mode, max_new_tokens,
+            processors_for, interrupt_at, constrain_calls, no_repeat_calls,
+            task_clock(task, tpot_range_ms) if clock == "virtual" else None,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -309,7 +320,46 @@ def evaluate_synthetic(
         if progress is not None:
             progress(1)
     runtime = {"interrupt_at": interrupt_at, "constrain_calls": constrain_calls, "no_repeat_calls": no_repeat_calls}
-    return _aggregate("synthetic", mode, scores, runtime)
+    return _aggregate("synthetic", mode, scores, {**runtime, **_clock_settings(clock, latency_scale, tpot_range_ms)})
+
+
+#: ``clock`` settings of the evaluation: real time (tools sleep) or simulated time.
+CLOCKS: tuple[str, ...] = ("wall", "virtual")
+
+
+def check_clock(value: str) -> str:
+    """Return ``value`` when it is a valid evaluation ``clock``, else raise ``ValueError``."""
+    if value not in CLOCKS:
+        raise ValueError(f"unknown clock {value!r}: use one of {', '.join(CLOCKS)}")
+    return value
+
+
+def task_clock(task: Task, tpot_range_ms: Sequence[float] = (5.0, 30.0)) -> Any:
+    """A :class:`~hf_asynclm.virtual_time.VirtualClock` for one task: a time per token drawn
+    from ``tpot_range_ms`` (seeded by the task id, as the simulator draws one per trace), and per
+    call the latency its prompt shows (the planned call's own latency where the task has one with
+    the same name and arguments, e.g. BFCL's cheat sheet, else the tool's ``x-latency-ms``)."""
+    import random
+
+    from .data.simulate import check_tpot_range
+    from .virtual_time import VirtualClock
+
+    low, high = check_tpot_range(tpot_range_ms)
+    tpot_ms = random.Random(f"eval-tpot:{task.task_id}").uniform(low, high)
+
+    def latency_s(name: str | None, arguments: Any) -> float:
+        for c in task.calls:
+            if c.name == name and c.latency_s is not None and dict(c.arguments) == dict(arguments):
+                return float(c.latency_s)
+        return _latency_of(task, name or "") / 1000.0
+
+    return VirtualClock(tpot_ms / 1000.0, latency_s)
+
+
+def _clock_settings(clock: str, latency_scale: float, tpot_range_ms: Sequence[float]) -> dict[str, Any]:
+    if clock == "virtual":
+        return {"clock": "virtual", "tpot_range_ms": f"{tpot_range_ms[0]:g}-{tpot_range_ms[1]:g}"}
+    return {"clock": "wall", "latency_scale": f"{latency_scale:g}"}
 
 
 def _generic_result(name: str, arguments: dict) -> Any:
@@ -331,18 +381,22 @@ def evaluate_bfcl(
     interrupt_at: str = "token",
     constrain_calls: str = "off",
     no_repeat_calls: bool = False,
+    clock: str = "wall",
+    tpot_range_ms: Sequence[float] = (5.0, 30.0),
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
-    ``interrupt_at``, ``constrain_calls`` and ``no_repeat_calls`` are the runtime's settings (``AsyncLM``)."""
+    ``interrupt_at``, ``constrain_calls`` and ``no_repeat_calls`` are the runtime's settings (``AsyncLM``);
+    ``clock`` as in :func:`evaluate_synthetic` (virtual: each call takes its cheat-sheet latency)."""
     from .bench.ast_match import match_task
 
+    check_clock(clock)
     scores = []
     for task in tasks:
-        tools = task_tools(task, latency_scale, _generic_result)
+        tools = task_tools(task, 0.0 if clock == "virtual" else latency_scale, _generic_result)
         result, wall, error = _run_task(
             model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls,
-            no_repeat_calls,
+            no_repeat_calls, task_clock(task, tpot_range_ms) if clock == "virtual" else None,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -383,6 +437,7 @@ def evaluate_bfcl(
         "interrupt_at": interrupt_at,
         "constrain_calls": constrain_calls,
         "no_repeat_calls": no_repeat_calls,
+        **_clock_settings(clock, latency_scale, tpot_range_ms),
     }
     return _aggregate("bfcl", mode, scores, extra)
 

@@ -328,7 +328,7 @@ class GenerationSession:
 
     def finish(self) -> None:
         """Cancel what is still running and report every call's final state."""
-        self.leftover_interrupts = self.executor.pop_ready()
+        self.leftover_interrupts = self.executor.drain_ready()
         self.executor.cancel_all("generation ended")
         for record in list(self.executor.calls):
             if record.finished_at is not None or record.status in ("cancelled", "timeout", "error", "done"):
@@ -475,6 +475,7 @@ def cml_decode_loop(
     device = input_ids.device
 
     word_boundaries = session.interrupt_at == "word"
+    virtual_clock = getattr(session.executor, "virtual_clock", None)  # simulated time: tokens move it
     held = False  # word mode: at a safe point with interrupts held back until a word starts
     held_for = 0  # tokens the ready interrupts have been held back
 
@@ -496,6 +497,8 @@ def cml_decode_loop(
                 token = int(torch.argmax(scores, dim=-1)[0])
             generated += 1
             stats.generated_tokens = generated
+            if virtual_clock is not None:
+                virtual_clock.tick()
             if generated == 1:
                 stats.ttft_s = time.monotonic() - t_start
             token_t = torch.tensor([[token]], dtype=input_ids.dtype, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from hf_asynclm.data.simulate import simulate
@@ -47,6 +48,27 @@ def test_the_constraints_let_a_perfect_policy_through():
     assert "| no_repeat_calls | on |" in text and "| constrain_calls | schema |" in text
 
 
+def test_in_simulated_time_a_report_is_the_same_on_every_run():
+    """--clock virtual: the tools return at once and results go in by the simulated clock, so
+    a model's report does not depend on how fast the machine (or the tools) are; a scripted
+    perfect policy still scores 100 %."""
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    model = tiny_llama(tok, seed=4)
+    tasks = generate_tasks(3, seed=7, split="eval")
+    reports = [
+        evaluate_synthetic(model, tok, tasks, max_new_tokens=40, clock="virtual", tpot_range_ms=(5, 30))
+        for _ in range(2)
+    ]
+    strip = lambda r: [(t.task_id, t.emitted, t.success, t.blocks) for t in r.tasks]  # noqa: E731
+    assert strip(reports[0]) == strip(reports[1])
+    assert reports[0].extra["clock"] == "virtual" and reports[0].extra["tpot_range_ms"] == "5-30"
+    perfect = evaluate_synthetic(model, tok, tasks, max_new_tokens=400, processors_for=_scripted(tok), clock="virtual")
+    assert perfect.success_rate == 1.0, [t for t in perfect.tasks if not t.success]
+    with pytest.raises(ValueError, match="clock"):
+        evaluate_synthetic(model, tok, tasks, clock="sundial")
+
+
 def test_random_model_fails_and_scoring_catches_near_misses():
     tok = tiny_tokenizer()
     tok.chat_template = CML_CHAT_TEMPLATE
@@ -75,6 +97,11 @@ def test_eval_cli_bad_input():
     assert r.exit_code != 0 and "unknown mode" in r.output
     r = runner.invoke(eval_command, ["--model", "/no/such/dir", "--synthetic", "1"])
     assert r.exit_code != 0 and "Traceback" not in r.output and "cannot load model" in r.output
+    for bad in ("30,5", "5", "0,3", "a,b"):
+        r = runner.invoke(eval_command, ["--clock", "virtual", "--tpot-ms", bad])
+        assert r.exit_code == 2 and "--tpot-ms" in r.output, r.output
+    r = runner.invoke(eval_command, ["--clock", "sundial"])
+    assert r.exit_code == 2 and "sundial" in r.output
 
 
 def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):

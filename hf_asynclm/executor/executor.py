@@ -40,6 +40,7 @@ from ..cml import (
     is_valid_id,
     serialize_result,
 )
+from ..virtual_time import VirtualClock
 from .parsing import ArgumentError, CallParseError, ParsedCall, bind_arguments, parse_call
 from .registry import Tool, ToolRegistry, UnknownToolError
 
@@ -199,7 +200,11 @@ class ToolExecutor:
         max_result_chars: Results longer than this are truncated (with a marker). None: no limit.
         anonymous_errors: Report failures of calls without an id as interrupts with id
             ``"error"`` (their successes are never reported).
-        clock: Time source of the records' timestamps.
+        clock: Time source of the records' timestamps. A
+            :class:`~hf_asynclm.virtual_time.VirtualClock` also gates the results: each is
+            handed over only once the clock reaches its due time (submission + the clock's
+            latency for the call), in due order, and :meth:`wait_ready` moves the clock on to
+            the next due result (reproducible runs, see :mod:`hf_asynclm.virtual_time`).
 
     Example:
 
@@ -252,6 +257,9 @@ class ToolExecutor:
         self.max_result_chars = max_result_chars
         self.anonymous_errors = anonymous_errors
         self._clock = clock
+        #: The :class:`~hf_asynclm.virtual_time.VirtualClock` gating results, or None (wall clock).
+        self.virtual_clock: VirtualClock | None = clock if isinstance(clock, VirtualClock) else None
+        self._due: dict[int, tuple[float, int]] = {}  # virtual clock: id(interrupt) -> (due time, order)
 
         #: Every call, in submission order.
         self.calls: list[CallRecord] = []
@@ -378,33 +386,104 @@ class ToolExecutor:
             if self._closed:
                 raise RuntimeError("this ToolExecutor is closed: interrupts can no longer be queued")
             interrupt = Interrupt(call_id, text, is_error=is_error, created_at=self._clock())
-            self._ready.append(interrupt)
+            self._append_ready_locked(interrupt, None)
             self._cond.notify_all()
         return interrupt
 
     def has_ready(self) -> bool:
-        """True when at least one interrupt is waiting to be popped."""
-        return bool(self._ready)
+        """True when at least one interrupt is waiting to be popped (with a virtual clock: is due)."""
+        if self.virtual_clock is None:
+            return bool(self._ready)
+        with self._cond:
+            return bool(self._due_locked())
 
     def pop_ready(self) -> list[Interrupt]:
-        """Take all ready interrupts, in the order they became ready. Never blocks."""
+        """Take all ready interrupts, in the order they became ready (with a virtual clock: the
+        due ones, in due order). Never blocks."""
+        with self._cond:
+            if self.virtual_clock is None:
+                ready, self._ready = self._ready, []
+                return ready
+            ready = self._due_locked()
+            taken = set(map(id, ready))
+            self._ready = [i for i in self._ready if id(i) not in taken]
+            for interrupt in ready:
+                self._due.pop(id(interrupt), None)
+            return ready
+
+    def drain_ready(self) -> list[Interrupt]:
+        """Take every queued interrupt, due or not (the end of a generation), in the order
+        :meth:`pop_ready` would have handed them over."""
         with self._cond:
             ready, self._ready = self._ready, []
-        return ready
+            if self.virtual_clock is not None:
+                ready.sort(key=lambda i: self._due[id(i)])
+                self._due.clear()
+            return ready
 
     def wait_ready(self, timeout: float | None) -> bool:
         """Block until an interrupt is ready (True) or ``timeout`` seconds pass (False).
 
-        Returns at once when one is already ready; returns False if the executor closes.
+        Returns at once when one is already ready; returns False if the executor closes. With a
+        virtual clock, a finished result that is due before every running call moves the clock
+        on to its due time at once; only a running call that is due first is waited for.
         """
+        clock = self.virtual_clock
         with self._cond:
-            self._cond.wait_for(lambda: self._ready or self._closed, timeout)
-            return bool(self._ready)
+            if clock is None:
+                self._cond.wait_for(lambda: self._ready or self._closed, timeout)
+                return bool(self._ready)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self._due_locked():
+                    return True
+                first_ready = min((self._due[id(i)][0] for i in self._ready), default=None)
+                first_running = min((self._running_due(r) for r in self._unfinished.values()), default=None)
+                if first_ready is not None and (first_running is None or first_ready <= first_running):
+                    clock.advance_to(first_ready)
+                    return True
+                if self._closed or first_running is None:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)  # a running call finishes (real time)
 
     def wait_for(self, record: CallRecord, timeout: float | None) -> bool:
-        """Block until ``record``'s call has finished (any status): True, or False on timeout."""
+        """Block until ``record``'s call has finished (any status): True, or False on timeout.
+        With a virtual clock, the clock then moves on to the call's due time."""
         with self._cond:
-            return bool(self._cond.wait_for(lambda: record.status in FINAL_STATUSES, timeout))
+            done = bool(self._cond.wait_for(lambda: record.status in FINAL_STATUSES, timeout))
+            if done and self.virtual_clock is not None:
+                self.virtual_clock.advance_to(self._record_due(record))
+            return done
+
+    # virtual clock ------------------------------------------------------------------------------
+    def _append_ready_locked(self, interrupt: Interrupt, record: CallRecord | None) -> None:
+        self._ready.append(interrupt)
+        if self.virtual_clock is not None:
+            if record is None:  # user messages, protocol errors: due now, after the calls due now
+                self._due[id(interrupt)] = (interrupt.created_at, len(self.calls) + len(self._due))
+            else:
+                self._due[id(interrupt)] = (self._record_due(record), self.calls.index(record))
+
+    def _record_due(self, record: CallRecord) -> float:
+        """When a call's result is due: at once for a call rejected before it ran."""
+        assert self.virtual_clock is not None
+        if record.started_at is None and record.status == "error":
+            return record.submitted_at
+        return self._running_due(record)
+
+    def _running_due(self, record: CallRecord) -> float:
+        assert self.virtual_clock is not None
+        return record.submitted_at + self.virtual_clock.call_latency(record.name, record.arguments or {})
+
+    def _due_locked(self) -> list[Interrupt]:
+        """The ready interrupts whose due time has come, in due order."""
+        assert self.virtual_clock is not None
+        now = self.virtual_clock.now
+        due = [i for i in self._ready if self._due[id(i)][0] <= now]
+        return sorted(due, key=lambda i: self._due[id(i)])
 
     def wait_all(self, timeout: float | None = None) -> bool:
         """Block until no call is in flight: True, or False on timeout."""
@@ -417,9 +496,14 @@ class ToolExecutor:
         return len(self._unfinished)
 
     def pending_ids(self) -> list[str]:
-        """Ids of unfinished calls, which will each produce an interrupt (submission order)."""
+        """Ids of unfinished calls, which will each produce an interrupt (submission order); with
+        a virtual clock also of finished calls whose result is not due yet."""
         with self._cond:
-            return [r.call_id for r in self._unfinished.values() if r.call_id is not None]
+            ids = [r.call_id for r in self._unfinished.values() if r.call_id is not None]
+            if self.virtual_clock is not None:
+                due = set(map(id, self._due_locked()))
+                ids += [i.call_id for i in self._ready if id(i) not in due and i.record is not None]
+            return ids
 
     @property
     def closed(self) -> bool:
@@ -560,7 +644,7 @@ class ToolExecutor:
                 if reply_id is not None:
                     interrupt = Interrupt(reply_id, value, True, now, record)
         if interrupt is not None:
-            self._ready.append(interrupt)
+            self._append_ready_locked(interrupt, record)
         self._cond.notify_all()
         if record.call_id is not None and self._loop is not None and self._by_id.get(record.call_id) is record:
             self._call_in_loop(self._wake_waiters, record.call_id)
