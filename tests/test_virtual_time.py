@@ -135,3 +135,20 @@ def test_clock_settings_are_checked() -> None:
     clock.advance_to(1.0)
     clock.advance_to(0.5)  # never back
     assert clock.now == 1.0 and "now=1.000s" in repr(clock)
+
+
+def test_a_call_that_uses_an_earlier_result_runs_after_it_is_due() -> None:
+    """``mid(x=s1)`` written at once is due at s1's due time + its own latency, not before s1."""
+    RELEASE.set()
+    clock = _clock()
+    ex = ToolExecutor([slow, mid], clock=clock)
+    try:
+        ex.submit("s1", "slow(x=1)")
+        ex.submit("m1", "mid(x=s1)")
+        assert ex.wait_all(5)
+        assert ex.wait_ready(5) and clock.now == pytest.approx(0.5)
+        assert [i.call_id for i in ex.pop_ready()] == ["s1"]
+        assert ex.wait_ready(5) and clock.now == pytest.approx(0.7)
+        assert [i.call_id for i in ex.pop_ready()] == ["m1"]
+    finally:
+        ex.close()

@@ -260,6 +260,7 @@ class ToolExecutor:
         #: The :class:`~hf_asynclm.virtual_time.VirtualClock` gating results, or None (wall clock).
         self.virtual_clock: VirtualClock | None = clock if isinstance(clock, VirtualClock) else None
         self._due: dict[int, tuple[float, int]] = {}  # virtual clock: id(interrupt) -> (due time, order)
+        self._latency: dict[int, float] = {}  # virtual clock: id(record) -> simulated run time
 
         #: Every call, in submission order.
         self.calls: list[CallRecord] = []
@@ -357,6 +358,8 @@ class ToolExecutor:
                 logger.debug("call %s rejected: %s: %s", call_id, *failure)
                 return record
             record.depends_on = parsed.refs()  # type: ignore[union-attr]
+            if self.virtual_clock is not None:  # its simulated run time, from the arguments as written
+                self._latency[id(record)] = self.virtual_clock.call_latency(record.name, dict(record.arguments or {}))
             self._unfinished[id(record)] = record
             loop = self._start_locked()
             loop.call_soon_threadsafe(self._spawn, record, parsed, tool)
@@ -475,8 +478,14 @@ class ToolExecutor:
         return self._running_due(record)
 
     def _running_due(self, record: CallRecord) -> float:
+        """Submission (or, for a call that uses earlier results, the time they are due) + latency."""
         assert self.virtual_clock is not None
-        return record.submitted_at + self.virtual_clock.call_latency(record.name, record.arguments or {})
+        start = record.submitted_at
+        for dep in record.depends_on or ():
+            earlier = self._by_id.get(dep)
+            if earlier is not None and earlier is not record:
+                start = max(start, self._record_due(earlier))
+        return start + self._latency.get(id(record), 0.0)
 
     def _due_locked(self) -> list[Interrupt]:
         """The ready interrupts whose due time has come, in due order."""
