@@ -745,9 +745,9 @@ class CallGrammarProcessor(LogitsProcessor):
         grounding = None
         if self.grounded:
             grounding = f"{self.tokenizer.decode(ids[:start], skip_special_tokens=False)}\n{self._schema_text}"
-        call_ids, bodies = self._blocks_before(ids, start)
+        call_ids, bodies = self._blocks_before(ids, start, with_bodies=self.no_repeat)
         earlier: list[tuple[str, dict[str, Any]]] = []
-        for body in bodies if self.no_repeat else ():
+        for body in bodies:
             try:
                 parsed = parse_call(body)
             except CallParseError:
@@ -764,9 +764,10 @@ class CallGrammarProcessor(LogitsProcessor):
             self._relaxed_cache = (checker, CallChecker(self.schemas, call_ids=checker.call_ids, grounding=checker.grounding))
         return self._relaxed_cache[1]
 
-    def _blocks_before(self, ids: list[int], start: int) -> tuple[list[str], list[str]]:
-        """Ids and bodies of the call blocks written before ``start`` by this generation (after the
-        prompt): a prompt's example or an earlier turn names no call the executor knows."""
+    def _blocks_before(self, ids: list[int], start: int, with_bodies: bool = True) -> tuple[list[str], list[str]]:
+        """Ids and (``with_bodies``) bodies of the call blocks written before ``start`` by this
+        generation (after the prompt): a prompt's example or an earlier turn names no call the
+        executor knows."""
         prompt_len = self._prompt_length(ids)
         m = self.markers
         call_ids: list[str] = []
@@ -783,7 +784,7 @@ class CallGrammarProcessor(LogitsProcessor):
                         call_ids.append(call_id)
                 body = pos + 1
             elif tid == m.end and call is not None and body is not None:
-                if body > prompt_len:
+                if with_bodies and body > prompt_len:
                     bodies.append(self.tokenizer.decode(ids[body:pos], skip_special_tokens=False))
                 call = body = None
             elif tid in m.by_id:

@@ -305,10 +305,10 @@ def evaluate_synthetic(
     check_clock(clock)
     scores = []
     for task in tasks:
+        scale, virtual_clock = _timing_of(task, clock, latency_scale, tpot_range_ms)
         result, wall, error = _run_task(
-            model, tokenizer, task, task_tools(task, 0.0 if clock == "virtual" else latency_scale), mode, max_new_tokens,
-            processors_for, interrupt_at, constrain_calls, no_repeat_calls,
-            task_clock(task, tpot_range_ms) if clock == "virtual" else None,
+            model, tokenizer, task, task_tools(task, scale), mode, max_new_tokens,
+            processors_for, interrupt_at, constrain_calls, no_repeat_calls, virtual_clock,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -356,6 +356,13 @@ def task_clock(task: Task, tpot_range_ms: Sequence[float] = (5.0, 30.0)) -> Any:
     return VirtualClock(tpot_ms / 1000.0, latency_s)
 
 
+def _timing_of(task: Task, clock: str, latency_scale: float, tpot_range_ms: Sequence[float]) -> tuple[float, Any]:
+    """(how long the tools really sleep, per prompt latency; the task's virtual clock or None)."""
+    if clock == "virtual":
+        return 0.0, task_clock(task, tpot_range_ms)  # the clock keeps the time: tools return at once
+    return latency_scale, None
+
+
 def _clock_settings(clock: str, latency_scale: float, tpot_range_ms: Sequence[float]) -> dict[str, Any]:
     if clock == "virtual":
         return {"clock": "virtual", "tpot_range_ms": f"{tpot_range_ms[0]:g}-{tpot_range_ms[1]:g}"}
@@ -393,10 +400,11 @@ def evaluate_bfcl(
     check_clock(clock)
     scores = []
     for task in tasks:
-        tools = task_tools(task, 0.0 if clock == "virtual" else latency_scale, _generic_result)
+        scale, virtual_clock = _timing_of(task, clock, latency_scale, tpot_range_ms)
+        tools = task_tools(task, scale, _generic_result)
         result, wall, error = _run_task(
             model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls,
-            no_repeat_calls, task_clock(task, tpot_range_ms) if clock == "virtual" else None,
+            no_repeat_calls, virtual_clock,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
