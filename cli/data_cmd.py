@@ -199,6 +199,12 @@ task gives one trace per mode.
     "--split-seed", type=int, default=0, show_default=True,
     help="BFCL: seed of the train/eval split (the one `hf-asynclm eval` and `bench` hold out; keep it fixed across --seed).",
 )
+@click.option(
+    "--interrupt-at", type=click.Choice(["word", "sentence"]), default="word", show_default=True,
+    help="Async traces: where results go in. word: every ready result at the first word boundary or "
+    "block end; sentence: paced, one at a time, after a block or a sentence end, each answered before "
+    "the next (the runtime's interrupt_at='sentence').",
+)
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")
 def build(
@@ -218,6 +224,7 @@ def build(
     cheat_sheet: float,
     tpot_ms: tuple[float, float],
     split_seed: int,
+    interrupt_at: str,
     data_dir: str | None,
     stats_path: Path | None,
 ) -> None:
@@ -283,6 +290,7 @@ def build(
                 max_tokens=max_tokens or None,
                 progress=lambda k: bar.advance(job, k),
                 tpot_range_ms=tpot_ms,
+                interrupt_at=interrupt_at,
             )
         except OSError as exc:
             raise click.ClickException(f"cannot write {out}: {exc}") from exc

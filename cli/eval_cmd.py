@@ -26,9 +26,10 @@ import click
 @click.option("--tpot-ms", default="5,30", show_default=True, metavar="LOW,HIGH",
               help="--clock virtual: simulated time per token, drawn per task from this range (ms).")
 @click.option(
-    "--interrupt-at", type=click.Choice(["token", "word"]), default=None,
-    help="Where results go in: any safe point (token) or only at word boundaries and after blocks (word). "
-    "Default: what the checkpoint records (word for checkpoints made by hf-asynclm train), else token.",
+    "--interrupt-at", type=click.Choice(["token", "word", "sentence"]), default=None,
+    help="Where results go in: any safe point (token), only at word boundaries and after blocks (word), or paced, "
+    "one at a time after a block or a sentence end (sentence). "
+    "Default: what the checkpoint records (word or sentence for checkpoints made by hf-asynclm train), else token.",
 )
 @click.option(
     "--constrain-calls", type=click.Choice(["off", "schema", "grounded"]), default=None,

@@ -223,8 +223,9 @@ class AsyncLM(SessionControl):
         trap_cache_policy: ``keep`` or ``offload`` the KV cache during traps.
         interrupt_at: where results may go in: ``"token"`` (any safe point, the paper's rule)
             or ``"word"`` (right after a block, else only where a word starts: small CML models
-            trained on the simulator's traces keep their sentence; see
-            :mod:`hf_asynclm.generation`).
+            trained on the simulator's traces keep their sentence) or ``"sentence"`` (paced: one
+            result at a time, after a block or a sentence end, each answered before the next; for
+            models trained on paced traces); see :mod:`hf_asynclm.generation`.
         max_cml_errors: stop after this many malformed CML blocks in a row (a model looping on
             broken CML; ``stop_reason="cml_errors"``); ``None`` never stops for that.
         constrain_calls: constrained decoding of call blocks (:mod:`hf_asynclm.call_grammar`):

@@ -24,6 +24,13 @@ traces; this costs one forward pass per group of held interrupts more than the r
 interrupt is never held back more than ``WORD_WAIT_MAX_TOKENS`` tokens (it then rides along
 wherever the model is).
 
+``"sentence"`` paces the results for models trained on paced traces (``hf-asynclm data build
+--interrupt-at sentence``): one interrupt at a time, right after a block's ``[END]`` or where a
+word starts after a sentence end (``.``, ``?``, ``!``), and only once the model has ended a
+sentence or written a trap since the previous one went in (a trap always takes the next one).
+The model answers each result before the next arrives, so the result it quotes is the nearest
+one: the easiest lookup for a small model. Held at most ``SENTENCE_WAIT_MAX_TOKENS`` tokens.
+
 ``max_new_tokens`` counts only tokens the model generated; the returned sequence holds what
 the model conditioned on: prompt, generated and injected tokens, in order.
 """
@@ -42,7 +49,7 @@ from transformers import StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from .cache_inject import CacheDriver, TrapCachePolicy
-from .cml import PROTOCOL_ERROR_ID, TRAP_ID, USER_ID, Block, format_error
+from .cml import PROTOCOL_ERROR_ID, TRAP_ID, USER_ID, Block, TextEvent, format_error
 from .monitor import CMLMonitor
 from .streamer import CMLStreamer, StreamEvent
 
@@ -50,10 +57,14 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["async", "sync", "sync-parallel"]
 MODES: tuple[str, ...] = ("async", "sync", "sync-parallel")
-InterruptAt = Literal["token", "word"]
-INTERRUPT_AT: tuple[str, ...] = ("token", "word")
+InterruptAt = Literal["token", "word", "sentence"]
+INTERRUPT_AT: tuple[str, ...] = ("token", "word", "sentence")
 #: ``interrupt_at="word"``: ready interrupts held back this many tokens go in at the next safe point
 WORD_WAIT_MAX_TOKENS = 24
+
+#: ``interrupt_at="sentence"``: the same cap, for interrupts held back until a sentence ends
+SENTENCE_WAIT_MAX_TOKENS = 48
+_SENTENCE_ENDS = frozenset(".?!")
 
 _WAIT_SLICE_S = 0.05  # waits wake this often to notice a cancellation
 
@@ -304,8 +315,8 @@ class GenerationSession:
         """Calls the model named are still running, deferred or un-injected."""
         return bool(self._deferred) or bool(self.executor.pending_ids()) or self.executor.has_ready()
 
-    def take_interrupts(self) -> list[Any]:
-        interrupts = self.executor.pop_ready()
+    def take_interrupts(self, limit: int | None = None) -> list[Any]:
+        interrupts = self.executor.pop_ready(limit)
         for intr in interrupts:
             record = getattr(intr, "record", None)
             if record is not None:
@@ -474,7 +485,12 @@ def cml_decode_loop(
     do_sample = bool(getattr(generation_config, "do_sample", False))
     device = input_ids.device
 
-    word_boundaries = session.interrupt_at == "word"
+    word_boundaries = session.interrupt_at in ("word", "sentence")
+    sentences = session.interrupt_at == "sentence"
+    sentence_open = False  # sentence mode: visible text since the last block or sentence end
+    may_deliver = True  # sentence mode: no interrupt delivered since the last sentence end or trap
+    per_delivery = 1 if sentences else None  # sentence mode: one interrupt at a time
+    wait_max = SENTENCE_WAIT_MAX_TOKENS if sentences else WORD_WAIT_MAX_TOKENS
     virtual_clock = getattr(session.executor, "virtual_clock", None)  # simulated time: tokens move it
     held = False  # word mode: at a safe point with interrupts held back until a word starts
     held_for = 0  # tokens the ready interrupts have been held back
@@ -507,15 +523,21 @@ def cml_decode_loop(
                 # The model wants to stop but results it asked for are still owed: wait for them and
                 # let it go on with them in context (the EOS is not kept).
                 session.trap(driver, reason="eos")
-                interrupts = session.take_interrupts()
+                interrupts = session.take_interrupts(per_delivery)
+                may_deliver = False
                 if interrupts and not session.cancelled:
                     input_ids, feed = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
                     monitor.reset_context()
                     logits = driver.forward(feed)
                     continue
 
-            if held and token not in eos_ids and monitor.starts_word(token):
-                interrupts = session.take_interrupts()
+            if (
+                held
+                and token not in eos_ids
+                and monitor.starts_word(token)
+                and (not sentences or held_for >= wait_max or (may_deliver and not sentence_open))
+            ):
+                interrupts = session.take_interrupts(per_delivery)
                 if interrupts:
                     # a word starts: the interrupts go in here, and the model picks the word again
                     # having read them (the token sampled without them is dropped)
@@ -526,6 +548,7 @@ def cml_decode_loop(
                     monitor.reset_context()
                     held = False
                     held_for = 0
+                    may_deliver = False
                     logits = driver.forward(feed)
                     continue
             held = False
@@ -538,6 +561,13 @@ def cml_decode_loop(
             for event in cml_events:
                 if isinstance(event, Block):
                     session.handle_block(event, driver)
+                    sentence_open = False
+                    if event.kind == "trap":
+                        may_deliver = True
+                elif sentences and isinstance(event, TextEvent) and event.text.strip():
+                    sentence_open = event.text.rstrip()[-1] not in _SENTENCE_ENDS
+                    if not sentence_open:
+                        may_deliver = True
 
             if token in eos_ids:
                 stats.stop_reason = "eos"
@@ -555,19 +585,23 @@ def cml_decode_loop(
 
             feed = token_t
             if monitor.at_safe_point:
-                if (
-                    word_boundaries
-                    and held_for < WORD_WAIT_MAX_TOKENS
-                    and not any(isinstance(e, Block) for e in cml_events)  # right after a block: no wait
-                ):
-                    held = True  # inside or at the end of a word: wait for the next word to start
+                after_block = any(isinstance(e, Block) for e in cml_events)
+                if word_boundaries and held_for < wait_max and (not after_block or (sentences and not may_deliver)):
+                    # inside or at the end of a word (sentence mode: of a sentence, or after a block
+                    # while the last interrupt is still unanswered): wait for the next word to start
+                    held = True
                     held_for = held_for + 1 if session.executor.has_ready() else 0
                 else:
-                    interrupts = session.take_interrupts()
+                    interrupts = session.take_interrupts(per_delivery)
                     if interrupts:
                         input_ids, extra = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
                         feed = torch.cat([feed, extra], dim=-1)
                         monitor.reset_context()
+                        may_deliver = False
+                    elif sentences and word_boundaries:
+                        # sentence mode, right after a block, nothing ready yet: one that becomes ready
+                        # by the next token still goes in before it (its traces: "[END][INTR] ...")
+                        held = True
                     held_for = 0
             logits = driver.forward(feed)
     finally:

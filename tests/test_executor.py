@@ -415,7 +415,8 @@ def test_fire_and_forget(make_executor) -> None:
     bad = executor.submit(None, "fail('oops')")
     unknown = executor.submit(None, "nope()")
     executor.wait_for(bad, 5)
-    assert _values(_collect(executor, 2)) == [
+    # both errors come back (in the order they happened: the tool may fail before nope() is submitted)
+    assert sorted(_values(_collect(executor, 2))) == [
         ("error", "error: UnknownToolError: no tool named 'nope'; known tools: sleep, asleep, echo, fail"),
         ("error", "error: ValueError: oops"),
     ]
@@ -841,3 +842,16 @@ def test_start_warms_the_loop_and_a_tool_thread_and_close_returns_to_baseline():
     while threading.active_count() > baseline and _time.monotonic() < deadline:
         _time.sleep(0.02)
     assert threading.active_count() <= baseline
+
+
+def test_pop_ready_can_take_one_at_a_time(make_executor) -> None:
+    # paced delivery (interrupt_at="sentence") takes the oldest ready interrupt and leaves the rest
+    executor = make_executor([get_weather])
+    for cid in ("a", "b", "c"):
+        executor.submit(cid, "nope()")  # rejected at once: ready in submission order
+    assert [i.call_id for i in executor.pop_ready(limit=1)] == ["a"]
+    assert executor.has_ready()
+    assert [i.call_id for i in executor.pop_ready(limit=5)] == ["b", "c"]
+    assert executor.pop_ready(limit=1) == [] and not executor.has_ready()
+    with pytest.raises(ValueError, match="limit"):
+        executor.pop_ready(limit=0)

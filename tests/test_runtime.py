@@ -697,7 +697,73 @@ def test_word_mode_user_interrupt_waits_for_a_word_start():
 def test_bad_interrupt_at_is_a_clear_error():
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match="interrupt_at"):
-        AsyncLM(tiny_llama(tok), tok, interrupt_at="sentence")  # type: ignore[arg-type]
+        AsyncLM(tiny_llama(tok), tok, interrupt_at="paragraph")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# interrupt_at="sentence": paced, one result at a time, each answered before the next
+# --------------------------------------------------------------------------------------------
+PACED = [
+    ' [CALL] a1 [HEAD] lookup(key="alpha") [END]',
+    ' [CALL] a2 [HEAD] lookup(key="beta") [END]',
+    ' [CALL] a3 [HEAD] lookup(key="gamma") [END]',
+    " First one in, a sentence, word after word.",
+    " Short one.",
+    " And one more?",
+    " Done!",
+]
+
+
+def _paced_run(script, latency_s=0.001, tpot_s=0.01, **kw):
+    from hf_asynclm import VirtualClock
+
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), interrupt_at="sentence")
+    return run_script(alm, script, virtual_clock=VirtualClock(tpot_s, lambda name, args: latency_s), **kw)
+
+
+def test_sentence_mode_paces_results_one_per_sentence():
+    r = _paced_run(PACED, max_new_tokens=600)
+    assert r.stats.stop_reason == "eos" and [c.status for c in r.calls] == ["done", "done", "done"]
+    order = [i.call_id for i in r.interrupts]
+    assert order == ["a1", "a2", "a3"]  # all due by the time a3 is written: still one at a time, due order
+    pieces = _interrupt_neighbours(r.raw_text)
+    assert len(pieces) == 3
+    for before, after in pieces:
+        assert after and not after.startswith("[INTR]")  # never two in a row
+        assert before.rstrip().endswith("[END]") or before.rstrip()[-1] in ".?!"  # never inside a sentence
+    raw = r.raw_text
+    # a1 after a block, before the text; a2 only once the sentence after a1 ended; a3 after the
+    # next sentence, though all three were ready long before
+    assert raw.index("[INTR] a1") < raw.index("First one in")
+    assert raw.index("[INTR] a2") > raw.index("word after word.") and raw.index("[INTR] a3") > raw.index("Short one.")
+    assert raw.index("[INTR] a3") < raw.index("And one more?")
+    # the script is whole: nothing lost or reordered around the interrupts
+    assert " ".join("".join(PACED[3:6]).split()) in " ".join(r.text.split())
+
+
+def test_sentence_mode_a_trap_takes_the_next_result_and_the_wait_is_bounded():
+    from hf_asynclm.generation import SENTENCE_WAIT_MAX_TOKENS
+
+    # no sentence in between: each trap takes exactly one of the ready results
+    script = [PACED[0], PACED[1], PACED[2], " [TRAP] [END]", " [TRAP] [END]", " end."]
+    r = _paced_run(script, max_new_tokens=400)
+    assert [i.call_id for i in r.interrupts] == ["a1", "a2", "a3"]
+    assert r.raw_text.count("[TRAP] [END][INTR]") + r.raw_text.count("[TRAP] [END] [INTR]") == 2
+    # a sentence that never ends: the held result goes in after at most the bound (at a word start)
+    words = " ".join(["wordy"] * 150)
+    r = _paced_run([PACED[0], " after the call " + words, PACED[1], " [TRAP] [END] fin."], latency_s=0.05, max_new_tokens=900)
+    before, after = _interrupt_neighbours(r.raw_text)[0]
+    assert r.interrupts[0].call_id == "a1" and after.startswith(" ") and "wordy" in before
+    assert len(before.split("[END]")[-1].split()) <= SENTENCE_WAIT_MAX_TOKENS + 4
+
+
+def test_sentence_mode_is_a_checkpoint_setting():
+    from hf_asynclm.generation import INTERRUPT_AT
+
+    assert "sentence" in INTERRUPT_AT
+    tok = tiny_tokenizer()
+    assert AsyncLM(tiny_llama(tok), tok, interrupt_at="sentence").interrupt_at == "sentence"
 
 
 def test_a_loop_of_malformed_blocks_stops_the_generation():

@@ -590,3 +590,127 @@ def test_cli_tpot_range(tmp_path):
     r = CliRunner().invoke(_data_cli(), ["build", "--out", str(out1), "--n", "3", "--modes", "sync", "--tpot-ms", "40"])
     assert r.exit_code == 0, r.output
     assert {json.loads(line)["meta"]["tpot_ms"] for line in out1.read_text().splitlines()} == {40.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Paced interrupts (interrupt_at="sentence"): one at a time, each answered before the next
+# ---------------------------------------------------------------------------------------------
+
+
+def _before_injects(ex) -> list[tuple[str, int]]:
+    """(model text before, segment index) of each inject segment."""
+    out, text = [], ""
+    for k, s in enumerate(ex["segments"]):
+        if s["role"] == "inject":
+            out.append((text, k))
+        else:
+            text += s["text"]
+    return out
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_paced_traces_obey_their_rules(tasks, rate):
+    for seed in (0, 1):
+        for t in tasks:
+            ex = sim.simulate(t, "async", seed=seed, interrupt_at="sentence", user_interrupt_rate=rate)
+            assert sim.check_trace(ex) == [], (t.task_id, sim.check_trace(ex))
+            assert ex["meta"]["interrupt_at"] == "sentence"
+            segs = ex["segments"]
+            assert all(not (a["role"] == b["role"] == "inject") for a, b in zip(segs, segs[1:]))  # one at a time
+            for before, _ in _before_injects(ex):
+                assert before == "" or before.endswith("[END]") or sim.ends_sentence(before)  # never inside a sentence
+
+
+def test_paced_sentences_quote_the_nearest_result(tasks):
+    """The point of pacing: when the model writes a sentence, the last result in its context is
+    one the sentence quotes (a small model copies from the nearest result)."""
+    checked = 0
+    for t in tasks:
+        ex = sim.simulate(t, "async", seed=0, interrupt_at="sentence")
+        text, last = "", None
+        parts = {p["text"]: p["needs"] for p in ex["meta"]["answer_parts"]}
+        for s in ex["segments"]:
+            if s["role"] == "inject":
+                last = parse_blocks(s["text"])[0].call_id
+                continue
+            for ptxt, needs in parts.items():
+                if ptxt in s["text"] and ptxt not in text:
+                    pos = s["text"].index(ptxt)
+                    if "[INTR]" not in s["text"][:pos] and needs:
+                        assert last in needs, (t.task_id, ptxt, last)
+                        checked += 1
+            text += s["text"]
+    assert checked > 100
+    # word mode, the same tasks: many sentences are written with another result nearest
+    assert any(
+        sim.simulate(t, "async", seed=0)["segments"] != sim.simulate(t, "async", seed=0, interrupt_at="sentence")["segments"]
+        for t in tasks
+    )
+
+
+def test_paced_only_changes_async_and_rejects_unknown_values(tasks):
+    t = tasks[0]
+    for mode in ("sync", "sync-parallel"):
+        assert sim.simulate(t, mode, seed=0, interrupt_at="sentence") == sim.simulate(t, mode, seed=0)
+    with pytest.raises(ValueError, match="interrupt_at"):
+        sim.simulate(t, "async", interrupt_at="paragraph")
+    with pytest.raises(ValueError, match="interrupt_at"):
+        sim.build_dataset([t], "/tmp/never.jsonl", interrupt_at="token")
+
+
+def _paced_with(tasks, pred):
+    for seed in (0, 1, 2):
+        for t in tasks:
+            ex = sim.simulate(t, "async", seed=seed, interrupt_at="sentence")
+            if pred(ex):
+                return ex
+    raise AssertionError("no paced trace with that property")
+
+
+def test_check_trace_catches_broken_pacing(tasks):
+    # two interrupts that went in at different points, put together
+    ex = _paced_with(tasks, lambda e: len(injects_in(e)) >= 2)
+    k1, k2 = [k for _, k in _before_injects(ex)][:2]
+    together = copy.deepcopy(ex)
+    seg = together["segments"].pop(k2)
+    together["segments"].insert(k1 + 1, seg)
+    assert any("one at a time" in p for p in sim.check_trace(together))
+    # an interrupt moved inside a sentence (a word boundary, so only the pacing rule breaks)
+    ex = _paced_with(tasks, lambda e: any(
+        s["role"] == "model" and len(s["text"].split()) > 4 and not s["text"].lstrip().startswith("[") for s in e["segments"][2:]))
+    k = next(i for i, s in enumerate(ex["segments"]) if i >= 2 and s["role"] == "model" and len(s["text"].split()) > 4
+             and not s["text"].lstrip().startswith("["))
+    j = max(i for i in range(k) if ex["segments"][i]["role"] == "inject")
+    moved = copy.deepcopy(ex)
+    words = moved["segments"][k]["text"].split(" ")
+    seg = moved["segments"].pop(j)
+    k -= 1
+    head, tail = " ".join(words[:3]), " " + " ".join(words[3:])
+    moved["segments"][k:k + 1] = [{"role": "model", "text": head}, seg, {"role": "model", "text": tail}]
+    assert any("inside a sentence" in p or "before" in p for p in sim.check_trace(moved))
+    # a result held back where it should have gone in: moved one inject later
+    ex = _paced_with(tasks, lambda e: len(_before_injects(e)) >= 2 and e["segments"][_before_injects(e)[0][1] + 1]["role"] == "model")
+    k = _before_injects(ex)[0][1]
+    late = copy.deepcopy(ex)
+    seg = late["segments"].pop(k)
+    nxt = late["segments"][k]["text"]
+    late["segments"][k:k + 1] = [{"role": "model", "text": nxt}, seg] if k + 1 >= len(late["segments"]) or late["segments"][k + 1]["role"] == "inject" else [{"role": "model", "text": nxt}, seg]
+    merged = []
+    for s in late["segments"]:
+        if merged and s["role"] == "model" and merged[-1]["role"] == "model":
+            merged[-1] = {"role": "model", "text": merged[-1]["text"] + s["text"]}
+        else:
+            merged.append(s)
+    late["segments"] = merged
+    assert any("timing" in p or "before" in p or "one at a time" in p for p in sim.check_trace(late))
+
+
+def test_cli_build_paced(tmp_path):
+    out = tmp_path / "p.jsonl"
+    r = CliRunner().invoke(_data_cli(), ["build", "--out", str(out), "--n", "10", "--seed", "4", "--modes", "async",
+                                          "--interrupt-at", "sentence", "--user-interrupt-rate", "0.5"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines and all(ex["meta"]["interrupt_at"] == "sentence" and sim.check_trace(ex) == [] for ex in lines)
+    bad = CliRunner().invoke(_data_cli(), ["build", "--out", str(tmp_path / "q.jsonl"), "--interrupt-at", "comma"])
+    assert bad.exit_code == 2 and "--interrupt-at" in bad.output

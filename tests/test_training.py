@@ -396,10 +396,13 @@ def test_full_fine_tuning_of_a_base(tiny_base, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = train(_micro(data_file, tmp_path / "full", base_model=str(tiny_base), max_steps=3, learning_rate=1e-2,
-                       constrain_calls="grounded", no_repeat_calls=True))
+                       constrain_calls="grounded", no_repeat_calls=True, interrupt_at="sentence"))
     record = json.loads((out / TRAINING_RECORD).read_text())
     assert record["mode"] == "full" and record["trainable_parameters"] == record["parameters"]
-    assert record["runtime"] == {"interrupt_at": "word", "constrain_calls": "grounded", "no_repeat_calls": True}  # as asked for
+    assert record["runtime"] == {"interrupt_at": "sentence", "constrain_calls": "grounded", "no_repeat_calls": True}  # as asked for
+    from hf_asynclm import AsyncLM
+
+    assert AsyncLM.from_pretrained(out).interrupt_at == "sentence"  # the recorded setting is applied
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == record["vocab_size"]
 
@@ -431,6 +434,8 @@ def test_config_errors_are_clear(data_file, tmp_path):
         TrainConfig(data=str(data_file), constrain_calls="strict").validate()
     with pytest.raises(ValueError, match="no_repeat_calls works through constrained calls"):
         TrainConfig(data=str(data_file), constrain_calls="off", no_repeat_calls=True).validate()
+    with pytest.raises(ValueError, match="interrupt_at"):
+        TrainConfig(data=str(data_file), interrupt_at="comma").validate()
     cfg = TrainConfig.from_preset("tiny", data="x", learning_rate=1e-3)
     assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 4, 1e-3, "tiny")
 

@@ -15,6 +15,11 @@ between. Three modes, from the same sampled timings so that they compare fairly:
     after a block's ``[END]``). Never inside a block. Interrupts ready at the same point go in
     together, in completion order. After an interrupt the model finishes the sentence it was
     writing, then writes the calls the result made possible (LPT), then more answer text.
+    With ``interrupt_at="sentence"`` the results are **paced**: one at a time, right after a
+    block's ``[END]`` or after a word that ends a sentence, and only once the model has ended a
+    sentence (or written a trap) since the previous one; after each, the model writes the calls
+    it can (LPT), then the sentence of that result. The sentence's result is then always the
+    nearest one in context (the runtime's ``interrupt_at="sentence"`` follows the same rule).
 ``sync``
     Calls one by one (same LPT-topological order); after each call's ``[END]`` the model waits
     for its result, which is injected right there. The answer comes after the last result.
@@ -94,10 +99,12 @@ from .tasks import PlannedCall, Task
 
 __all__ = [
     "MODES",
+    "SIM_INTERRUPT_AT",
     "TokenCounter",
     "build_dataset",
     "check_trace",
     "default_result",
+    "ends_sentence",
     "example_length",
     "sample_latency_ms",
     "simulate",
@@ -110,6 +117,19 @@ __all__ = [
 MODES: tuple[str, ...] = ("async", "sync", "sync-parallel")
 
 _EPS = 1e-6
+
+#: Where the simulator puts results in async traces (``simulate(interrupt_at=...)``).
+SIM_INTERRUPT_AT: tuple[str, ...] = ("word", "sentence")
+#: Paced interrupts (``interrupt_at="sentence"``), the rule the runtime follows too: one result at a
+#: time; it goes in right after a block's ``[END]`` or after a word that ends a sentence, and only
+#: when the model has ended a sentence (or written a trap) since the previous one went in.
+PACED_RULE = "one at a time, after [END] or a sentence end, once the last one was answered"
+_SENTENCE_ENDS = (".", "?", "!")
+
+
+def ends_sentence(text: str) -> bool:
+    """True when model text ends a sentence (its last character is ``.``, ``?`` or ``!``)."""
+    return text.rstrip().endswith(_SENTENCE_ENDS)
 _OPENERS = (CALL, TRAP, INTR)
 
 
@@ -322,6 +342,7 @@ def simulate(
     result_fn: Callable[[Task, PlannedCall], Any] | None = None,
     counter: TokenCounter | None = None,
     tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
+    interrupt_at: str = "word",
 ) -> dict[str, Any]:
     """Simulate ``task`` in ``mode`` and return one trace (a JSON-ready dict)::
 
@@ -336,9 +357,19 @@ def simulate(
     ``sim_latency_ms``), the plan (``depends_on``, ``answer_parts``), ``n_model_tokens`` and
     how tokens were counted (``token_count``). ``tpot_range_ms`` is the range the time per
     output token is drawn from (default 5-30 ms, the paper's).
+
+    ``interrupt_at`` (async) is where results go in: ``"word"`` (every ready result at the
+    first safe point, see the module docstring) or ``"sentence"`` (paced, :data:`PACED_RULE`):
+    one result at a time, right after a block's ``[END]`` or after a word that ends a sentence,
+    and only once the model has ended a sentence (or trapped) since the last one went in; the
+    model writes the calls it can, then the answer sentence of the result that came last, so
+    the result a sentence quotes is the nearest one. ``meta["interrupt_at"]`` records it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    if interrupt_at not in SIM_INTERRUPT_AT:
+        raise ValueError(f"unknown interrupt_at {interrupt_at!r}; choose from {SIM_INTERRUPT_AT}")
+    paced = mode == "async" and interrupt_at == "sentence"
     timing = _timing(task, seed, jitter, tpot_range_ms)
     counter = counter or TokenCounter(tokenizer)
     result_fn = result_fn or default_result
@@ -357,6 +388,7 @@ def simulate(
     followup = (task.meta or {}).get("followup") if mode == "async" else None
     use_user = bool(followup) and timing["user_draw"] < user_interrupt_rate
     user: dict[str, Any] = {"time": None, "fired": False}
+    pace: dict[str, Any] = {"may": True, "last": None}  # paced: may one go in now; the last one in
 
     def inject_result(cid: str) -> None:
         tr.inject(format_interrupt(cid, serialize_result(result_fn(task, by_id[cid]))))
@@ -380,7 +412,7 @@ def simulate(
         assert followup is not None
         tr.inject(format_interrupt(USER_ID, followup["text"]))
         user["fired"] = True
-        user["time"] = round(tr.t, 3)
+        user["time"] = round(user["time"] if paced else tr.t, 3)  # paced: when they spoke, it may go in later
         for c in followup.get("calls", []):
             pc = PlannedCall(**c)
             plan.append(pc)
@@ -401,14 +433,74 @@ def simulate(
             else:
                 inject_result(cid)
 
+    def deliver_one() -> bool:
+        """Paced: inject the earliest ready result (or the user's message), if one may go in."""
+        if not pace["may"]:
+            return False
+        events = [(done[cid], written.index(cid), cid) for cid in written if cid not in injected and done[cid] <= tr.t + _EPS]
+        if use_user and not user["fired"] and user["time"] is not None and user["time"] <= tr.t + _EPS:
+            events.append((user["time"], -1, USER_ID))
+        if not events:
+            return False
+        cid = min(events)[2]
+        if cid == USER_ID:
+            fire_user()
+        else:
+            inject_result(cid)
+            pace["last"] = cid
+        pace["may"] = False
+        return True
+
     def write_part(i: int, check_between: bool) -> None:
         for k, atom in enumerate(tr.unit(parts[i]["text"])):
             if k and check_between:
-                safe_point()
+                if not paced:
+                    safe_point()
+                elif ends_sentence(tr.segments[-1]["text"]):
+                    pace["may"] = True
+                    deliver_one()
             tr.write(atom)
         parts_done.append(i)
+        if paced and ends_sentence(parts[i]["text"]):
+            pace["may"] = True
 
-    if mode == "async":
+    if paced:
+        while True:
+            deliver_one()  # here: the start, right after a block, or after a sentence
+            ready_calls = writable_calls()
+            if ready_calls:
+                c = _lpt_pick(ready_calls, expected)
+                write_call(c)
+                start[c.call_id] = round(tr.t, 3)
+                done[c.call_id] = tr.t + exec_ms[c.call_id]
+                if use_user and user["time"] is None:
+                    user["time"] = tr.t + timing["user_u"] * max(exec_ms.values())
+                continue
+            ready_parts = writable_parts()
+            if ready_parts:
+                # the sentence of the result that came last first: the nearest result is the one quoted
+                order = {cid: k for k, cid in enumerate(injected)}
+                i = min(ready_parts, key=lambda j: (pace["last"] not in parts[j]["needs"], max((order[n] for n in parts[j]["needs"]), default=-1), j))
+                write_part(i, check_between=True)
+                continue
+            pending = [cid for cid in written if cid not in injected]
+            if pending:
+                for atom in tr.unit(format_trap()):
+                    tr.write(atom)
+                wake = min(done[cid] for cid in pending)
+                if use_user and not user["fired"] and user["time"] is not None:
+                    wake = min(wake, user["time"])
+                tr.t = max(tr.t, wake)
+                pace["may"] = True
+                continue
+            if use_user and not user["fired"]:
+                user["time"] = tr.t
+                fire_user()
+                pace["may"] = False
+                continue
+            break
+    elif mode == "async":
+
         while True:
             safe_point()
             ready_calls = writable_calls()
@@ -495,6 +587,8 @@ def simulate(
         "answer_parts": [parts[i] for i in parts_done],
         "answer": answer_text,
     }
+    if paced:
+        meta["interrupt_at"] = "sentence"
     if followup:
         meta["followup_calls"] = [c["call_id"] for c in followup.get("calls", [])] if user["fired"] else []
         if user["fired"]:
@@ -556,6 +650,7 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     segs = example.get("segments") or []
     meta = example.get("meta") or {}
     mode = example.get("mode", "async")
+    paced = mode == "async" and meta.get("interrupt_at") == "sentence"
     for k, s in enumerate(segs):
         if s.get("role") not in ("model", "inject"):
             v.append(f"segment {k}: unknown role {s.get('role')!r}")
@@ -675,6 +770,11 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
         next_model = model_text[model_off:]
         if prev_model and not prev_model.endswith(END) and next_model and not next_model.startswith(" "):
             v.append(f"segment {k}: interrupt {b.call_id} splits a word")
+        if paced:
+            if prev_model and not prev_model.endswith(END) and not ends_sentence(prev_model):
+                v.append(f"segment {k}: paced interrupt {b.call_id} inside a sentence")
+            if k and segs[k - 1]["role"] == "inject":
+                v.append(f"segment {k}: paced interrupts go in one at a time")
         trap_pending = False
         cid = b.call_id or ""
         if cid == USER_ID:
@@ -733,7 +833,7 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     elif tokenizer is not None:
         counter = TokenCounter(tokenizer)
     if counter is not None and "tpot_ms" in meta and "exec_ms" in meta:
-        v += _replay(segs, meta, mode, counter)
+        v += _replay_paced(segs, meta, counter) if paced else _replay(segs, meta, mode, counter)
     return v
 
 
@@ -849,6 +949,81 @@ def _replay(segs: list[dict[str, str]], meta: dict[str, Any], mode: str, counter
     return out
 
 
+def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: TokenCounter) -> list[str]:
+    """Replay the clock of a paced async trace (``interrupt_at="sentence"``): each interrupt
+    went in one at a time, already completed, the earliest ready first; and where one was ready
+    and might go in (the start, right after a block, after a sentence end, with the last one
+    answered by a sentence or a trap since), it went in there."""
+    out: list[str] = []
+    tpot = float(meta["tpot_ms"])
+    exec_ms = {k: float(x) for k, x in meta["exec_ms"].items()}
+    user_ms = meta.get("user_ms")
+    user_pending = user_ms is not None
+    t = 0.0
+    done: dict[str, float] = {}
+    pending: list[str] = []
+    may = True
+    last_trap = False
+
+    def ready_now() -> list[tuple[float, str]]:
+        r = [(done[c], c) for c in pending if done[c] <= t + 1e-3]
+        if user_pending and user_ms is not None and float(user_ms) <= t + 1e-3:
+            r.append((float(user_ms), USER_ID))
+        return sorted(r)
+
+    def check_point(next_is_inject: bool) -> bool:
+        ready = ready_now()
+        if may and ready and not next_is_inject:
+            out.append(f"timing: {ready[0][1]} ready at {t:.1f} ms but not injected there")
+            return False
+        return True
+
+    for k, s in enumerate(segs):
+        if s["role"] == "model":
+            atoms = split_atoms(s["text"])
+            for j, atom in enumerate(atoms):
+                t += counter(atom) * tpot
+                blocks = parse_blocks(atom)
+                last_trap = bool(blocks) and blocks[0].kind == "trap"
+                if blocks and blocks[0].kind == "call" and blocks[0].call_id:
+                    cid = blocks[0].call_id
+                    if cid not in exec_ms:
+                        return out + [f"timing: no exec_ms for {cid}"]
+                    done[cid] = t + exec_ms[cid]
+                    pending.append(cid)
+                if last_trap:
+                    may = True
+                    continue  # the trap's wake-up is checked at the interrupt that follows it
+                if not blocks and ends_sentence(atom):
+                    may = True
+                at_point = bool(blocks) or ends_sentence(atom)
+                next_is_inject = j == len(atoms) - 1 and k + 1 < len(segs) and segs[k + 1]["role"] == "inject"
+                if at_point and not check_point(next_is_inject):
+                    return out
+            continue
+        bl = parse_blocks(s["text"])
+        cid = bl[0].call_id if bl else ""
+        if last_trap:
+            wake = [done[c] for c in pending]
+            if user_pending and user_ms is not None:
+                wake.append(float(user_ms))
+            if wake:
+                t = max(t, min(wake))
+            last_trap = False
+        ready = ready_now()
+        if not ready or ready[0][1] != cid:
+            what = "before it completed" if cid not in [r[1] for r in ready] else f"before {ready[0][1]}, ready earlier"
+            return out + [f"timing: {cid} injected at {t:.1f} ms {what}"]
+        if cid == USER_ID:
+            user_pending = False
+        else:
+            pending.remove(cid)
+        may = False
+    if abs(t - float(meta.get("sim_latency_ms", t))) > 0.01:
+        out.append(f"timing: replayed latency {t:.3f} ms != sim_latency_ms {meta.get('sim_latency_ms')}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------
@@ -896,6 +1071,7 @@ def build_dataset(
     max_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
     tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
+    interrupt_at: str = "word",
 ) -> dict[str, Any]:
     """Simulate every task in every mode and write the traces to ``out_path`` (JSONL).
 
@@ -903,8 +1079,11 @@ def build_dataset(
     counted in the stats, and so are traces longer than ``max_tokens`` (prompt included,
     :func:`example_length`). ``progress`` is called with 1 after each task. Returns stats:
     counts per mode, source and category, mean simulated latency per mode, the mean
-    sync/async latency ratio, model tokens and the longest trace.
+    sync/async latency ratio, model tokens and the longest trace. ``interrupt_at`` is where
+    async traces put results (:func:`simulate`).
     """
+    if interrupt_at not in SIM_INTERRUPT_AT:
+        raise ValueError(f"unknown interrupt_at {interrupt_at!r}; choose from {SIM_INTERRUPT_AT}")
     modes = tuple(modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -929,7 +1108,7 @@ def build_dataset(
             for mode in modes:
                 ex = simulate(
                     task, mode, seed=seed, user_interrupt_rate=user_interrupt_rate, jitter=jitter, counter=counter,
-                    tpot_range_ms=tpot_range_ms,
+                    tpot_range_ms=tpot_range_ms, interrupt_at=interrupt_at,
                 )
                 if check:
                     problems = check_trace(ex, tokenizer=tokenizer)
@@ -975,4 +1154,5 @@ def build_dataset(
         "mean_sync_over_async": round(sum(ratios) / len(ratios), 3) if ratios else None,
         "max_trace_chars": max_chars,
         "token_count": counter.name,
+        "interrupt_at": interrupt_at,
     }

@@ -400,14 +400,17 @@ class ToolExecutor:
         with self._cond:
             return bool(self._due_locked())
 
-    def pop_ready(self) -> list[Interrupt]:
-        """Take all ready interrupts, in the order they became ready (with a virtual clock: the
-        due ones, in due order). Never blocks."""
+    def pop_ready(self, limit: int | None = None) -> list[Interrupt]:
+        """Take the ready interrupts, in the order they became ready (with a virtual clock: the
+        due ones, in due order); at most ``limit`` of them (the first ones) when it is given,
+        the rest stay queued. Never blocks."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1 (or None for all), got {limit!r}")
         with self._cond:
             if self.virtual_clock is None:
-                ready, self._ready = self._ready, []
+                ready, self._ready = self._ready[:limit], self._ready[len(self._ready[:limit]):]
                 return ready
-            ready = self._due_locked()
+            ready = self._due_locked()[:limit]
             taken = set(map(id, ready))
             self._ready = [i for i in self._ready if id(i) not in taken]
             for interrupt in ready:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..call_grammar import check_constrain_calls, check_no_repeat_calls
+from ..generation import check_interrupt_at
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
 from ..prompting import CML_CHAT_TEMPLATE, template_knows_cml
 from .dataset import (
@@ -147,6 +148,7 @@ class TrainConfig:
     selective_loss: bool = True  # LM head only at labelled positions
 
     # what the checkpoint records for the runtime (cml_training.json -> "runtime")
+    interrupt_at: str = RUNTIME_DEFAULTS["interrupt_at"]  # "word", or "sentence" for paced traces
     constrain_calls: str = RUNTIME_DEFAULTS["constrain_calls"]  # "off", "schema" or "grounded"
     no_repeat_calls: bool = False  # recorded only when True (needs constrain_calls on)
 
@@ -216,6 +218,7 @@ class TrainConfig:
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("give max_steps > 0 or num_epochs > 0")
         check_constrain_calls(self.constrain_calls)
+        check_interrupt_at(self.interrupt_at)
         check_no_repeat_calls(self.no_repeat_calls)
         if self.no_repeat_calls and self.constrain_calls == "off":
             raise ValueError("no_repeat_calls works through constrained calls: record constrain_calls 'schema' or 'grounded' too")
@@ -668,6 +671,7 @@ def train(config: TrainConfig) -> Path:
             "files": files,
             "runtime": {
                 **RUNTIME_DEFAULTS,
+                "interrupt_at": config.interrupt_at,
                 "constrain_calls": config.constrain_calls,
                 **({"no_repeat_calls": True} if config.no_repeat_calls else {}),
             },
