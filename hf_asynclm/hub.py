@@ -307,9 +307,10 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     - ``tags`` (list of str): extra Hub tags.
     - ``runtime`` (dict): settings the checkpoint was trained for, which
       :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
-      otherwise: ``interrupt_at`` (``"token"`` or ``"word"``), ``constrain_calls``
+      otherwise: ``interrupt_at`` (``"token"``, ``"word"`` or ``"sentence"``), ``constrain_calls``
       (``"off"``, ``"schema"`` or ``"grounded"``) and ``no_repeat_calls`` (bool); the trainer
-      writes ``"word"`` and ``"schema"`` (and ``no_repeat_calls`` when asked), see
+      writes ``"word"`` (``"sentence"`` when asked, for paced traces) and ``"schema"`` (and
+      ``no_repeat_calls`` when asked), see
       :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`.
 
     Args:

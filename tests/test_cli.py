@@ -308,7 +308,7 @@ def test_missing_default_checkpoint(monkeypatch, tmp_path):
         (["--compare", "--mode", "sync"], "leave out --mode"),
         (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--emulate-tpot-ms", "5"], "local model"),
         (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--interrupt-at", "word"], "local backend only"),
-        (["--interrupt-at", "sentence"], "'sentence' is not one of"),
+        (["--interrupt-at", "paragraph"], "'paragraph' is not one of"),
         (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--constrain-calls", "schema"], "local backend only"),
         (["--constrain-calls", "json"], "'json' is not one of"),
         (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--no-repeat-calls"], "local backend only"),

@@ -120,7 +120,7 @@ def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):
     all_ids = [t["task_id"] for t in report["tasks"]]
     assert len(all_ids) >= 2
     # the runtime settings the checkpoint records, unless the command line says otherwise
-    assert report["extra"]["constrain_calls"] == "grounded" and report["extra"]["interrupt_at"] == "word"
+    assert report["extra"]["constrain_calls"] == "grounded" and report["extra"]["interrupt_at"] == "sentence"
     r = runner.invoke(eval_command, [*args, "--constrain-calls", "off", "--out", str(tmp_path / "off.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "off.json").read_text())[0]["extra"]["constrain_calls"] == "off"

@@ -317,6 +317,7 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
         assert row in text, row
     assert "truncated" not in text and "loss_history" not in text and "/data/traces" not in text
     assert '`"interrupt_at": "word"`' in text and "between words or right after a block" in text
+    assert "paced" not in text
     assert '`"constrain_calls": "schema"`' in text and 'constrain_calls="off"' in text
     assert "copied from the conversation" not in text
     record["runtime"]["constrain_calls"] = "grounded"
@@ -328,6 +329,10 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
     (folder / "cml_training.json").write_text(json.dumps(record))
     text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
     assert '`"no_repeat_calls": true`' in text and "no_repeat_calls=False" in text
+    record["runtime"]["interrupt_at"] = "sentence"
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
+    assert '`"interrupt_at": "sentence"`' in text and "paced: one at a time" in text and "between words" not in text
     card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
     assert card.data.base_model == "google/gemma-3-270m"
 

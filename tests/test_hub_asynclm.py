@@ -75,9 +75,10 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
 
     from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
 
-    # the shipped checkpoints were trained on word-boundary interrupts: that is their default
-    assert AsyncLM.from_pretrained().interrupt_at == "word"
-    assert AsyncLM.from_pretrained(interrupt_at=None).interrupt_at == "word"
+    # the shipped cml-tiny was trained on paced interrupts (its last stage): that is its default
+    assert AsyncLM.from_pretrained().interrupt_at == "sentence"
+    assert AsyncLM.from_pretrained(interrupt_at=None).interrupt_at == "sentence"
+    assert AsyncLM.from_pretrained(interrupt_at="word").interrupt_at == "word"
     assert AsyncLM.from_pretrained(interrupt_at="token").interrupt_at == "token"  # the caller wins
     # ... and their calls are held to the tools' schemas (cml-tiny's values also to the context)
     assert AsyncLM.from_pretrained().constrain_calls == "grounded"
@@ -99,12 +100,12 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     bare = AsyncLM.from_pretrained(folder)
     assert bare.interrupt_at == "token" and bare.constrain_calls == "off"
     # bad or unknown settings are left out with a warning, the weights still load
-    record["runtime"] = {"interrupt_at": "sentence", "speed": "fast", "constrain_calls": "json", "no_repeat_calls": "yes"}
+    record["runtime"] = {"interrupt_at": "paragraph", "speed": "fast", "constrain_calls": "json", "no_repeat_calls": "yes"}
     record_path.write_text(json.dumps(record))
     with caplog.at_level("WARNING", logger="hf_asynclm.asynclm"):
         loaded = AsyncLM.from_pretrained(folder)
     assert loaded.interrupt_at == "token" and loaded.constrain_calls == "off" and loaded.no_repeat_calls is False
-    assert "'sentence'" in caplog.text and "unknown runtime setting 'speed'" in caplog.text and "'json'" in caplog.text
+    assert "'paragraph'" in caplog.text and "unknown runtime setting 'speed'" in caplog.text and "'json'" in caplog.text
     assert "'yes'" in caplog.text
     # a recorded no_repeat_calls whose constraint is not recorded (or is off) is not applied
     record["runtime"] = {"no_repeat_calls": True}
