@@ -30,6 +30,8 @@ word starts after a sentence end (``.``, ``?``, ``!``), and only once the model 
 sentence or written a trap since the previous one went in (a trap always takes the next one).
 The model answers each result before the next arrives, so the result it quotes is the nearest
 one: the easiest lookup for a small model. Held at most ``SENTENCE_WAIT_MAX_TOKENS`` tokens.
+Async mode only: in ``sync`` and ``sync-parallel`` mode results go in where the model waits for
+them (as in the simulator's sync traces), with the ``"word"`` rule.
 
 ``max_new_tokens`` counts only tokens the model generated; the returned sequence holds what
 the model conditioned on: prompt, generated and injected tokens, in order.
@@ -486,7 +488,8 @@ def cml_decode_loop(
     device = input_ids.device
 
     word_boundaries = session.interrupt_at in ("word", "sentence")
-    sentences = session.interrupt_at == "sentence"
+    # paced delivery is for async mode: sync modes inject each result (or wave) where they wait for it
+    sentences = session.interrupt_at == "sentence" and session.mode == "async"
     sentence_open = False  # sentence mode: visible text since the last block or sentence end
     may_deliver = True  # sentence mode: no interrupt delivered since the last sentence end or trap
     per_delivery = 1 if sentences else None  # sentence mode: one interrupt at a time

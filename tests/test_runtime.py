@@ -758,6 +758,19 @@ def test_sentence_mode_a_trap_takes_the_next_result_and_the_wait_is_bounded():
     assert len(before.split("[END]")[-1].split()) <= SENTENCE_WAIT_MAX_TOKENS + 4
 
 
+@pytest.mark.parametrize("mode", ["sync", "sync-parallel"])
+def test_sentence_mode_paces_only_async(mode):
+    # sync modes wait for their results and take them where they waited, as their traces show
+    script = [PACED[0], PACED[1], " [TRAP] [END]" if mode == "sync-parallel" else "", " Both back."]
+    r = _paced_run([p for p in script if p], mode=mode, max_new_tokens=400)
+    raw = r.raw_text.replace(" [INTR]", "[INTR]")
+    if mode == "sync":
+        assert '[END][INTR] a1 [HEAD]' in raw and 'key="beta") [END][INTR] a2 [HEAD]' in raw
+    else:
+        assert "[TRAP] [END][INTR] a1 [HEAD]" in raw and raw.index("[INTR] a2") < raw.index("Both back.")
+        assert "[END][INTR] a2" in raw  # the wave's results together, not one per sentence
+
+
 def test_sentence_mode_is_a_checkpoint_setting():
     from hf_asynclm.generation import INTERRUPT_AT
 
