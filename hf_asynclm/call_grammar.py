@@ -175,6 +175,12 @@ def _word_char(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
 
 
+# a name goes on after a value: a space, then a capitalised word ("San| Francisco", "Liverpool| F.C.")
+_NAME_GOES_ON = re.compile(r" [A-Z](?:[a-z]|\.)")
+# the value's last word is capitalised ("San", "Kaiste Moumaik"), not all capitals or lower case
+_LAST_WORD_CAPITALISED = re.compile(r"(?:^|\s)[A-Z][a-z]*$")
+
+
 #: What an argument value is compared by (``no_repeat``): numbers by value (``8 == 8.0``) but not
 #: with booleans, lists and tuples alike, references by the call they name.
 _Canonical = Any
@@ -211,7 +217,9 @@ class Grounding:
     """The text argument values must be copied from (``constrain_calls="grounded"``), and the
     checks a :class:`CallChecker` makes against it. A string value must occur in the text with
     no word character right before or after it where its own first or last character is a word
-    character (``"Rome"`` in ``"Rome, Italy"``, not ``"Rom"``), and not begin or end with
+    character (``"Rome"`` in ``"Rome, Italy"``, not ``"Rom"``), not end inside a name (where its
+    last word is capitalised and the text goes on with a space and a capitalised word: ``"San"``
+    of ``"San Francisco"``, ``"New York"`` of ``"New York City"``), and not begin or end with
     whitespace. A number must be one of the text's numbers as written (``120.5``, ``-3``,
     ``1e-06``; a whole number written ``500000.0`` may also be written ``500000``); an integer
     argument only takes whole numbers.
@@ -259,6 +267,8 @@ class Grounding:
                 pass  # entered in the middle of a word
             elif kind == "string" and end < len(g) and _word_char(g[end]) and _word_char(value[-1]):
                 pass  # cut off in the middle of a word
+            elif kind == "string" and _NAME_GOES_ON.match(g, end) and _LAST_WORD_CAPITALISED.search(value):
+                pass  # cut off inside a name ("San" of "San Francisco")
             elif kind == "non_ascii" and (end >= len(g) or g[end].isascii()):
                 pass
             elif kind == "prefix" and value[-1].isspace() and not g[end:].strip():

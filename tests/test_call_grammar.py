@@ -356,6 +356,8 @@ CONTEXT = 'Book 3 nights at the Hotel Roma in Rome, Italy for 120.5 USD (was 500
         ("2027-08-07", True, True),
         ("Hotel ", False, True),  # whitespace at either end: never a whole value
         (" Roma", False, False),
+        ("Hotel", False, True),  # a name cut short: "Hotel Roma" goes on with a capitalised word
+        ("USD", True, True),  # all capitals: not a name going on (and nothing capitalised follows)
     ],
 )
 def test_grounded_strings_are_whole_words_of_the_context(value: str, whole: bool, prefix: bool) -> None:
@@ -705,3 +707,33 @@ def test_asynclm_no_repeat_calls_settings() -> None:
     with pytest.raises(TypeError, match="True or False"):
         AsyncLM(model, tok, constrain_calls="schema", no_repeat_calls="yes")  # type: ignore[arg-type]
     assert AsyncLM(model, tok, constrain_calls="grounded", no_repeat_calls=True).no_repeat_calls is True
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "whole"),
+    [
+        ("fly from Osaka to San Francisco on Monday", "San", False),
+        ("fly from Osaka to San Francisco on Monday", "San Francisco", True),
+        ("fly from Osaka to San Francisco on Monday", "Osaka", True),  # followed by a lower-case word
+        ("the match of Liverpool F.C. last week", "Liverpool", False),
+        ("the match of Liverpool F.C. last week", "Liverpool F.C.", True),
+        ("weather in New York City and in New York.", "New York", True),  # one occurrence ends there
+        ("weather in New York City", "New York", False),  # the price: only the whole name
+        ("convert 120 USD EUR", "USD", True),  # all capitals: codes, not names
+        ("fly to Rio de Janeiro", "Rio", True),  # a lower-case particle: not caught
+        ("text Hodra 'Meet at 16:05'", "Hodra", True),
+    ],
+)
+def test_grounded_strings_are_not_cut_inside_a_name(text: str, value: str, whole: bool) -> None:
+    g = Grounding(text)
+    assert g.string(value) is whole
+    assert g.string_prefix(value)  # a cut name can still be written on to its end
+
+
+def test_grounded_calls_finish_the_name_they_copy() -> None:
+    """A call may not close a copied string inside a name: after ``city="San`` the quote is refused
+    and `` Francisco`` offered, so the call the executor gets names the city the user asked for."""
+    ctx = "Weather in San Francisco today?"
+    assert status('get_weather(city="San"', grounding=ctx) == "INVALID"
+    assert status('get_weather(city="San F', grounding=ctx) == "PREFIX"
+    assert status('get_weather(city="San Francisco")', grounding=ctx) == "COMPLETE"

@@ -332,7 +332,7 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
     record["runtime"]["interrupt_at"] = "sentence"
     (folder / "cml_training.json").write_text(json.dumps(record))
     text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
-    assert '`"interrupt_at": "sentence"`' in text and "paced: one at a time" in text and "between words" not in text
+    assert '`"interrupt_at": "sentence"`' in text and "one at a time (paced)" in text and "between words" not in text
     card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
     assert card.data.base_model == "google/gemma-3-270m"
 
