@@ -87,6 +87,26 @@ def format_trap() -> str:
     return f"{TRAP} {END}"
 
 
+#: What ends a sentence of visible text: where paced interrupts (``interrupt_at="sentence"``) may go in.
+SENTENCE_ENDS: tuple[str, ...] = (".", "?", "!")
+
+
+def ends_sentence(text: str) -> bool:
+    """True when ``text`` ends a sentence: its last non-space character is ``.``, ``?`` or ``!``.
+    The simulator's paced traces and the runtime's ``interrupt_at="sentence"`` share this rule.
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.cml import ends_sentence
+    >>> ends_sentence("Rome: 17 C, windy. "), ends_sentence("Rome:"), ends_sentence("$695.57")
+    (True, False, False)
+
+    ```
+    """
+    return text.rstrip().endswith(SENTENCE_ENDS)
+
+
 def format_error(exc_type: str, message: str) -> str:
     """The value of an error interrupt: ``error: <Type>: <message>``."""
     message = " ".join(str(message).split())  # one line: no newline may break the block

@@ -51,7 +51,7 @@ from transformers import StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from .cache_inject import CacheDriver, TrapCachePolicy
-from .cml import PROTOCOL_ERROR_ID, TRAP_ID, USER_ID, Block, TextEvent, format_error
+from .cml import PROTOCOL_ERROR_ID, TRAP_ID, USER_ID, Block, TextEvent, ends_sentence, format_error
 from .monitor import CMLMonitor
 from .streamer import CMLStreamer, StreamEvent
 
@@ -66,7 +66,6 @@ WORD_WAIT_MAX_TOKENS = 24
 
 #: ``interrupt_at="sentence"``: the same cap, for interrupts held back until a sentence ends
 SENTENCE_WAIT_MAX_TOKENS = 48
-_SENTENCE_ENDS = frozenset(".?!")
 
 _WAIT_SLICE_S = 0.05  # waits wake this often to notice a cancellation
 
@@ -568,7 +567,7 @@ def cml_decode_loop(
                     if event.kind == "trap":
                         may_deliver = True
                 elif sentences and isinstance(event, TextEvent) and event.text.strip():
-                    sentence_open = event.text.rstrip()[-1] not in _SENTENCE_ENDS
+                    sentence_open = not ends_sentence(event.text)
                     if not sentence_open:
                         may_deliver = True
 
@@ -601,7 +600,7 @@ def cml_decode_loop(
                         feed = torch.cat([feed, extra], dim=-1)
                         monitor.reset_context()
                         may_deliver = False
-                    elif sentences and word_boundaries:
+                    elif sentences:
                         # sentence mode, right after a block, nothing ready yet: one that becomes ready
                         # by the next token still goes in before it (its traces: "[END][INTR] ...")
                         held = True

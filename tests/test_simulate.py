@@ -688,21 +688,20 @@ def test_check_trace_catches_broken_pacing(tasks):
     head, tail = " ".join(words[:3]), " " + " ".join(words[3:])
     moved["segments"][k:k + 1] = [{"role": "model", "text": head}, seg, {"role": "model", "text": tail}]
     assert any("inside a sentence" in p or "before" in p for p in sim.check_trace(moved))
-    # a result held back where it should have gone in: moved one inject later
-    ex = _paced_with(tasks, lambda e: len(_before_injects(e)) >= 2 and e["segments"][_before_injects(e)[0][1] + 1]["role"] == "model")
+    # a result held back where it should have gone in: moved past the model text that followed it
+    ex = _paced_with(tasks, lambda e: len(injects_in(e)) >= 2)
     k = _before_injects(ex)[0][1]
     late = copy.deepcopy(ex)
     seg = late["segments"].pop(k)
-    nxt = late["segments"][k]["text"]
-    late["segments"][k:k + 1] = [{"role": "model", "text": nxt}, seg] if k + 1 >= len(late["segments"]) or late["segments"][k + 1]["role"] == "inject" else [{"role": "model", "text": nxt}, seg]
-    merged = []
+    late["segments"].insert(k + 1, seg)  # paced injects are never adjacent: segment k was model text
+    merged: list[dict] = []
     for s in late["segments"]:
-        if merged and s["role"] == "model" and merged[-1]["role"] == "model":
+        if merged and s["role"] == merged[-1]["role"] == "model":
             merged[-1] = {"role": "model", "text": merged[-1]["text"] + s["text"]}
         else:
             merged.append(s)
     late["segments"] = merged
-    assert any("timing" in p or "before" in p or "one at a time" in p for p in sim.check_trace(late))
+    assert any("timing" in p or "inside a sentence" in p or "one at a time" in p for p in sim.check_trace(late))
 
 
 def test_cli_build_paced(tmp_path):

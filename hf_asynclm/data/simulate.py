@@ -89,6 +89,7 @@ from ..cml import (
     TRAP,
     USER_ID,
     CMLParser,
+    ends_sentence,
     format_call,
     format_interrupt,
     format_trap,
@@ -118,18 +119,18 @@ MODES: tuple[str, ...] = ("async", "sync", "sync-parallel")
 
 _EPS = 1e-6
 
-#: Where the simulator puts results in async traces (``simulate(interrupt_at=...)``).
+#: Where the simulator puts results in async traces (``simulate(interrupt_at=...)``): ``"word"``,
+#: or ``"sentence"`` for paced traces (the runtime's ``interrupt_at="sentence"`` follows the same
+#: rule): one result at a time, right after a block's ``[END]`` or after a word that ends a
+#: sentence, and only once the model has ended a sentence (or written a trap) since the previous one.
 SIM_INTERRUPT_AT: tuple[str, ...] = ("word", "sentence")
-#: Paced interrupts (``interrupt_at="sentence"``), the rule the runtime follows too: one result at a
-#: time; it goes in right after a block's ``[END]`` or after a word that ends a sentence, and only
-#: when the model has ended a sentence (or written a trap) since the previous one went in.
-PACED_RULE = "one at a time, after [END] or a sentence end, once the last one was answered"
-_SENTENCE_ENDS = (".", "?", "!")
 
 
-def ends_sentence(text: str) -> bool:
-    """True when model text ends a sentence (its last character is ``.``, ``?`` or ``!``)."""
-    return text.rstrip().endswith(_SENTENCE_ENDS)
+def _check_interrupt_at(value: str) -> None:
+    if value not in SIM_INTERRUPT_AT:
+        raise ValueError(f"unknown interrupt_at {value!r}; choose from {SIM_INTERRUPT_AT}")
+
+
 _OPENERS = (CALL, TRAP, INTR)
 
 
@@ -359,7 +360,7 @@ def simulate(
     output token is drawn from (default 5-30 ms, the paper's).
 
     ``interrupt_at`` (async) is where results go in: ``"word"`` (every ready result at the
-    first safe point, see the module docstring) or ``"sentence"`` (paced, :data:`PACED_RULE`):
+    first safe point, see the module docstring) or ``"sentence"`` (paced, :data:`SIM_INTERRUPT_AT`):
     one result at a time, right after a block's ``[END]`` or after a word that ends a sentence,
     and only once the model has ended a sentence (or trapped) since the last one went in; the
     model writes the calls it can, then the answer sentence of the result that came last, so
@@ -367,8 +368,7 @@ def simulate(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-    if interrupt_at not in SIM_INTERRUPT_AT:
-        raise ValueError(f"unknown interrupt_at {interrupt_at!r}; choose from {SIM_INTERRUPT_AT}")
+    _check_interrupt_at(interrupt_at)
     paced = mode == "async" and interrupt_at == "sentence"
     timing = _timing(task, seed, jitter, tpot_range_ms)
     counter = counter or TokenCounter(tokenizer)
@@ -464,45 +464,12 @@ def simulate(
         if paced and ends_sentence(parts[i]["text"]):
             pace["may"] = True
 
-    if paced:
+    if mode == "async":
         while True:
-            deliver_one()  # here: the start, right after a block, or after a sentence
-            ready_calls = writable_calls()
-            if ready_calls:
-                c = _lpt_pick(ready_calls, expected)
-                write_call(c)
-                start[c.call_id] = round(tr.t, 3)
-                done[c.call_id] = tr.t + exec_ms[c.call_id]
-                if use_user and user["time"] is None:
-                    user["time"] = tr.t + timing["user_u"] * max(exec_ms.values())
-                continue
-            ready_parts = writable_parts()
-            if ready_parts:
-                # the sentence of the result that came last first: the nearest result is the one quoted
-                order = {cid: k for k, cid in enumerate(injected)}
-                i = min(ready_parts, key=lambda j: (pace["last"] not in parts[j]["needs"], max((order[n] for n in parts[j]["needs"]), default=-1), j))
-                write_part(i, check_between=True)
-                continue
-            pending = [cid for cid in written if cid not in injected]
-            if pending:
-                for atom in tr.unit(format_trap()):
-                    tr.write(atom)
-                wake = min(done[cid] for cid in pending)
-                if use_user and not user["fired"] and user["time"] is not None:
-                    wake = min(wake, user["time"])
-                tr.t = max(tr.t, wake)
-                pace["may"] = True
-                continue
-            if use_user and not user["fired"]:
-                user["time"] = tr.t
-                fire_user()
-                pace["may"] = False
-                continue
-            break
-    elif mode == "async":
-
-        while True:
-            safe_point()
+            if paced:
+                deliver_one()  # here: the start, right after a block, or after a sentence
+            else:
+                safe_point()
             ready_calls = writable_calls()
             if ready_calls:
                 c = _lpt_pick(ready_calls, expected)
@@ -515,7 +482,10 @@ def simulate(
             ready_parts = writable_parts()
             if ready_parts:
                 order = {cid: k for k, cid in enumerate(injected)}
-                i = min(ready_parts, key=lambda j: (max((order[n] for n in parts[j]["needs"]), default=-1), j))
+                # paced: the sentence of the result that came last first, so the nearest result is the one quoted
+                i = min(ready_parts, key=lambda j: (
+                    paced and pace["last"] not in parts[j]["needs"], max((order[n] for n in parts[j]["needs"]), default=-1), j
+                ))
                 write_part(i, check_between=True)
                 continue
             pending = [cid for cid in written if cid not in injected]
@@ -526,10 +496,12 @@ def simulate(
                 if use_user and not user["fired"] and user["time"] is not None:
                     wake = min(wake, user["time"])
                 tr.t = max(tr.t, wake)
+                pace["may"] = True  # paced: a trap takes the next result
                 continue
             if use_user and not user["fired"]:  # all done before the user spoke: they speak now
                 user["time"] = tr.t
                 fire_user()
+                pace["may"] = False
                 continue
             break
     elif mode == "sync":
@@ -1082,8 +1054,7 @@ def build_dataset(
     sync/async latency ratio, model tokens and the longest trace. ``interrupt_at`` is where
     async traces put results (:func:`simulate`).
     """
-    if interrupt_at not in SIM_INTERRUPT_AT:
-        raise ValueError(f"unknown interrupt_at {interrupt_at!r}; choose from {SIM_INTERRUPT_AT}")
+    _check_interrupt_at(interrupt_at)
     modes = tuple(modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
