@@ -834,25 +834,66 @@ def _check_waves(segs: list[dict[str, str]]) -> list[str]:
     return out
 
 
+class _ReplayClock:
+    """The simulated clock both replays share: the time, when each started call completes,
+    which results (and the user's interrupt) are still to go in, and the final latency check."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.tpot = float(meta["tpot_ms"])
+        self.exec_ms = {k: float(x) for k, x in meta["exec_ms"].items()}
+        self.user_ms = None if meta.get("user_ms") is None else float(meta["user_ms"])
+        self.user_pending = self.user_ms is not None
+        self.sim_latency_ms = meta.get("sim_latency_ms")
+        self.t = 0.0
+        self.done: dict[str, float] = {}
+        self.pending: list[str] = []  # started and not yet injected
+
+    def write(self, n_tokens: int) -> None:
+        self.t += n_tokens * self.tpot
+
+    def start(self, cid: str) -> None:
+        """Start call ``cid`` now (the caller checked ``cid in exec_ms``)."""
+        self.done[cid] = self.t + self.exec_ms[cid]
+        self.pending.append(cid)
+
+    def ready(self) -> list[tuple[float, str]]:
+        """What has completed and is still to go in, as ``(completion time, id)``, earliest first."""
+        r = [(self.done[c], c) for c in self.pending if self.done[c] <= self.t + 1e-3]
+        if self.user_pending and self.user_ms is not None and self.user_ms <= self.t + 1e-3:
+            r.append((self.user_ms, USER_ID))
+        return sorted(r)
+
+    def wake(self, *, all_of: bool = False) -> None:
+        """A trap: sleep until the first pending completion (``all_of``: the last one)."""
+        times = [self.done[c] for c in self.pending]
+        if self.user_pending and self.user_ms is not None:
+            times.append(self.user_ms)
+        if times:
+            self.t = max(self.t, max(times) if all_of else min(times))
+
+    def take(self, cid: str) -> None:
+        """Result ``cid`` (or the user's interrupt) went in."""
+        if cid == USER_ID:
+            self.user_pending = False
+        elif cid in self.pending:
+            self.pending.remove(cid)
+
+    def latency_check(self) -> list[str]:
+        if self.sim_latency_ms is not None and abs(self.t - float(self.sim_latency_ms)) > 0.01:
+            return [f"timing: replayed latency {self.t:.3f} ms != sim_latency_ms {self.sim_latency_ms}"]
+        return []
+
+
 def _replay(segs: list[dict[str, str]], meta: dict[str, Any], mode: str, counter: TokenCounter) -> list[str]:
     """Replay the simulated clock over the trace and compare with where interrupts landed."""
     out: list[str] = []
-    tpot = float(meta["tpot_ms"])
-    exec_ms = {k: float(x) for k, x in meta["exec_ms"].items()}
-    user_ms = meta.get("user_ms")
-    t = 0.0
-    done: dict[str, float] = {}
-    pending: list[str] = []  # started (or, sync-parallel, collected) and not yet injected
+    clock = _ReplayClock(meta)
     collected: list[str] = []  # sync-parallel: written, not started
-    user_pending = user_ms is not None
     last_atom_trap = False
     k = 0
 
     def ready_now() -> set[str]:
-        r = {c for c in pending if c in done and done[c] <= t + 1e-3}
-        if user_pending and user_ms is not None and float(user_ms) <= t + 1e-3:
-            r.add(USER_ID)
-        return r
+        return {c for _, c in clock.ready()}
 
     while k < len(segs):
         s = segs[k]
@@ -862,27 +903,25 @@ def _replay(segs: list[dict[str, str]], meta: dict[str, Any], mode: str, counter
                 if mode == "async" and (j > 0 or k == 0 or segs[k - 1]["role"] == "model"):
                     late = ready_now()
                     if late:
-                        out.append(f"timing: {sorted(late)} ready at {t:.1f} ms but injected later")
+                        out.append(f"timing: {sorted(late)} ready at {clock.t:.1f} ms but injected later")
                         return out
-                t += counter(atom) * tpot
+                clock.write(counter(atom))
                 blocks = parse_blocks(atom)
                 last_atom_trap = bool(blocks) and blocks[0].kind == "trap"
                 if blocks and blocks[0].kind == "call" and blocks[0].call_id:
                     cid = blocks[0].call_id
-                    if cid not in exec_ms:
+                    if cid not in clock.exec_ms:
                         out.append(f"timing: no exec_ms for {cid}")
                         return out
                     if mode == "sync-parallel":
                         collected.append(cid)
                     else:
-                        done[cid] = t + exec_ms[cid]
-                        pending.append(cid)
+                        clock.start(cid)
                         if mode == "sync":
-                            t = done[cid]
+                            clock.t = clock.done[cid]
                 if last_atom_trap and mode == "sync-parallel":
                     for cid in collected:
-                        done[cid] = t + exec_ms[cid]
-                        pending.append(cid)
+                        clock.start(cid)
                     collected = []
             k += 1
             continue
@@ -892,33 +931,24 @@ def _replay(segs: list[dict[str, str]], meta: dict[str, Any], mode: str, counter
             group.append(bl[0].call_id if bl else "")
             k += 1
         if last_atom_trap:
-            wake = [done[c] for c in pending if c in done]
-            if user_pending and user_ms is not None:
-                wake.append(float(user_ms))
-            if mode == "sync-parallel":
-                t = max(t, max(wake, default=t))
-            elif wake:
-                t = max(t, min(wake))
+            clock.wake(all_of=mode == "sync-parallel")
         ready = ready_now()
         for cid in group:
-            if cid == USER_ID:
-                if USER_ID not in ready:
-                    out.append(f"timing: user interrupt before {user_ms} ms (at {t:.1f} ms)")
-                user_pending = False
-                continue
-            if cid not in ready:
-                out.append(f"timing: result of {cid} injected at {t:.1f} ms, before it completed ({done.get(cid, float('nan')):.1f} ms)")
-            if cid in pending:
-                pending.remove(cid)
+            if cid == USER_ID and USER_ID not in ready:
+                out.append(f"timing: user interrupt before {clock.user_ms} ms (at {clock.t:.1f} ms)")
+            elif cid != USER_ID and cid not in ready:
+                out.append(
+                    f"timing: result of {cid} injected at {clock.t:.1f} ms, before it completed "
+                    f"({clock.done.get(cid, float('nan')):.1f} ms)"
+                )
+            clock.take(cid)
         missing = ready - set(group)
         if missing and mode != "sync":
-            out.append(f"timing: {sorted(missing)} ready at {t:.1f} ms but not injected there")
+            out.append(f"timing: {sorted(missing)} ready at {clock.t:.1f} ms but not injected there")
         if out:
             return out
         last_atom_trap = False
-    if abs(t - float(meta.get("sim_latency_ms", t))) > 0.01:
-        out.append(f"timing: replayed latency {t:.3f} ms != sim_latency_ms {meta.get('sim_latency_ms')}")
-    return out
+    return out + clock.latency_check()
 
 
 def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: TokenCounter) -> list[str]:
@@ -927,42 +957,22 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
     and might go in (the start, right after a block, after a sentence end, with the last one
     answered by a sentence or a trap since), it went in there."""
     out: list[str] = []
-    tpot = float(meta["tpot_ms"])
-    exec_ms = {k: float(x) for k, x in meta["exec_ms"].items()}
-    user_ms = meta.get("user_ms")
-    user_pending = user_ms is not None
-    t = 0.0
-    done: dict[str, float] = {}
-    pending: list[str] = []
+    clock = _ReplayClock(meta)
     may = True
     last_trap = False
-
-    def ready_now() -> list[tuple[float, str]]:
-        r = [(done[c], c) for c in pending if done[c] <= t + 1e-3]
-        if user_pending and user_ms is not None and float(user_ms) <= t + 1e-3:
-            r.append((float(user_ms), USER_ID))
-        return sorted(r)
-
-    def check_point(next_is_inject: bool) -> bool:
-        ready = ready_now()
-        if may and ready and not next_is_inject:
-            out.append(f"timing: {ready[0][1]} ready at {t:.1f} ms but not injected there")
-            return False
-        return True
 
     for k, s in enumerate(segs):
         if s["role"] == "model":
             atoms = split_atoms(s["text"])
             for j, atom in enumerate(atoms):
-                t += counter(atom) * tpot
+                clock.write(counter(atom))
                 blocks = parse_blocks(atom)
                 last_trap = bool(blocks) and blocks[0].kind == "trap"
                 if blocks and blocks[0].kind == "call" and blocks[0].call_id:
                     cid = blocks[0].call_id
-                    if cid not in exec_ms:
+                    if cid not in clock.exec_ms:
                         return out + [f"timing: no exec_ms for {cid}"]
-                    done[cid] = t + exec_ms[cid]
-                    pending.append(cid)
+                    clock.start(cid)
                 if last_trap:
                     may = True
                     continue  # the trap's wake-up is checked at the interrupt that follows it
@@ -970,30 +980,22 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
                     may = True
                 at_point = bool(blocks) or ends_sentence(atom)
                 next_is_inject = j == len(atoms) - 1 and k + 1 < len(segs) and segs[k + 1]["role"] == "inject"
-                if at_point and not check_point(next_is_inject):
-                    return out
+                ready = clock.ready()
+                if at_point and may and ready and not next_is_inject:
+                    return out + [f"timing: {ready[0][1]} ready at {clock.t:.1f} ms but not injected there"]
             continue
         bl = parse_blocks(s["text"])
         cid = bl[0].call_id if bl else ""
         if last_trap:
-            wake = [done[c] for c in pending]
-            if user_pending and user_ms is not None:
-                wake.append(float(user_ms))
-            if wake:
-                t = max(t, min(wake))
+            clock.wake()
             last_trap = False
-        ready = ready_now()
+        ready = clock.ready()
         if not ready or ready[0][1] != cid:
             what = "before it completed" if cid not in [r[1] for r in ready] else f"before {ready[0][1]}, ready earlier"
-            return out + [f"timing: {cid} injected at {t:.1f} ms {what}"]
-        if cid == USER_ID:
-            user_pending = False
-        else:
-            pending.remove(cid)
+            return out + [f"timing: {cid} injected at {clock.t:.1f} ms {what}"]
+        clock.take(cid)
         may = False
-    if abs(t - float(meta.get("sim_latency_ms", t))) > 0.01:
-        out.append(f"timing: replayed latency {t:.3f} ms != sim_latency_ms {meta.get('sim_latency_ms')}")
-    return out
+    return out + clock.latency_check()
 
 
 # ---------------------------------------------------------------------------------------------
