@@ -66,6 +66,9 @@ class TaskScore:
     trapped: bool | None = None
     wall_s: float = 0.0
     error: str | None = None
+    #: The whole generation as it ran: what the model wrote with the interrupts it got, in
+    #: place (``AsyncResult.raw_text``), to see why a task failed.
+    transcript: str = ""
 
 
 def _norm(value: Any) -> Any:
@@ -316,6 +319,7 @@ def evaluate_synthetic(
         score = score_synthetic(task, _emitted_calls(result), result.text)
         score.blocks, score.valid_blocks = _block_validity(result)
         score.wall_s = wall
+        score.transcript = result.raw_text
         scores.append(score)
         if progress is not None:
             progress(1)
@@ -433,6 +437,7 @@ def evaluate_bfcl(
                 lpt_ok=lpt_ok,
                 trapped=trapped,
                 wall_s=wall,
+                transcript=result.raw_text,
             )
         )
         if progress is not None:

@@ -30,6 +30,12 @@ def test_scripted_simulator_policy_scores_perfectly():
     assert report.cml_validity == 1.0
     assert report.success_rate == 1.0, [t for t in report.tasks if not t.success]
     assert "task success | 100.0%" in format_report(report)
+    # each task keeps its transcript: the model's calls with the results that went in, in place
+    for score, task in zip(report.tasks, tasks):
+        assert score.transcript.count("[CALL]") == len(task.calls)
+        assert score.transcript.count("[INTR]") >= len(task.calls)  # (a trap that came late gets an error interrupt)
+        for call in task.calls:
+            assert f"[INTR] {call.call_id} [HEAD]" in score.transcript
 
 
 def test_the_constraints_let_a_perfect_policy_through():
@@ -119,6 +125,8 @@ def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):
     report = json.loads((tmp_path / "all.json").read_text())[0]
     all_ids = [t["task_id"] for t in report["tasks"]]
     assert len(all_ids) >= 2
+    # each BFCL task keeps what the shipped model wrote (two tokens here)
+    assert all(isinstance(t["transcript"], str) for t in report["tasks"]) and any(t["transcript"] for t in report["tasks"])
     # the runtime settings the checkpoint records, unless the command line says otherwise
     assert report["extra"]["constrain_calls"] == "grounded" and report["extra"]["interrupt_at"] == "sentence"
     r = runner.invoke(eval_command, [*args, "--constrain-calls", "off", "--out", str(tmp_path / "off.json")])
