@@ -154,6 +154,8 @@ def test_copy_checkpoint_halves_the_weights_and_still_loads(tmp_path):
     weights = load_file(str(dst / "model.safetensors"))
     assert all(t.dtype == torch.float16 for t in weights.values() if t.is_floating_point())
     assert (dst / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"  # the config says so too
+    assert (dst / "model.safetensors").stat().st_mode & 0o777 == 0o644
     reloaded = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32)
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=5e-2, rtol=5e-2)

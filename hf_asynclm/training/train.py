@@ -765,6 +765,14 @@ def copy_checkpoint(
         tensors = load_file(str(path))
         cast = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
         save_file(cast, str(path), metadata={"format": "pt"})
+        path.chmod(0o644)  # save_file writes owner-only files; the copy is for shipping
+    config_path = dst / "config.json"
+    if config_path.is_file():  # the config says what the weights now are
+        config = json.loads(config_path.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = dtype
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return dst
 
 
