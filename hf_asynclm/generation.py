@@ -29,7 +29,8 @@ wherever the model is).
 word starts after a sentence end (``.``, ``?``, ``!``), and only once the model has ended a
 sentence or written a trap since the previous one went in (a trap always takes the next one).
 The model answers each result before the next arrives, so the result it quotes is the nearest
-one: the easiest lookup for a small model. Held at most ``SENTENCE_WAIT_MAX_TOKENS`` tokens.
+one: the easiest lookup for a small model. Held at most ``SENTENCE_WAIT_MAX_TOKENS`` tokens, then it
+goes in where the next word starts (or, in a word longer than ``WORD_WAIT_MAX_TOKENS`` tokens, inside it).
 Async mode only: in ``sync`` and ``sync-parallel`` mode results go in where the model waits for
 them (as in the simulator's sync traces), with the ``"word"`` rule.
 
@@ -493,6 +494,8 @@ def cml_decode_loop(
     may_deliver = True  # sentence mode: no interrupt delivered since the last sentence end or trap
     per_delivery = 1 if sentences else None  # sentence mode: one interrupt at a time
     wait_max = SENTENCE_WAIT_MAX_TOKENS if sentences else WORD_WAIT_MAX_TOKENS
+    # past the sentence cap a held interrupt still waits for a word to start (at most the word cap more)
+    hold_max = wait_max + WORD_WAIT_MAX_TOKENS if sentences else wait_max
     virtual_clock = getattr(session.executor, "virtual_clock", None)  # simulated time: tokens move it
     held = False  # word mode: at a safe point with interrupts held back until a word starts
     held_for = 0  # tokens the ready interrupts have been held back
@@ -588,7 +591,7 @@ def cml_decode_loop(
             feed = token_t
             if monitor.at_safe_point:
                 after_block = any(isinstance(e, Block) for e in cml_events)
-                if word_boundaries and held_for < wait_max and (not after_block or (sentences and not may_deliver)):
+                if word_boundaries and held_for < hold_max and (not after_block or (sentences and not may_deliver)):
                     # inside or at the end of a word (sentence mode: of a sentence, or after a block
                     # while the last interrupt is still unanswered): wait for the next word to start
                     held = True
