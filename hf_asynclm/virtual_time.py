@@ -7,7 +7,8 @@ A :class:`VirtualClock` takes wall-clock time out of the run, as the trace simul
 (:mod:`hf_asynclm.data.simulate`) does: every generated token costs ``tpot_s`` of simulated time,
 injected tokens cost nothing (they ride along), and a call's result is *due* ``latency_s(name,
 arguments)`` after the call was written. The executor holds a finished result back until the
-clock reaches its due time and hands results over in due order; a trap (or the model's EOS
+clock reaches its due time, waits (in real time) for a tool still running when its result is due,
+and hands results over in due order; a trap (or the model's EOS
 while results are owed) moves the clock to the next due result at once, after waiting, in real
 time, only for a tool that is still running. Tools should therefore return quickly: their real
 run time no longer counts.

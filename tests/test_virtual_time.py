@@ -152,3 +152,37 @@ def test_a_call_that_uses_an_earlier_result_runs_after_it_is_due() -> None:
         assert [i.call_id for i in ex.pop_ready()] == ["m1"]
     finally:
         ex.close()
+
+
+def test_a_result_due_while_its_tool_still_runs_goes_in_where_it_is_due() -> None:
+    """No trap: the model writes on while fast() (due after 5 tokens) really takes 0.3 s. Its result
+    goes in where it is due, as when the tool returns at once: not later because the machine is slow."""
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=[fast])
+    script = [" [CALL] f1 [HEAD] fast(x=2) [END]"] + [" word"] * 40
+    RELEASE.set()
+    instant = _run(alm, _clock(), script)
+    RELEASE.clear()
+    threading.Timer(0.3, RELEASE.set).start()
+    t0 = time.monotonic()
+    late = _run(alm, _clock(), script)
+    assert time.monotonic() - t0 >= 0.25  # it did wait for the tool, in real time
+    assert [i.call_id for i in instant.interrupts] == ["f1"]
+    assert late.raw_text == instant.raw_text
+    assert instant.raw_text.index("[INTR] f1") < instant.raw_text.index(" word" * 10)  # due early, went in early
+    # with the executor's own bound on that wait reached, it goes on without the result (and logs it)
+    ex = ToolExecutor([fast], clock=_clock())
+    try:
+        RELEASE.clear()
+        import hf_asynclm.executor.executor as executor_module
+
+        old, executor_module.VIRTUAL_SETTLE_TIMEOUT_S = executor_module.VIRTUAL_SETTLE_TIMEOUT_S, 0.1
+        try:
+            ex.submit("f1", "fast(x=1)")
+            ex.virtual_clock.tick(10)
+            assert not ex.has_ready() and ex.pending_ids() == ["f1"]
+        finally:
+            executor_module.VIRTUAL_SETTLE_TIMEOUT_S = old
+    finally:
+        RELEASE.set()
+        ex.close()

@@ -52,6 +52,8 @@ __all__ = ["ANONYMOUS_ERROR_ID", "FINAL_STATUSES", "RESERVED_IDS", "CallRecord",
 FINAL_STATUSES = frozenset({"done", "error", "timeout", "cancelled"})
 #: Id of the error interrupts of calls written without an id (fire and forget).
 ANONYMOUS_ERROR_ID = "error"
+#: With a virtual clock, how long (real seconds) to wait for a running call whose result is already due.
+VIRTUAL_SETTLE_TIMEOUT_S = 30.0
 #: Ids the runtime uses for its own interrupts: a call may not take them.
 RESERVED_IDS = frozenset({USER_ID, PROTOCOL_ERROR_ID, TRAP_ID, ANONYMOUS_ERROR_ID})
 
@@ -398,6 +400,7 @@ class ToolExecutor:
         if self.virtual_clock is None:
             return bool(self._ready)
         with self._cond:
+            self._settle_locked()
             return bool(self._due_locked())
 
     def pop_ready(self, limit: int | None = None) -> list[Interrupt]:
@@ -410,6 +413,7 @@ class ToolExecutor:
             if self.virtual_clock is None:
                 ready, self._ready = self._ready[:limit], self._ready[len(self._ready[:limit]):]
                 return ready
+            self._settle_locked()
             ready = self._due_locked()[:limit]
             taken = set(map(id, ready))
             self._ready = [i for i in self._ready if id(i) not in taken]
@@ -490,6 +494,23 @@ class ToolExecutor:
                 start = max(start, self._record_due(earlier))
         return start + self._latency.get(id(record), 0.0)
 
+    def _settle_locked(self) -> None:
+        """Virtual clock: wait, in real time, for the calls still running whose result is already due,
+        so that what is due never depends on how fast a tool really returned (a loaded machine
+        would otherwise move a result later in the text). Bounded by ``VIRTUAL_SETTLE_TIMEOUT_S``."""
+        assert self.virtual_clock is not None
+        deadline = time.monotonic() + VIRTUAL_SETTLE_TIMEOUT_S
+        while not self._closed:
+            now = self.virtual_clock.now
+            if not any(self._running_due(r) <= now for r in self._unfinished.values()):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                logger.warning("virtual clock: a call due at %.3f s is still running after %.0f s of real time; going on without it",
+                               now, VIRTUAL_SETTLE_TIMEOUT_S)
+                return
+            self._cond.wait(remaining)
+
     def _due_locked(self) -> list[Interrupt]:
         """The ready interrupts whose due time has come, in due order."""
         assert self.virtual_clock is not None
@@ -511,6 +532,8 @@ class ToolExecutor:
         """Ids of unfinished calls, which will each produce an interrupt (submission order); with
         a virtual clock also of finished calls whose result is not due yet."""
         with self._cond:
+            if self.virtual_clock is not None:
+                self._settle_locked()
             ids = [r.call_id for r in self._unfinished.values() if r.call_id is not None]
             if self.virtual_clock is not None:
                 due = set(map(id, self._due_locked()))
