@@ -980,9 +980,10 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
                     may = True
                 at_point = bool(blocks) or ends_sentence(atom)
                 next_is_inject = j == len(atoms) - 1 and k + 1 < len(segs) and segs[k + 1]["role"] == "inject"
-                ready = clock.ready()
-                if at_point and may and ready and not next_is_inject:
-                    return out + [f"timing: {ready[0][1]} ready at {clock.t:.1f} ms but not injected there"]
+                if at_point and may and not next_is_inject:
+                    ready = clock.ready()
+                    if ready:
+                        return out + [f"timing: {ready[0][1]} ready at {clock.t:.1f} ms but not injected there"]
             continue
         bl = parse_blocks(s["text"])
         cid = bl[0].call_id if bl else ""
