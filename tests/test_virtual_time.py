@@ -176,11 +176,16 @@ def test_a_result_due_while_its_tool_still_runs_goes_in_where_it_is_due() -> Non
         RELEASE.clear()
         import hf_asynclm.executor.executor as executor_module
 
-        old, executor_module.VIRTUAL_SETTLE_TIMEOUT_S = executor_module.VIRTUAL_SETTLE_TIMEOUT_S, 0.1
+        old, executor_module.VIRTUAL_SETTLE_TIMEOUT_S = executor_module.VIRTUAL_SETTLE_TIMEOUT_S, 0.3
         try:
             ex.submit("f1", "fast(x=1)")
             ex.virtual_clock.tick(10)
-            assert not ex.has_ready() and ex.pending_ids() == ["f1"]
+            t0 = time.monotonic()
+            assert not ex.has_ready()
+            t1 = time.monotonic()
+            assert ex.pending_ids() == ["f1"] and not ex.has_ready()
+            t2 = time.monotonic()
+            assert t2 - t1 < (t1 - t0) / 2  # waited for once, not again at every step
         finally:
             executor_module.VIRTUAL_SETTLE_TIMEOUT_S = old
     finally:

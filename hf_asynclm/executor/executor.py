@@ -262,6 +262,7 @@ class ToolExecutor:
         #: The :class:`~hf_asynclm.virtual_time.VirtualClock` gating results, or None (wall clock).
         self.virtual_clock: VirtualClock | None = clock if isinstance(clock, VirtualClock) else None
         self._due: dict[int, tuple[float, int]] = {}  # virtual clock: id(interrupt) -> (due time, order)
+        self._not_waited_for: set[int] = set()  # virtual clock: id(record) of calls waited for in vain once
         self._latency: dict[int, float] = {}  # virtual clock: id(record) -> simulated run time
 
         #: Every call, in submission order.
@@ -502,12 +503,14 @@ class ToolExecutor:
         deadline = time.monotonic() + VIRTUAL_SETTLE_TIMEOUT_S
         while not self._closed:
             now = self.virtual_clock.now
-            if not any(self._running_due(r) <= now for r in self._unfinished.values()):
+            late = [r for r in self._unfinished.values() if id(r) not in self._not_waited_for and self._running_due(r) <= now]
+            if not late:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                logger.warning("virtual clock: a call due at %.3f s is still running after %.0f s of real time; going on without it",
-                               now, VIRTUAL_SETTLE_TIMEOUT_S)
+                logger.warning("virtual clock: %s still running after %.0f s of real time, though due; going on without "
+                               "waiting for it again", ", ".join(str(r.call_id) for r in late), VIRTUAL_SETTLE_TIMEOUT_S)
+                self._not_waited_for.update(map(id, late))
                 return
             self._cond.wait(remaining)
 
