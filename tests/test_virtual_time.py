@@ -154,7 +154,7 @@ def test_a_call_that_uses_an_earlier_result_runs_after_it_is_due() -> None:
         ex.close()
 
 
-def test_a_result_due_while_its_tool_still_runs_goes_in_where_it_is_due() -> None:
+def test_a_result_due_while_its_tool_still_runs_goes_in_where_it_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
     """No trap: the model writes on while fast() (due after 5 tokens) really takes 0.3 s. Its result
     goes in where it is due, as when the tool returns at once: not later because the machine is slow."""
     tok = tiny_tokenizer()
@@ -171,23 +171,18 @@ def test_a_result_due_while_its_tool_still_runs_goes_in_where_it_is_due() -> Non
     assert late.raw_text == instant.raw_text
     assert instant.raw_text.index("[INTR] f1") < instant.raw_text.index(" word" * 10)  # due early, went in early
     # with the executor's own bound on that wait reached, it goes on without the result (and logs it)
+    monkeypatch.setattr("hf_asynclm.executor.executor.VIRTUAL_SETTLE_TIMEOUT_S", 0.3)
     ex = ToolExecutor([fast], clock=_clock())
     try:
         RELEASE.clear()
-        import hf_asynclm.executor.executor as executor_module
-
-        old, executor_module.VIRTUAL_SETTLE_TIMEOUT_S = executor_module.VIRTUAL_SETTLE_TIMEOUT_S, 0.3
-        try:
-            ex.submit("f1", "fast(x=1)")
-            ex.virtual_clock.tick(10)
-            t0 = time.monotonic()
-            assert not ex.has_ready()
-            t1 = time.monotonic()
-            assert ex.pending_ids() == ["f1"] and not ex.has_ready()
-            t2 = time.monotonic()
-            assert t2 - t1 < (t1 - t0) / 2  # waited for once, not again at every step
-        finally:
-            executor_module.VIRTUAL_SETTLE_TIMEOUT_S = old
+        ex.submit("f1", "fast(x=1)")
+        ex.virtual_clock.tick(10)
+        t0 = time.monotonic()
+        assert not ex.has_ready()
+        t1 = time.monotonic()
+        assert ex.pending_ids() == ["f1"] and not ex.has_ready()
+        t2 = time.monotonic()
+        assert t2 - t1 < (t1 - t0) / 2  # waited for once, not again at every step
     finally:
         RELEASE.set()
         ex.close()
