@@ -15,7 +15,10 @@ import click
 @click.option("--bfcl-categories", default="simple_python,multiple,parallel,parallel_multiple", show_default=True)
 @click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--max-new-tokens", type=click.IntRange(min=1), default=768, show_default=True,
+    help="Token budget of each task (tokens the model writes). Tasks that run out count as 'cut by token limit'.",
+)
 @click.option("--latency-scale", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="--clock wall: tools sleep their prompt latency times this.")
 @click.option(
     "--clock", type=click.Choice(["wall", "virtual"]), default="wall", show_default=True,

@@ -44,6 +44,13 @@ from .data.tasks import Task
 
 logger = logging.getLogger(__name__)
 
+#: Default token budget of an evaluated generation (tokens the model writes; injected results do
+#: not count). The reference traces of the synthetic generator's parallel and mixed tasks write
+#: up to ~470 tokens (half of the mixed ones more than 256), BFCL cheat-sheet traces up to ~465:
+#: a budget below that cuts a right answer off and scores it as wrong. Each report counts the
+#: tasks that ran out of budget (``cut_by_token_limit``).
+EVAL_MAX_NEW_TOKENS = 768
+
 #: Error types of interrupts that mean the model broke the protocol or the schema.
 PROTOCOL_ERRORS = ("CMLSyntaxError", "CallParseError", "UnknownToolError", "ArgumentError", "InvalidIdError", "DuplicateIdError")
 
@@ -69,6 +76,10 @@ class TaskScore:
     #: The whole generation as it ran: what the model wrote with the interrupts it got, in
     #: place (``AsyncResult.raw_text``), to see why a task failed.
     transcript: str = ""
+    #: Why the generation stopped (``eos``, ``max_new_tokens``, ...; ``GenerationStats.stop_reason``).
+    stop_reason: str = ""
+    #: Tokens the model wrote (``GenerationStats.generated_tokens``).
+    new_tokens: int = 0
 
 
 def _norm(value: Any) -> Any:
@@ -235,6 +246,8 @@ def _aggregate(name: str, mode: str, scores: list[TaskScore], extra: dict[str, A
     def rate(xs: list[TaskScore], attr: str) -> float:
         return sum(bool(getattr(x, attr)) for x in xs) / len(xs) if xs else math.nan
 
+    ran = [s for s in scores if s.stop_reason]
+    cut = {"cut_by_token_limit": sum(s.stop_reason == "max_new_tokens" for s in ran) / len(ran)} if ran else {}
     return EvalReport(
         name=name,
         mode=mode,
@@ -245,7 +258,7 @@ def _aggregate(name: str, mode: str, scores: list[TaskScore], extra: dict[str, A
         cml_validity=valid / blocks if blocks else math.nan,
         value_recall=statistics.mean(s.value_recall for s in scores) if scores else math.nan,
         per_category={c: {"n": len(xs), "success": rate(xs, "success"), "calls_right": rate(xs, "calls_right")} for c, xs in sorted(cats.items())},
-        extra=extra or {},
+        extra={**(extra or {}), **cut},
         tasks=scores,
     )
 
@@ -287,7 +300,7 @@ def evaluate_synthetic(
     tokenizer: Any,
     tasks: Sequence[Task],
     mode: str = "async",
-    max_new_tokens: int = 256,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     latency_scale: float = 0.1,
     progress: Callable[[int], None] | None = None,
     processors_for: Callable[[Task], list[Any]] | None = None,
@@ -320,10 +333,14 @@ def evaluate_synthetic(
         score.blocks, score.valid_blocks = _block_validity(result)
         score.wall_s = wall
         score.transcript = result.raw_text
+        score.stop_reason, score.new_tokens = result.stats.stop_reason, result.stats.generated_tokens
         scores.append(score)
         if progress is not None:
             progress(1)
-    runtime = {"interrupt_at": interrupt_at, "constrain_calls": constrain_calls, "no_repeat_calls": no_repeat_calls}
+    runtime = {
+        "interrupt_at": interrupt_at, "constrain_calls": constrain_calls, "no_repeat_calls": no_repeat_calls,
+        "max_new_tokens": max_new_tokens,
+    }
     return _aggregate("synthetic", mode, scores, {**runtime, **_clock_settings(clock, latency_scale, tpot_range_ms)})
 
 
@@ -385,7 +402,7 @@ def evaluate_bfcl(
     tokenizer: Any,
     tasks: Sequence[Task],
     mode: str = "async",
-    max_new_tokens: int = 256,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     latency_scale: float = 0.1,
     progress: Callable[[int], None] | None = None,
     processors_for: Callable[[Task], list[Any]] | None = None,
@@ -438,6 +455,8 @@ def evaluate_bfcl(
                 trapped=trapped,
                 wall_s=wall,
                 transcript=result.raw_text,
+                stop_reason=result.stats.stop_reason,
+                new_tokens=result.stats.generated_tokens,
             )
         )
         if progress is not None:
@@ -445,11 +464,12 @@ def evaluate_bfcl(
     lpt = [s.lpt_ok for s in scores if s.lpt_ok is not None and len(s.expected) > 1]
     traps = [s.trapped for s in scores if s.trapped is not None and len(s.expected) > 0]
     extra = {
-        "lpt_order_rate": statistics.mean(lpt) if lpt else math.nan,
-        "trap_rate": statistics.mean(traps) if traps else math.nan,
+        "lpt_order_rate": float(statistics.mean(lpt)) if lpt else math.nan,
+        "trap_rate": float(statistics.mean(traps)) if traps else math.nan,
         "interrupt_at": interrupt_at,
         "constrain_calls": constrain_calls,
         "no_repeat_calls": no_repeat_calls,
+        "max_new_tokens": max_new_tokens,
         **_clock_settings(clock, latency_scale, tpot_range_ms),
     }
     return _aggregate("bfcl", mode, scores, extra)
@@ -485,8 +505,10 @@ def format_report(report: EvalReport) -> str:
     for k, v in report.extra.items():
         if isinstance(v, bool):  # a setting, not a rate
             lines.append(f"| {k} | {'on' if v else 'off'} |")
-        elif isinstance(v, (int, float)):
-            lines.append(f"| {k.replace('_', ' ')} | {float(v):.1%} |")
+        elif isinstance(v, int):  # a count or a setting
+            lines.append(f"| {k} | {v} |")
+        elif isinstance(v, float):  # a rate
+            lines.append(f"| {k.replace('_', ' ')} | {v:.1%} |")
         else:
             lines.append(f"| {k} | {v} |")
     lines += ["", "| category | n | success |", "|---|---|---|"]

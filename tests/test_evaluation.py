@@ -144,3 +144,40 @@ def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):
     (tmp_path / "bad.jsonl").write_text("not json\n")
     r = runner.invoke(eval_command, [*args, "--exclude-tasks", str(tmp_path / "bad.jsonl")])
     assert r.exit_code == 2 and "--exclude-tasks" in r.output and "Traceback" not in r.output
+
+
+def test_the_default_budget_fits_every_reference_answer():
+    """The evaluation's default token budget is larger than what the simulator's reference
+    traces write for held-out parallel and mixed tasks (counted with the shipped tokenizer), so a
+    right answer is never cut off; 256, the old default, was not (many mixed answers are longer)."""
+    from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
+    from hf_asynclm.evaluation import EVAL_MAX_NEW_TOKENS
+    from hf_asynclm_cli.eval_cmd import eval_command
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT)
+    tasks = generate_tasks(150, seed=9, shapes=["parallel", "mixed"], split="eval")
+    written = []
+    for i, task in enumerate(tasks):
+        trace = simulate(task, "async", seed=i, tokenizer=tok, interrupt_at="sentence")
+        written.append(sum(len(tok(s["text"], add_special_tokens=False).input_ids) for s in trace["segments"] if s["role"] == "model"))
+    assert max(written) < EVAL_MAX_NEW_TOKENS, max(written)
+    assert sum(w > 256 for w in written) > len(written) // 10
+    default = next(p.default for p in eval_command.params if p.name == "max_new_tokens")
+    assert default == EVAL_MAX_NEW_TOKENS
+
+
+def test_a_report_counts_the_tasks_that_ran_out_of_tokens():
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    model = tiny_llama(tok)
+    tasks = generate_tasks(3, seed=3, split="eval")
+    short = evaluate_synthetic(model, tok, tasks, max_new_tokens=12, processors_for=_scripted(tok), clock="virtual")
+    assert [t.stop_reason for t in short.tasks] == ["max_new_tokens"] * 3
+    assert all(t.new_tokens == 12 for t in short.tasks) and short.success_rate == 0.0
+    assert short.extra["cut_by_token_limit"] == 1.0 and short.extra["max_new_tokens"] == 12
+    text = format_report(short)
+    assert "| max_new_tokens | 12 |" in text and "| cut by token limit | 100.0% |" in text
+    enough = evaluate_synthetic(model, tok, tasks, max_new_tokens=400, processors_for=_scripted(tok), clock="virtual")
+    assert enough.extra["cut_by_token_limit"] == 0.0 and enough.success_rate == 1.0
+    assert all(t.stop_reason == "eos" and 0 < t.new_tokens < 400 for t in enough.tasks)
