@@ -53,7 +53,7 @@ import click
 
 BACKENDS = ("local", "tgi", "openai")
 MODES = ("async", "sync", "sync-parallel")  # hf_asynclm.generation.MODES, without importing torch
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = 768  # what checkpoints made by hf-asynclm train set (answers with results run long)
 DEBUG_ENV = "HF_ASYNCLM_DEBUG"
 _PREVIEW_CHARS = 100
 

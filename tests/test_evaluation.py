@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -165,6 +167,14 @@ def test_the_default_budget_fits_every_reference_answer():
     assert sum(w > 256 for w in written) > len(written) // 10
     default = next(p.default for p in eval_command.params if p.name == "max_new_tokens")
     assert default == EVAL_MAX_NEW_TOKENS
+    # and what a user gets without asking: the CLI's run/chat default and the checkpoints' own budget
+    from hf_asynclm.training.train import GENERATION_MAX_NEW_TOKENS
+    from hf_asynclm_cli.common import DEFAULT_MAX_NEW_TOKENS
+
+    assert DEFAULT_MAX_NEW_TOKENS == GENERATION_MAX_NEW_TOKENS == EVAL_MAX_NEW_TOKENS
+    for name in ("cml-tiny", "gemma-3-270m-cml"):
+        config = json.loads((DEFAULT_CHECKPOINT.parent / name / "generation_config.json").read_text())
+        assert config["max_new_tokens"] == GENERATION_MAX_NEW_TOKENS, name
 
 
 def test_a_report_counts_the_tasks_that_ran_out_of_tokens():

@@ -29,7 +29,12 @@ from hf_asynclm.training import (  # noqa: E402
 )
 from hf_asynclm.training.dataset import summarize_meta  # noqa: E402
 from hf_asynclm.training.tokenizer import ROLE_TAGS  # noqa: E402
-from hf_asynclm.training.train import TRAINING_RECORD, _make_trainer_class, _training_arguments  # noqa: E402
+from hf_asynclm.training.train import (  # noqa: E402
+    GENERATION_MAX_NEW_TOKENS,
+    TRAINING_RECORD,
+    _make_trainer_class,
+    _training_arguments,
+)
 
 WEATHER = {
     "type": "function",
@@ -287,6 +292,8 @@ def test_scratch_training_lowers_loss_and_saves_a_loadable_checkpoint(scratch_ru
     assert tok.chat_template == CML_CHAT_TEMPLATE and marker_token_ids(tok).single_token
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.generation_config.pad_token_id == tok.pad_token_id
+    # a budget of its own, not transformers' 20 tokens: a CML answer with results quoted runs long
+    assert model.generation_config.max_new_tokens == GENERATION_MAX_NEW_TOKENS
     prompt = tok.apply_chat_template(EXAMPLES[0]["messages"], tools=EXAMPLES[0]["tools"], add_generation_prompt=True, tokenize=False)
     inputs = tok(prompt, add_special_tokens=False, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -363,6 +370,9 @@ def test_lora_fine_tuning_trains_marker_rows_and_reloads(tiny_base, data_file, t
 
     model, tok = load_trained(out)
     assert isinstance(model, PeftModel) and tok.chat_template == CML_CHAT_TEMPLATE
+    # the generation config saved with the adapter applies, not the base's (which sets no budget)
+    assert AutoModelForCausalLM.from_pretrained(tiny_base).generation_config.max_new_tokens is None
+    assert model.get_base_model().generation_config.max_new_tokens == GENERATION_MAX_NEW_TOKENS
     emb = model.get_input_embeddings()
     ids = torch.tensor([markers])
     assert torch.allclose(emb(ids)[0], adapter[delta_key], atol=1e-6)

@@ -17,7 +17,7 @@ parallelism) with the loss only on what the model writes; the LM head is applied
 labelled positions, which matters for large vocabularies (Gemma 3: 262k rows).
 
 The result in ``output_dir``: the model (safetensors) or the LoRA adapter, the tokenizer with
-its chat template, ``generation_config.json`` (eos, pad) and ``cml_training.json`` (what was
+its chat template, ``generation_config.json`` (eos, pad, ``max_new_tokens``) and ``cml_training.json`` (what was
 trained on what, for how long, final loss). Load any of them with :func:`load_trained`.
 
 Example (a few seconds on a CPU; the tests run the same):
@@ -63,6 +63,12 @@ logger = logging.getLogger(__name__)
 
 #: Name of the training record written next to the checkpoint.
 TRAINING_RECORD = "cml_training.json"
+
+#: ``max_new_tokens`` a trained checkpoint's ``generation_config.json`` sets, so that
+#: ``model.generate`` and ``AsyncLM.generate`` without one do not stop at transformers'
+#: model-agnostic 20 tokens. An answer with results quoted runs long: the simulator's reference
+#: traces of requests with four or five calls write up to ~470 tokens.
+GENERATION_MAX_NEW_TOKENS = 768
 #: Runtime settings every checkpoint this trainer writes is made for (``cml_training.json`` ->
 #: ``"runtime"``; ``AsyncLM.from_pretrained`` applies them): the simulator puts interrupts only
 #: between words or right after a block, so the model has never seen one inside a word; and its
@@ -331,6 +337,8 @@ def _set_generation_ids(model: Any, tokenizer: Any) -> None:
     gen.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
+    if gen.max_new_tokens is None:
+        gen.max_new_tokens = GENERATION_MAX_NEW_TOKENS
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
@@ -866,6 +874,10 @@ def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, devic
         if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(base, path)
+        if (path / "generation_config.json").is_file():  # the one saved with the adapter (eos, pad, budget)
+            from transformers import GenerationConfig
+
+            model.get_base_model().generation_config = GenerationConfig.from_pretrained(path)
         if merge:
             model = model.merge_and_unload()
     else:
@@ -875,6 +887,7 @@ def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, devic
 
 __all__ = [
     "GEMMA_GGUF_PACKAGE",
+    "GENERATION_MAX_NEW_TOKENS",
     "PRESETS",
     "TRAINING_RECORD",
     "TrainConfig",
