@@ -51,9 +51,10 @@ from urllib.parse import urlparse
 
 import click
 
+from hf_asynclm.prompting import CML_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS  # torch-free
+
 BACKENDS = ("local", "tgi", "openai")
 MODES = ("async", "sync", "sync-parallel")  # hf_asynclm.generation.MODES, without importing torch
-DEFAULT_MAX_NEW_TOKENS = 768  # what checkpoints made by hf-asynclm train set (answers with results run long)
 DEBUG_ENV = "HF_ASYNCLM_DEBUG"
 _PREVIEW_CHARS = 100
 

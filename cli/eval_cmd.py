@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .common import DEFAULT_MAX_NEW_TOKENS
+
 
 @click.command("eval")
 @click.option("--model", "model_path", default=None, help="Checkpoint folder or Hub repo id (default: the shipped cml-tiny).")
@@ -16,7 +18,7 @@ import click
 @click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
-    "--max-new-tokens", type=click.IntRange(min=1), default=768, show_default=True,
+    "--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
     help="Token budget of each task (tokens the model writes). Tasks that run out count as 'cut by token limit'.",
 )
 @click.option("--latency-scale", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="--clock wall: tools sleep their prompt latency times this.")

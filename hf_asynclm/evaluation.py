@@ -41,15 +41,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from .data.tasks import Task
+from .prompting import CML_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
-
-#: Default token budget of an evaluated generation (tokens the model writes; injected results do
-#: not count). The reference traces of the synthetic generator's parallel and mixed tasks write
-#: up to ~470 tokens (half of the mixed ones more than 256), BFCL cheat-sheet traces up to ~465:
-#: a budget below that cuts a right answer off and scores it as wrong. Each report counts the
-#: tasks that ran out of budget (``cut_by_token_limit``).
-EVAL_MAX_NEW_TOKENS = 768
 
 #: Error types of interrupts that mean the model broke the protocol or the schema.
 PROTOCOL_ERRORS = ("CMLSyntaxError", "CallParseError", "UnknownToolError", "ArgumentError", "InvalidIdError", "DuplicateIdError")
@@ -300,7 +294,7 @@ def evaluate_synthetic(
     tokenizer: Any,
     tasks: Sequence[Task],
     mode: str = "async",
-    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    max_new_tokens: int = CML_MAX_NEW_TOKENS,
     latency_scale: float = 0.1,
     progress: Callable[[int], None] | None = None,
     processors_for: Callable[[Task], list[Any]] | None = None,
@@ -402,7 +396,7 @@ def evaluate_bfcl(
     tokenizer: Any,
     tasks: Sequence[Task],
     mode: str = "async",
-    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    max_new_tokens: int = CML_MAX_NEW_TOKENS,
     latency_scale: float = 0.1,
     progress: Callable[[int], None] | None = None,
     processors_for: Callable[[Task], list[Any]] | None = None,

@@ -45,6 +45,15 @@ CML_CHAT_TEMPLATE = (
 # marker so that code can tell a CML-aware template: the template is tagged with the marker text
 CML_CHAT_TEMPLATE = "{#- CML: " + CALL + " -#}" + CML_CHAT_TEMPLATE
 
+#: Token budget of a CML answer (tokens the model writes; injected results do not count): what
+#: checkpoints made by ``hf-asynclm train`` set in ``generation_config.json`` (so that
+#: ``generate`` without ``max_new_tokens`` does not stop at transformers' 20 tokens), the CLI's
+#: ``--max-new-tokens`` and ``hf-asynclm eval``'s. An answer that quotes its results runs long:
+#: the simulator's reference traces of requests with four or five calls write up to ~470 tokens
+#: (half of the mixed ones more than 256), BFCL cheat-sheet traces up to ~465; a smaller budget
+#: cuts a right answer off.
+CML_MAX_NEW_TOKENS = 768
+
 
 def template_knows_cml(tokenizer: Any) -> bool:
     """True when the tokenizer's chat template renders tools for CML (mentions ``[CALL]``)."""
@@ -146,6 +155,7 @@ def build_prompt(
 
 __all__ = [
     "CML_CHAT_TEMPLATE",
+    "CML_MAX_NEW_TOKENS",
     "build_prompt",
     "cml_system_prompt",
     "describe_tool",

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hf_asynclm.data.simulate import simulate
 from hf_asynclm.data.synthetic import generate_tasks
 from hf_asynclm.evaluation import evaluate_synthetic, format_report, score_synthetic
-from hf_asynclm.prompting import CML_CHAT_TEMPLATE
+from hf_asynclm.prompting import CML_CHAT_TEMPLATE, CML_MAX_NEW_TOKENS
 from hf_asynclm.testing import ScriptedPolicy, tiny_llama, tiny_tokenizer
 
 
@@ -153,7 +153,6 @@ def test_the_default_budget_fits_every_reference_answer():
     traces write for held-out parallel and mixed tasks (counted with the shipped tokenizer), so a
     right answer is never cut off; 256, the old default, was not (many mixed answers are longer)."""
     from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
-    from hf_asynclm.evaluation import EVAL_MAX_NEW_TOKENS
     from hf_asynclm_cli.eval_cmd import eval_command
     from transformers import AutoTokenizer
 
@@ -163,18 +162,18 @@ def test_the_default_budget_fits_every_reference_answer():
     for i, task in enumerate(tasks):
         trace = simulate(task, "async", seed=i, tokenizer=tok, interrupt_at="sentence")
         written.append(sum(len(tok(s["text"], add_special_tokens=False).input_ids) for s in trace["segments"] if s["role"] == "model"))
-    assert max(written) < EVAL_MAX_NEW_TOKENS, max(written)
+    assert max(written) < CML_MAX_NEW_TOKENS, max(written)
     assert sum(w > 256 for w in written) > len(written) // 10
     default = next(p.default for p in eval_command.params if p.name == "max_new_tokens")
-    assert default == EVAL_MAX_NEW_TOKENS
-    # and what a user gets without asking: the CLI's run/chat default and the checkpoints' own budget
-    from hf_asynclm.training.train import GENERATION_MAX_NEW_TOKENS
-    from hf_asynclm_cli.common import DEFAULT_MAX_NEW_TOKENS
+    assert default == CML_MAX_NEW_TOKENS
+    # and what a user gets without asking: the CLI's run/chat default and the shipped checkpoints' own budget
+    from hf_asynclm_cli.run_cmd import run
 
-    assert DEFAULT_MAX_NEW_TOKENS == GENERATION_MAX_NEW_TOKENS == EVAL_MAX_NEW_TOKENS
+    run_default = next(p.default for p in run.params if p.name == "max_new_tokens")
+    assert run_default == CML_MAX_NEW_TOKENS
     for name in ("cml-tiny", "gemma-3-270m-cml"):
         config = json.loads((DEFAULT_CHECKPOINT.parent / name / "generation_config.json").read_text())
-        assert config["max_new_tokens"] == GENERATION_MAX_NEW_TOKENS, name
+        assert config["max_new_tokens"] == CML_MAX_NEW_TOKENS, name
 
 
 def test_a_report_counts_the_tasks_that_ran_out_of_tokens():

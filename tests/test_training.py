@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hf_asynclm.cml import MARKERS, marker_token_ids  # noqa: E402
-from hf_asynclm.prompting import CML_CHAT_TEMPLATE  # noqa: E402
+from hf_asynclm.prompting import CML_CHAT_TEMPLATE, CML_MAX_NEW_TOKENS  # noqa: E402
 from hf_asynclm.testing import tiny_llama, tiny_tokenizer  # noqa: E402
 from hf_asynclm.training import (  # noqa: E402
     IGNORE_INDEX,
@@ -30,7 +30,6 @@ from hf_asynclm.training import (  # noqa: E402
 from hf_asynclm.training.dataset import summarize_meta  # noqa: E402
 from hf_asynclm.training.tokenizer import ROLE_TAGS  # noqa: E402
 from hf_asynclm.training.train import (  # noqa: E402
-    GENERATION_MAX_NEW_TOKENS,
     TRAINING_RECORD,
     _make_trainer_class,
     _training_arguments,
@@ -293,7 +292,7 @@ def test_scratch_training_lowers_loss_and_saves_a_loadable_checkpoint(scratch_ru
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.generation_config.pad_token_id == tok.pad_token_id
     # a budget of its own, not transformers' 20 tokens: a CML answer with results quoted runs long
-    assert model.generation_config.max_new_tokens == GENERATION_MAX_NEW_TOKENS
+    assert model.generation_config.max_new_tokens == CML_MAX_NEW_TOKENS
     prompt = tok.apply_chat_template(EXAMPLES[0]["messages"], tools=EXAMPLES[0]["tools"], add_generation_prompt=True, tokenize=False)
     inputs = tok(prompt, add_special_tokens=False, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -372,7 +371,7 @@ def test_lora_fine_tuning_trains_marker_rows_and_reloads(tiny_base, data_file, t
     assert isinstance(model, PeftModel) and tok.chat_template == CML_CHAT_TEMPLATE
     # the generation config saved with the adapter applies, not the base's (which sets no budget)
     assert AutoModelForCausalLM.from_pretrained(tiny_base).generation_config.max_new_tokens is None
-    assert model.get_base_model().generation_config.max_new_tokens == GENERATION_MAX_NEW_TOKENS
+    assert model.get_base_model().generation_config.max_new_tokens == CML_MAX_NEW_TOKENS
     emb = model.get_input_embeddings()
     ids = torch.tensor([markers])
     assert torch.allclose(emb(ids)[0], adapter[delta_key], atol=1e-6)

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 from ..call_grammar import check_constrain_calls, check_no_repeat_calls
 from ..generation import check_interrupt_at
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
-from ..prompting import CML_CHAT_TEMPLATE, template_knows_cml
+from ..prompting import CML_CHAT_TEMPLATE, CML_MAX_NEW_TOKENS, template_knows_cml
 from .dataset import (
     IGNORE_INDEX,
     CMLCollator,
@@ -63,12 +63,6 @@ logger = logging.getLogger(__name__)
 
 #: Name of the training record written next to the checkpoint.
 TRAINING_RECORD = "cml_training.json"
-
-#: ``max_new_tokens`` a trained checkpoint's ``generation_config.json`` sets, so that
-#: ``model.generate`` and ``AsyncLM.generate`` without one do not stop at transformers'
-#: model-agnostic 20 tokens. An answer with results quoted runs long: the simulator's reference
-#: traces of requests with four or five calls write up to ~470 tokens.
-GENERATION_MAX_NEW_TOKENS = 768
 #: Runtime settings every checkpoint this trainer writes is made for (``cml_training.json`` ->
 #: ``"runtime"``; ``AsyncLM.from_pretrained`` applies them): the simulator puts interrupts only
 #: between words or right after a block, so the model has never seen one inside a word; and its
@@ -338,7 +332,7 @@ def _set_generation_ids(model: Any, tokenizer: Any) -> None:
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
     if gen.max_new_tokens is None:
-        gen.max_new_tokens = GENERATION_MAX_NEW_TOKENS
+        gen.max_new_tokens = CML_MAX_NEW_TOKENS
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
@@ -887,7 +881,6 @@ def load_trained(path: str | Path, dtype: Any = None, merge: bool = False, devic
 
 __all__ = [
     "GEMMA_GGUF_PACKAGE",
-    "GENERATION_MAX_NEW_TOKENS",
     "PRESETS",
     "TRAINING_RECORD",
     "TrainConfig",
