@@ -226,10 +226,11 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--call-timeout", type=click.FloatRange(min=0.0, min_open=True), default=30.0, show_default=True, help="Seconds before a running call becomes an error result."),
         click.option(
             "--interrupt-at",
-            type=click.Choice(["token", "word", "sentence"]),
+            type=click.Choice(["token", "word", "sentence", "sentence-eager"]),
             default=None,
             help="Local backend: where results go in: any safe point (token), or only where a word starts and right after a block "
-            "(word), or paced, one at a time after a block or a sentence end (sentence, for models trained on paced traces). "
+            "(word), or paced, one at a time after a burst of calls or a sentence end (sentence, for models trained on paced traces; "
+            "sentence-eager: also between two calls, the rule before 2026-12-02). "
             "Default: what the checkpoint records (word or sentence for checkpoints made by hf-asynclm train), else token.",
         ),
         click.option(

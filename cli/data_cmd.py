@@ -200,10 +200,11 @@ task gives one trace per mode.
     help="BFCL: seed of the train/eval split (the one `hf-asynclm eval` and `bench` hold out; keep it fixed across --seed).",
 )
 @click.option(
-    "--interrupt-at", type=click.Choice(["word", "sentence"]), default="word", show_default=True,
+    "--interrupt-at", type=click.Choice(["word", "sentence", "sentence-eager"]), default="word", show_default=True,
     help="Async traces: where results go in. word: every ready result at the first word boundary or "
-    "block end; sentence: paced, one at a time, after a block or a sentence end, each answered before "
-    "the next (the runtime's interrupt_at='sentence').",
+    "block end; sentence: paced, one at a time, after a burst of calls or a sentence end, each answered "
+    "before the next (the runtime's interrupt_at='sentence'); sentence-eager: paced, but a result may also "
+    "go in between two calls (traces written before 2026-12-02).",
 )
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")

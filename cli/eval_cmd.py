@@ -31,9 +31,10 @@ from .common import DEFAULT_MAX_NEW_TOKENS
 @click.option("--tpot-ms", default="5,30", show_default=True, metavar="LOW,HIGH",
               help="--clock virtual: simulated time per token, drawn per task from this range (ms).")
 @click.option(
-    "--interrupt-at", type=click.Choice(["token", "word", "sentence"]), default=None,
+    "--interrupt-at", type=click.Choice(["token", "word", "sentence", "sentence-eager"]), default=None,
     help="Where results go in: any safe point (token), only at word boundaries and after blocks (word), or paced, "
-    "one at a time after a block or a sentence end (sentence). "
+    "one at a time after a burst of calls or a sentence end (sentence; sentence-eager: also between two calls, "
+    "the rule before 2026-12-02). "
     "Default: what the checkpoint records (word or sentence for checkpoints made by hf-asynclm train), else token.",
 )
 @click.option(

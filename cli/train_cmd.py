@@ -59,7 +59,7 @@ Examples:
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint in --out.")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete earlier checkpoints in --out and start over.")
-@click.option("--interrupt-at", type=click.Choice(["token", "word", "sentence"]), default=None,
+@click.option("--interrupt-at", type=click.Choice(["token", "word", "sentence", "sentence-eager"]), default=None,
               help="What the checkpoint records for where the runtime puts results: word, or sentence for a model "
               "trained on paced traces (hf-asynclm data build --interrupt-at sentence) [word].")
 @click.option("--constrain-calls", type=click.Choice(["off", "schema", "grounded"]), default=None,

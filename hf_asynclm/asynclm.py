@@ -225,8 +225,10 @@ class AsyncLM(SessionControl):
         interrupt_at: where results may go in: ``"token"`` (any safe point, the paper's rule)
             or ``"word"`` (right after a block, else only where a word starts: small CML models
             trained on the simulator's traces keep their sentence) or ``"sentence"`` (paced: one
-            result at a time, after a block or a sentence end, each answered before the next; for
-            models trained on paced traces); see :mod:`hf_asynclm.generation`.
+            result at a time, after a burst of calls or a sentence end, each answered before the
+            next; for models trained on paced traces) or ``"sentence-eager"`` (paced, but a result
+            may also go in between two calls: the rule before 2026-12-02); see
+            :mod:`hf_asynclm.generation`.
         max_cml_errors: stop after this many malformed CML blocks in a row (a model looping on
             broken CML; ``stop_reason="cml_errors"``); ``None`` never stops for that.
         constrain_calls: constrained decoding of call blocks (:mod:`hf_asynclm.call_grammar`):

@@ -130,6 +130,32 @@ class CacheDriver:
             self.cache = new_cache
         return out.logits[:, -1, :].to(dtype=torch.float32)
 
+    def can_rollback(self, n: int = 1) -> bool:
+        """Whether :meth:`rollback` can take the last ``n`` tokens back out exactly: every layer
+        of the cache can crop, and no sliding-window layer is so full that it has already
+        dropped what it would have to restore."""
+        layers = getattr(self.cache, "layers", None)
+        if not layers or self.seq_length < n:
+            return False
+        for layer in layers:
+            if not hasattr(layer, "crop"):
+                return False
+            window = getattr(layer, "sliding_window", None)
+            if window is not None and layer.get_seq_length() + n >= int(window) - 1:
+                return False
+        return True
+
+    def rollback(self, n: int) -> None:
+        """Take the last ``n`` tokens fed back out of the cache (a look-ahead not taken): the next
+        :meth:`forward` continues as if they had never been fed. Raises ``ValueError`` where
+        :meth:`can_rollback` says no (nothing is changed then)."""
+        if n <= 0:
+            return
+        if not self.can_rollback(n):
+            raise ValueError(f"this cache cannot take back its last {n} token(s) ({type(self.cache).__name__})")
+        self.cache.crop(-n)
+        self.next_position -= n
+
     # trap-time policy -------------------------------------------------------------------------
     def offload(self) -> None:
         """Move the cache tensors to CPU memory (no-op on CPU models)."""

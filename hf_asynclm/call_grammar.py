@@ -16,7 +16,8 @@ TGI, vLLM or llama.cpp, specialised to CML and the tools' JSON schemas):
 
 With ``constrain_calls="grounded"`` every string and number in the arguments must also be copied
 from the conversation so far (prompt, tools, the model's own text and the results before the
-block) or from the tools' schemas (descriptions, defaults): the value has to appear there
+block; not the CML markers themselves: no value is ``"CALL"`` for having seen ``[CALL]``) or from
+the tools' schemas (descriptions, defaults): the value has to appear there
 whole, starting and ending where a word (a number) starts and ends, so that ``"Bankrupt"`` does
 not stand for ``"Bankruptcy"`` nor ``1000`` for ``1000000000.0``. ``True``/``False``/``None``,
 ``enum`` values and references to earlier calls need no copy. It is for tasks whose values are
@@ -68,7 +69,7 @@ from typing import Any, Iterable, Literal, Mapping, NoReturn, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from .cml import marker_token_ids
+from .cml import MARKERS, marker_token_ids
 from .executor.executor import RESERVED_IDS
 from .executor.parsing import CallParseError, Ref, parse_call
 from .executor.registry import _TYPE_ALIASES
@@ -157,6 +158,8 @@ def _function_schema(schema: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 _DOC_KEYS = ("description", "default", "examples", "title")
+#: The markers' text in a decoded context (``constrain_calls="grounded"`` copies no value from it).
+_MARKER_TEXT = re.compile("|".join(re.escape(m) for m in MARKERS))
 
 
 def _documentation(value: Any, documenting: bool = False) -> list[str]:
@@ -754,7 +757,9 @@ class CallGrammarProcessor(LogitsProcessor):
             return self._context[2]
         grounding = None
         if self.grounded:
-            grounding = f"{self.tokenizer.decode(ids[:start], skip_special_tokens=False)}\n{self._schema_text}"
+            # the CML markers are the protocol's syntax, never a value to copy ("CALL", "END")
+            context = _MARKER_TEXT.sub("\n", self.tokenizer.decode(ids[:start], skip_special_tokens=False))
+            grounding = f"{context}\n{self._schema_text}"
         call_ids, bodies = self._blocks_before(ids, start, with_bodies=self.no_repeat)
         earlier: list[tuple[str, dict[str, Any]]] = []
         for body in bodies:

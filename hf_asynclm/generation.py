@@ -29,7 +29,17 @@ wherever the model is).
 word starts after a sentence end (``.``, ``?``, ``!``), and only once the model has ended a
 sentence or written a trap since the previous one went in (a trap always takes the next one).
 The model answers each result before the next arrives, so the result it quotes is the nearest
-one: the easiest lookup for a small model. Held at most ``SENTENCE_WAIT_MAX_TOKENS`` tokens, then it
+one: the easiest lookup for a small model. Nor does a result break into a **burst of calls**: at
+the end of a call block with a result ready, the loop looks one or two tokens ahead (the model's
+most likely next token, after a whitespace token if that comes first); while the model goes on
+with another ``[CALL]``, the result waits, and it goes in right after the ``[END]`` of the burst's
+last call (the whitespace token looked at is taken back out of the cache first; a cache that
+cannot take it back, e.g. a sliding-window layer already full, gets the result at once instead).
+A small model then writes the calls of a list in one go and does not lose its place in it; the
+price is that a call the held result makes possible comes after the burst, not inside it.
+``"sentence-eager"`` is the paced rule without that hold (a result may go in between two calls):
+the rule before 2026-12-02, which the shipped cml-tiny's training traces follow; kept to compare
+and to rebuild those traces. Held at most ``SENTENCE_WAIT_MAX_TOKENS`` tokens, then it
 goes in where the next word starts (or, in a word longer than ``WORD_WAIT_MAX_TOKENS`` tokens, inside it).
 Async mode only: in ``sync`` and ``sync-parallel`` mode results go in where the model waits for
 them (as in the simulator's sync traces), with the ``"word"`` rule.
@@ -60,8 +70,8 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["async", "sync", "sync-parallel"]
 MODES: tuple[str, ...] = ("async", "sync", "sync-parallel")
-InterruptAt = Literal["token", "word", "sentence"]
-INTERRUPT_AT: tuple[str, ...] = ("token", "word", "sentence")
+InterruptAt = Literal["token", "word", "sentence", "sentence-eager"]
+INTERRUPT_AT: tuple[str, ...] = ("token", "word", "sentence", "sentence-eager")
 #: ``interrupt_at="word"``: ready interrupts held back this many tokens go in at the next safe point
 WORD_WAIT_MAX_TOKENS = 24
 
@@ -82,6 +92,9 @@ class GenerationStats:
         resampled_tokens: ``interrupt_at="word"``: sampled tokens dropped because interrupts went
             in before them (the model chose again having read them).
         injected_tokens: interrupt tokens the runtime fed.
+        burst_holds: ``interrupt_at="sentence"``: call blocks after which ready results waited
+            because the model went on with another call (one look-ahead forward pass each, two
+            where a whitespace token comes before the ``[CALL]``).
         interrupts: interrupts injected.
         trap_wait_s: time decoding was paused in traps (and draining at EOS).
         sync_wait_s: time spent blocked on calls in ``sync`` / ``sync-parallel`` mode.
@@ -96,6 +109,7 @@ class GenerationStats:
     generated_tokens: int = 0
     resampled_tokens: int = 0
     injected_tokens: int = 0
+    burst_holds: int = 0
     interrupts: int = 0
     trap_wait_s: float = 0.0
     sync_wait_s: float = 0.0
@@ -487,9 +501,10 @@ def cml_decode_loop(
     do_sample = bool(getattr(generation_config, "do_sample", False))
     device = input_ids.device
 
-    word_boundaries = session.interrupt_at in ("word", "sentence")
+    word_boundaries = session.interrupt_at in ("word", "sentence", "sentence-eager")
     # paced delivery is for async mode: sync modes inject each result (or wave) where they wait for it
-    sentences = session.interrupt_at == "sentence" and session.mode == "async"
+    sentences = session.interrupt_at in ("sentence", "sentence-eager") and session.mode == "async"
+    hold_bursts = sentences and session.interrupt_at == "sentence"  # results wait for the end of a burst of calls
     sentence_open = False  # sentence mode: visible text since the last block or sentence end
     may_deliver = True  # sentence mode: no interrupt delivered since the last sentence end or trap
     per_delivery = 1 if sentences else None  # sentence mode: one interrupt at a time
@@ -499,6 +514,9 @@ def cml_decode_loop(
     virtual_clock = getattr(session.executor, "virtual_clock", None)  # simulated time: tokens move it
     held = False  # word mode: at a safe point with interrupts held back until a word starts
     held_for = 0  # tokens the ready interrupts have been held back
+    in_burst = False  # sentence mode: the model is writing a burst of calls; results wait for its end
+    held_after_call = False  # sentence mode: held right after a call block's [END]
+    call_token = monitor.markers.call
 
     try:
         logits = driver.forward(input_ids[:, past:])
@@ -542,7 +560,16 @@ def cml_decode_loop(
                 and monitor.starts_word(token)
                 and (not sentences or held_for >= wait_max or (may_deliver and not sentence_open))
             ):
-                interrupts = session.take_interrupts(per_delivery)
+                if in_burst and token == call_token:
+                    interrupts = []  # the burst goes on: the results wait for its end
+                elif hold_bursts and held_after_call and session.executor.has_ready() and _continues_with_call(
+                    driver, input_ids, token, logits_processor, call_token, tokenizer
+                ):
+                    interrupts = []  # results that came while [END] was written wait for the burst too
+                    in_burst = True
+                    stats.burst_holds += 1
+                else:
+                    interrupts = session.take_interrupts(per_delivery)
                 if interrupts:
                     # a word starts: the interrupts go in here, and the model picks the word again
                     # having read them (the token sampled without them is dropped)
@@ -557,6 +584,7 @@ def cml_decode_loop(
                     logits = driver.forward(feed)
                     continue
             held = False
+            held_after_call = False
 
             input_ids = torch.cat([input_ids, token_t], dim=-1)
             cml_events = monitor.feed_token(token)
@@ -564,6 +592,8 @@ def cml_decode_loop(
             if streamer is not None:
                 streamer.put(token_t[0].cpu())
             for event in cml_events:
+                if isinstance(event, Block) and event.kind != "call" or isinstance(event, TextEvent) and event.text.strip():
+                    in_burst = False  # sentence mode: the model is writing a burst of calls; results wait for its end
                 if isinstance(event, Block):
                     session.handle_block(event, driver)
                     sentence_open = False
@@ -597,18 +627,37 @@ def cml_decode_loop(
                     held = True
                     held_for = held_for + 1 if session.executor.has_ready() else 0
                 else:
+                    if (
+                        hold_bursts
+                        and session.executor.has_ready()
+                        and any(isinstance(e, Block) and e.kind == "call" for e in cml_events)
+                    ):
+                        # paced, at the end of a call: while the model goes on writing calls (a
+                        # burst: the calls it could write before), the ready results wait for its end
+                        logits = driver.forward(feed)
+                        scores = logits_processor(input_ids, logits) if logits_processor is not None else logits
+                        if _continues_with_call(
+                            driver, input_ids, int(torch.argmax(scores, dim=-1)[0]), logits_processor, call_token, tokenizer
+                        ):
+                            in_burst = True
+                            stats.burst_holds += 1
+                            continue
+                        feed = None  # fed: the interrupts go in right after it
                     interrupts = session.take_interrupts(per_delivery)
                     if interrupts:
                         input_ids, extra = _append_interrupts(session, recorder, streamer, input_ids, interrupts)
-                        feed = torch.cat([feed, extra], dim=-1)
+                        feed = extra if feed is None else torch.cat([feed, extra], dim=-1)
                         monitor.reset_context()
                         may_deliver = False
                     elif sentences:
                         # sentence mode, right after a block, nothing ready yet: one that becomes ready
-                        # by the next token still goes in before it (its traces: "[END][INTR] ...")
+                        # by the next token still goes in before it (its traces: "[END][INTR] ..."),
+                        # unless that token goes on with another call
                         held = True
+                        held_after_call = any(isinstance(e, Block) and e.kind == "call" for e in cml_events)
                     held_for = 0
-            logits = driver.forward(feed)
+            if feed is not None:
+                logits = driver.forward(feed)
     finally:
         stats.forward_passes = driver.forward_calls
         flushed = monitor.flush()
@@ -623,6 +672,25 @@ def cml_decode_loop(
         session.sequences = input_ids
         session.finished.set()
     return _output(generation_config, input_ids, scores_out, driver.cache)
+
+
+def _continues_with_call(
+    driver: CacheDriver, input_ids: torch.Tensor, token: int, logits_processor: Any, call_token: int | None, tokenizer: Any
+) -> bool:
+    """Paced delivery's look-ahead at the end of a call block: whether the model goes on with
+    another call. ``token`` is its next token (chosen, not yet fed): ``[CALL]`` itself, or a
+    whitespace token after which ``[CALL]`` is the most likely token. To see that, the whitespace
+    token is fed and then taken back out of the cache; where the cache cannot take it back (a
+    sliding-window layer about to drop old tokens), the answer is no."""
+    if token == call_token:
+        return True
+    if call_token is None or tokenizer.decode([token], skip_special_tokens=False).strip() or not driver.can_rollback(2):
+        return False
+    ahead = torch.cat([input_ids, torch.tensor([[token]], dtype=input_ids.dtype, device=input_ids.device)], dim=-1)
+    logits = driver.forward(ahead[:, -1:])
+    scores = logits_processor(ahead, logits) if logits_processor is not None else logits
+    driver.rollback(1)
+    return int(torch.argmax(scores, dim=-1)[0]) == call_token
 
 
 def _append_interrupts(

@@ -307,7 +307,7 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     - ``tags`` (list of str): extra Hub tags.
     - ``runtime`` (dict): settings the checkpoint was trained for, which
       :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
-      otherwise: ``interrupt_at`` (``"token"``, ``"word"`` or ``"sentence"``), ``constrain_calls``
+      otherwise: ``interrupt_at`` (``"token"``, ``"word"``, ``"sentence"`` or ``"sentence-eager"``), ``constrain_calls``
       (``"off"``, ``"schema"`` or ``"grounded"``) and ``no_repeat_calls`` (bool); the trainer
       writes ``"word"`` (``"sentence"`` when asked, for paced traces) and ``"schema"`` (and
       ``no_repeat_calls`` when asked), see

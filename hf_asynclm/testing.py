@@ -123,7 +123,9 @@ class ScriptedPolicy:
     tokens); after the last token it forces EOS. The runtime's injections do not disturb it:
     it moves on once the token it forced is in the sequence; a token the runtime dropped to put
     interrupts before a word is forced again, while a dropped EOS (the runtime waits for owed
-    results instead of ending) counts as written, so the script goes on after it. Used by tests and by the oracle benchmark policy to
+    results instead of ending) counts as written, so the script goes on after it. A token the
+    sequence showed and no longer shows (the runtime looked a token ahead and took it back) is
+    forced again. Used by tests and by the oracle benchmark policy to
     drive a real model's forward passes with a known CML schedule.
 
     Example:
@@ -151,14 +153,27 @@ class ScriptedPolicy:
         self.eos_token_id = tokenizer.eos_token_id
         self.position = 0
         self._forced_at: tuple[int, int] | None = None  # (index it would take, token) of the last forced token
+        # each step on that was taken because the forced token was seen in the sequence: (its
+        # index, the token, the position before); undone when the sequence no longer shows it (the
+        # runtime looked a token ahead and took it back)
+        self._kept: list[tuple[int, int, int]] = []
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
+        while self._kept:
+            at, token, before = self._kept[-1]
+            if input_ids.shape[1] > at and int(input_ids[0, at]) == token:
+                break
+            self._kept.pop()
+            self.position = before
         if self._forced_at is not None:
             at, previous = self._forced_at
-            if previous == self.eos_token_id or (input_ids.shape[1] > at and int(input_ids[0, at]) == previous):
-                self.position += 1  # kept (or an EOS the runtime drained): on to the next one
+            if previous == self.eos_token_id:
+                self.position += 1  # an EOS the runtime drained: on to the next one
+            elif input_ids.shape[1] > at and int(input_ids[0, at]) == previous:
+                self._kept.append((at, previous, self.position))
+                self.position += 1  # kept: on to the next one
         target = self.tokens[min(self.position, len(self.tokens) - 1)]
         self._forced_at = (input_ids.shape[1], target)
         forced = torch.full_like(scores, -float("inf"))

@@ -737,3 +737,20 @@ def test_grounded_calls_finish_the_name_they_copy() -> None:
     assert status('get_weather(city="San"', grounding=ctx) == "INVALID"
     assert status('get_weather(city="San F', grounding=ctx) == "PREFIX"
     assert status('get_weather(city="San Francisco")', grounding=ctx) == "COMPLETE"
+
+
+def test_grounded_values_are_never_copied_from_the_cml_markers() -> None:
+    """``[CALL]`` in the context is the protocol's syntax: ``city="CALL"`` is no copy of it (a
+    small model that lost its place in a list wrote ``flight_status(code="CALL")``); the same word
+    in the conversation's text still is."""
+    tok = tiny_tokenizer()
+    proc = CallGrammarProcessor(tok, [WEATHER], grounded=True)
+    quote = tok.encode('"', add_special_tokens=False)[0]
+    prompt = tok.encode('Weather in Oslo? [CALL] w1 [HEAD] get_weather(city="Oslo") [END] [CALL] w2 [HEAD]', add_special_tokens=False)
+    proc(torch.tensor([prompt]), torch.zeros(1, len(tok)))
+    for word in ("CALL", "HEAD", "END"):
+        assert not proc.allowed(prompt + tok.encode(f' get_weather(city="{word}', add_special_tokens=False), quote), word
+    assert proc.allowed(prompt + tok.encode(' get_weather(city="Oslo', add_special_tokens=False), quote)
+    said = tok.encode('Weather in END, the town? [CALL] w1 [HEAD]', add_special_tokens=False)
+    proc(torch.tensor([said]), torch.zeros(1, len(tok)))
+    assert proc.allowed(said + tok.encode(' get_weather(city="END', add_special_tokens=False), quote)

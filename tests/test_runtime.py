@@ -760,6 +760,72 @@ def test_sentence_mode_a_trap_takes_the_next_result_and_the_wait_is_bounded():
         assert len(before.split("[END]")[-1].split()) <= SENTENCE_WAIT_MAX_TOKENS + 4
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_cache_driver_takes_tokens_back_exactly(family):
+    from hf_asynclm.cache_inject import CacheDriver
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok) if family == "llama" else tiny_gemma3(tok, sliding_window=40)
+    ids = torch.tensor([tok.encode("Look up the key alpha", add_special_tokens=False)])
+    a, b = tok.encode(" beta", add_special_tokens=False)[0], tok.encode(" gamma", add_special_tokens=False)[0]
+    straight = CacheDriver(model)
+    straight.forward(ids)
+    expected = straight.forward(torch.tensor([[b]]))
+    driver = CacheDriver(model)
+    driver.forward(ids)
+    assert driver.can_rollback(1)
+    driver.forward(torch.tensor([[a]]))  # looked at, then taken back
+    driver.rollback(1)
+    assert driver.seq_length == ids.shape[1]
+    torch.testing.assert_close(driver.forward(torch.tensor([[b]])), expected)
+    # a sliding window about to drop old tokens cannot give them back: it says so, and refuses
+    if family == "gemma3":
+        driver.forward(torch.tensor([tok.encode(" and more words to fill the window", add_special_tokens=False)]))
+        assert not driver.can_rollback(1)
+        with pytest.raises(ValueError, match="cannot take back"):
+            driver.rollback(1)
+
+
+def test_sentence_mode_holds_results_until_a_burst_of_calls_ends():
+    # every result is ready long before the next call is written: still, none breaks into the
+    # burst; the first goes in right after the last call's [END], where the model turns to text
+    r = _paced_run(PACED, max_new_tokens=600)
+    raw = r.raw_text
+    assert 'key="alpha") [END] [CALL] a2' in raw and 'key="beta") [END] [CALL] a3' in raw
+    assert 'key="gamma") [END][INTR] a1 [HEAD]' in raw
+    assert r.stats.burst_holds == 2 and [c.status for c in r.calls] == ["done"] * 3
+    # the script is whole: the look-ahead took back the token it looked at
+    assert "".join(p for p, _ in _interrupt_neighbours(raw + "[INTR] x [HEAD] y [END]")) == "".join(PACED)
+    # a result that makes no call wait: a call after text is not a burst
+    script = [PACED[0], " Now a sentence.", PACED[1], " Fine.", " Done!"]
+    r = _paced_run(script, max_new_tokens=400)
+    assert r.raw_text.index("[INTR] a1") < r.raw_text.index("Now a sentence.") and r.stats.burst_holds == 0
+
+
+def test_sentence_eager_lets_a_result_into_a_burst():
+    from hf_asynclm import VirtualClock
+
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), interrupt_at="sentence-eager")
+    r = run_script(alm, PACED, virtual_clock=VirtualClock(0.01, lambda name, args: 0.001), max_new_tokens=600)
+    assert 'key="alpha") [END][INTR] a1 [HEAD]' in r.raw_text and r.stats.burst_holds == 0
+    assert [i.call_id for i in r.interrupts] == ["a1", "a2", "a3"]
+    assert " ".join("".join(PACED[3:]).split()) == " ".join(r.text.split())
+
+
+def test_sentence_mode_burst_hold_needs_a_cache_that_can_take_a_token_back():
+    # Gemma 3 with a full 8-token sliding window cannot crop: the result goes in at once, as before
+    from hf_asynclm import VirtualClock
+    from hf_asynclm.testing import tiny_gemma3
+
+    tok = tiny_tokenizer()
+    alm = AsyncLM(tiny_gemma3(tok, sliding_window=8), tok, tools=make_tools(0.0), interrupt_at="sentence")
+    r = run_script(alm, PACED, virtual_clock=VirtualClock(0.01, lambda name, args: 0.001), max_new_tokens=600)
+    assert r.stats.stop_reason == "eos" and r.stats.burst_holds == 0
+    assert 'key="alpha") [END][INTR] a1 [HEAD]' in r.raw_text
+    assert " ".join("".join(PACED[3:]).split()) == " ".join(r.text.split())
+
+
 @pytest.mark.parametrize("mode", ["sync", "sync-parallel"])
 def test_sentence_mode_paces_only_async(mode):
     # sync modes wait for their results and take them where they waited, as their traces show

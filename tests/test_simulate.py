@@ -713,3 +713,60 @@ def test_cli_build_paced(tmp_path):
     assert lines and all(ex["meta"]["interrupt_at"] == "sentence" and sim.check_trace(ex) == [] for ex in lines)
     bad = CliRunner().invoke(_data_cli(), ["build", "--out", str(tmp_path / "q.jsonl"), "--interrupt-at", "comma"])
     assert bad.exit_code == 2 and "--interrupt-at" in bad.output
+
+
+def test_paced_results_wait_for_the_end_of_a_burst_of_calls(tasks):
+    """Paced traces: after a call, while another call is writable, the model writes it before any
+    result goes in (a small model writes a list in one go), though results are often ready."""
+    held = 0
+    for t in tasks:
+        ex = sim.simulate(t, "async", seed=0, interrupt_at="sentence")
+        segs = ex["segments"]
+        for k in range(1, len(segs) - 1):
+            if segs[k]["role"] != "inject" or not segs[k - 1]["text"].endswith("[END]"):
+                continue
+            nxt = parse_blocks(segs[k + 1]["text"].split("[END]")[0] + "[END]")
+            if nxt and nxt[0].kind == "call":  # a call right after a result: the result made it writable
+                assert parse_blocks(segs[k]["text"])[0].call_id in ex["meta"]["depends_on"][nxt[0].call_id], t.task_id
+        m = ex["meta"]
+        # a result ready before a call of the burst was written, going in only after it
+        held += any(
+            m["done_ms"][r] < m["start_ms"][c] <= m["inject_ms"][r] and r not in m["depends_on"][c]
+            for r in m["inject_ms"] if r in m["done_ms"] for c in m["start_ms"]
+        )
+    assert held > 20
+
+
+def test_check_trace_catches_a_result_inside_a_burst(tasks):
+    """Moving a result in between two calls of a burst is a violation of the paced rules."""
+    caught = 0
+    for t in tasks:
+        ex = sim.simulate(t, "async", seed=0, interrupt_at="sentence")
+        segs = ex["segments"]
+        first = segs[0]["text"] if segs and segs[0]["role"] == "model" else ""
+        if first.count("[CALL]") < 2 or len(segs) < 2 or segs[1]["role"] != "inject":
+            continue
+        cut = first.index("[END]") + len("[END]")
+        broken = [{"role": "model", "text": first[:cut]}, segs[1], {"role": "model", "text": first[cut:]}, *segs[2:]]
+        # the moved result must come before its new place: keep only traces where it would be a burst break
+        bad = dict(ex, segments=[s for s in broken if s["text"]])
+        violations = sim.check_trace(bad)
+        assert any(v.startswith("burst:") for v in violations), (t.task_id, violations)
+        caught += 1
+    assert caught > 10
+
+
+def test_sentence_eager_traces_are_the_paced_rule_without_the_burst_hold(tasks):
+    """``sentence-eager`` (the paced traces written before 2026-12-02): the same rules, checked,
+    except that a result may go in between two calls; on some tasks it does."""
+    differ = 0
+    for t in tasks:
+        eager = sim.simulate(t, "async", seed=0, interrupt_at="sentence-eager")
+        assert sim.check_trace(eager) == [], (t.task_id, sim.check_trace(eager))
+        assert eager["meta"]["interrupt_at"] == "sentence-eager"
+        held = sim.simulate(t, "async", seed=0, interrupt_at="sentence")
+        if eager["segments"] != held["segments"]:
+            differ += 1
+            # judged by the newer rule, the eager trace breaks a burst
+            assert any(v.startswith("burst:") for v in sim.check_trace(dict(eager, meta={**eager["meta"], "interrupt_at": "sentence"})))
+    assert differ > 5

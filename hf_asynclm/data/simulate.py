@@ -19,7 +19,10 @@ between. Three modes, from the same sampled timings so that they compare fairly:
     block's ``[END]`` or after a word that ends a sentence, and only once the model has ended a
     sentence (or written a trap) since the previous one; after each, the model writes the calls
     it can (LPT), then the sentence of that result. The sentence's result is then always the
-    nearest one in context (the runtime's ``interrupt_at="sentence"`` follows the same rule).
+    nearest one in context. Nor does a result go in inside a **burst of calls**: after a call's
+    ``[END]``, while another call is writable, the model writes it first; the result goes in after
+    the burst's last call (the runtime's ``interrupt_at="sentence"`` follows the same rules: it
+    looks ahead at the model's next token).
 ``sync``
     Calls one by one (same LPT-topological order); after each call's ``[END]`` the model waits
     for its result, which is injected right there. The answer comes after the last result.
@@ -123,7 +126,7 @@ _EPS = 1e-6
 #: or ``"sentence"`` for paced traces (the runtime's ``interrupt_at="sentence"`` follows the same
 #: rule): one result at a time, right after a block's ``[END]`` or after a word that ends a
 #: sentence, and only once the model has ended a sentence (or written a trap) since the previous one.
-SIM_INTERRUPT_AT: tuple[str, ...] = ("word", "sentence")
+SIM_INTERRUPT_AT: tuple[str, ...] = ("word", "sentence", "sentence-eager")
 
 
 def _check_interrupt_at(value: str) -> None:
@@ -364,12 +367,15 @@ def simulate(
     one result at a time, right after a block's ``[END]`` or after a word that ends a sentence,
     and only once the model has ended a sentence (or trapped) since the last one went in; the
     model writes the calls it can, then the answer sentence of the result that came last, so
-    the result a sentence quotes is the nearest one. ``meta["interrupt_at"]`` records it.
+    the result a sentence quotes is the nearest one; no result goes in between two calls of a
+    burst. ``"sentence-eager"`` is the same without that last rule (the paced traces written
+    before 2026-12-02). ``meta["interrupt_at"]`` records it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     _check_interrupt_at(interrupt_at)
-    paced = mode == "async" and interrupt_at == "sentence"
+    paced = mode == "async" and interrupt_at in ("sentence", "sentence-eager")
+    hold_bursts = paced and interrupt_at == "sentence"
     timing = _timing(task, seed, jitter, tpot_range_ms)
     counter = counter or TokenCounter(tokenizer)
     result_fn = result_fn or default_result
@@ -465,12 +471,15 @@ def simulate(
             pace["may"] = True
 
     if mode == "async":
+        in_burst = False  # paced: a call was just written and another is writable: results wait
         while True:
             if paced:
-                deliver_one()  # here: the start, right after a block, or after a sentence
+                if not (hold_bursts and in_burst and writable_calls()):
+                    deliver_one()  # here: the start, after a burst's last call or a trap, or after a sentence
             else:
                 safe_point()
             ready_calls = writable_calls()
+            in_burst = bool(ready_calls)
             if ready_calls:
                 c = _lpt_pick(ready_calls, expected)
                 write_call(c)
@@ -560,7 +569,7 @@ def simulate(
         "answer": answer_text,
     }
     if paced:
-        meta["interrupt_at"] = "sentence"
+        meta["interrupt_at"] = interrupt_at
     if followup:
         meta["followup_calls"] = [c["call_id"] for c in followup.get("calls", [])] if user["fired"] else []
         if user["fired"]:
@@ -613,7 +622,8 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     shorter, by expected time, than another writable call); answer sentences come after the
     results they quote; interrupts in completion order (``meta["done_ms"]``); single spaces.
     Sync: each result right after its call. Sync-parallel: results only after a trap, the
-    whole wave together.
+    whole wave together. Paced async: no interrupt between two calls of a burst (before a call
+    that was already writable).
     When the token counting can be reproduced (``meta["token_count"] == "approx"``, or a
     ``tokenizer`` is given), the simulated timeline is replayed: no interrupt before its call
     completed, none later than the first safe point after, and ``sim_latency_ms`` matches.
@@ -622,7 +632,7 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     segs = example.get("segments") or []
     meta = example.get("meta") or {}
     mode = example.get("mode", "async")
-    paced = mode == "async" and meta.get("interrupt_at") == "sentence"
+    paced = mode == "async" and meta.get("interrupt_at") in ("sentence", "sentence-eager")
     for k, s in enumerate(segs):
         if s.get("role") not in ("model", "inject"):
             v.append(f"segment {k}: unknown role {s.get('role')!r}")
@@ -799,6 +809,8 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
                 v.append(f"answer text {p['text']!r} written before the result of {n}")
     if mode == "sync-parallel":
         v += _check_waves(segs)
+    if paced and meta.get("interrupt_at") == "sentence":
+        v += _check_bursts(segs, meta)
     counter = None
     if meta.get("token_count") == "approx":
         counter = TokenCounter(None)
@@ -807,6 +819,38 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     if counter is not None and "tpot_ms" in meta and "exec_ms" in meta:
         v += _replay_paced(segs, meta, counter) if paced else _replay(segs, meta, mode, counter)
     return v
+
+
+def _check_bursts(segs: list[dict[str, str]], meta: dict[str, Any]) -> list[str]:
+    """Paced traces (``interrupt_at="sentence"``): no interrupt goes in right after a call block
+    while another call is writable (its inputs in, its request made): the model writes those
+    first, and results wait for the end of the burst."""
+    depends = {k: list(d) for k, d in (meta.get("depends_on") or {}).items()}
+    followup_ids = set(meta.get("followup_calls") or [])
+    have: set[str] = set()
+    written: set[str] = set()
+    last_call = False  # the last model atom was a call block
+    out: list[str] = []
+    for s in segs:
+        if s["role"] == "inject":
+            bl = parse_blocks(s["text"])
+            cid = bl[0].call_id if bl else ""
+            if last_call:
+                writable = [
+                    c for c, deps in depends.items()
+                    if c not in written and (c not in followup_ids or USER_ID in have) and all(d in have for d in deps)
+                ]
+                if writable:
+                    out.append(f"burst: {cid} went in between calls, with {', '.join(writable)} still to write")
+            have.add(cid)
+            last_call = False
+            continue
+        for atom in split_atoms(s["text"]):
+            blocks = parse_blocks(atom)
+            last_call = bool(blocks) and blocks[0].kind == "call" and bool(blocks[0].call_id)
+            if last_call:
+                written.add(blocks[0].call_id)
+    return out
 
 
 def _check_waves(segs: list[dict[str, str]]) -> list[str]:
@@ -960,6 +1004,21 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
     clock = _ReplayClock(meta)
     may = True
     last_trap = False
+    hold_bursts = meta.get("interrupt_at") == "sentence"
+    depends = {k: list(d) for k, d in (meta.get("depends_on") or {}).items()}
+    followup_ids = set(meta.get("followup_calls") or [])
+    have: set[str] = set()  # results (and the user's message) in so far
+
+    def writable_call_next(k: int, j: int, atoms: list[str]) -> bool:
+        """Whether the model's next atom (no interrupt between) is a call it could already write."""
+        nxt = atoms[j + 1] if j + 1 < len(atoms) else None
+        if nxt is None and k + 1 < len(segs) and segs[k + 1]["role"] == "model":
+            nxt = (split_atoms(segs[k + 1]["text"]) or [None])[0]
+        blocks = parse_blocks(nxt) if nxt else []
+        if not blocks or blocks[0].kind != "call" or not blocks[0].call_id:
+            return False
+        cid = blocks[0].call_id
+        return (cid not in followup_ids or USER_ID in have) and all(d in have for d in depends.get(cid, []))
 
     for k, s in enumerate(segs):
         if s["role"] == "model":
@@ -979,6 +1038,8 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
                 if not blocks and ends_sentence(atom):
                     may = True
                 at_point = bool(blocks) or ends_sentence(atom)
+                if hold_bursts and blocks and blocks[0].kind == "call" and writable_call_next(k, j, atoms):
+                    at_point = False  # inside a burst of calls: results wait for its end
                 next_is_inject = j == len(atoms) - 1 and k + 1 < len(segs) and segs[k + 1]["role"] == "inject"
                 if at_point and may and not next_is_inject:
                     ready = clock.ready()
@@ -995,6 +1056,7 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
             what = "before it completed" if cid not in [r[1] for r in ready] else f"before {ready[0][1]}, ready earlier"
             return out + [f"timing: {cid} injected at {clock.t:.1f} ms {what}"]
         clock.take(cid)
+        have.add(cid)
         may = False
     return out + clock.latency_check()
 
