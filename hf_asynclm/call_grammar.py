@@ -178,8 +178,10 @@ def _word_char(ch: str) -> bool:
     return ch.isalnum() or ch == "_"
 
 
-# a name goes on after a value: a space, then a capitalised word ("San| Francisco", "Liverpool| F.C.")
-_NAME_GOES_ON = re.compile(r" [A-Z](?:[a-z]|\.)")
+# a name goes on after a value: a space, then a capitalised word ("San| Francisco", "Liverpool| F.C."),
+# maybe after a lower-case name particle ("Rio| de Janeiro", "Frankfurt| am Main")
+_NAME_PARTICLES = ("de", "del", "della", "da", "do", "dos", "das", "di", "du", "la", "le", "am", "an", "der", "den", "van", "von", "y")
+_NAME_GOES_ON = re.compile(r" (?:(?:" + "|".join(_NAME_PARTICLES) + r") )?[A-Z](?:[a-z]|\.)")
 # the value's last word is capitalised ("San", "Kaiste Moumaik"), not all capitals or lower case
 _LAST_WORD_CAPITALISED = re.compile(r"(?:^|\s)[A-Z][a-z]*$")
 
@@ -222,7 +224,8 @@ class Grounding:
     no word character right before or after it where its own first or last character is a word
     character (``"Rome"`` in ``"Rome, Italy"``, not ``"Rom"``), not end inside a name (where its
     last word is capitalised and the text goes on with a space and a capitalised word: ``"San"``
-    of ``"San Francisco"``, ``"New York"`` of ``"New York City"``), and not begin or end with
+    of ``"San Francisco"``, ``"New York"`` of ``"New York City"``, ``"Rio"`` of ``"Rio de Janeiro"``:
+    a lower-case name particle may come between), and not begin or end with
     whitespace. A number must be one of the text's numbers as written (``120.5``, ``-3``,
     ``1e-06``; a whole number written ``500000.0`` may also be written ``500000``); an integer
     argument only takes whole numbers.

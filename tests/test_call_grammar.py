@@ -720,7 +720,10 @@ def test_asynclm_no_repeat_calls_settings() -> None:
         ("weather in New York City and in New York.", "New York", True),  # one occurrence ends there
         ("weather in New York City", "New York", False),  # the price: only the whole name
         ("convert 120 USD EUR", "USD", True),  # all capitals: codes, not names
-        ("fly to Rio de Janeiro", "Rio", True),  # a lower-case particle: not caught
+        ("fly to Rio de Janeiro", "Rio", False),  # a lower-case name particle in between
+        ("fly to Rio de Janeiro", "Rio de Janeiro", True),
+        ("trains to Frankfurt am Main", "Frankfurt", False),
+        ("ask Anna de facto", "Anna", True),  # a particle, but no capitalised word after it
         ("text Hodra 'Meet at 16:05'", "Hodra", True),
     ],
 )
