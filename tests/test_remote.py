@@ -361,7 +361,7 @@ def test_tokenizer_renders_chat_and_counts_tokens(engines: Any) -> None:
     assert prompt.startswith("<|system|>\nget_weather(city)") and prompt.endswith("<|assistant|>\n")  # no BOS text
     result = rlm.generate([{"role": "user", "content": "Weather in Oslo?"}], max_new_tokens=200, on_event=on_event)
     assert W1_INTR in result.raw_text
-    assert result.stats.injected_tokens == len(tok.encode(W1_INTR, add_special_tokens=False))
+    assert result.stats.injected_tokens == len(tok.encode(W1_INTR, add_special_tokens=False)), result.raw_text  # once seen 74 != 27 under heavy load: say what went in
     assert result.prompt_length == len(tok.encode(prompt, add_special_tokens=False))
     assert result.sequences.shape[1] > result.prompt_length
 
