@@ -621,23 +621,20 @@ def cml_decode_loop(
             feed = token_t
             if monitor.at_safe_point:
                 after_block = any(isinstance(e, Block) for e in cml_events)
+                after_call = any(isinstance(e, Block) and e.kind == "call" for e in cml_events)
                 if word_boundaries and held_for < hold_max and (not after_block or (sentences and not may_deliver)):
                     # inside or at the end of a word (sentence mode: of a sentence, or after a block
                     # while the last interrupt is still unanswered): wait for the next word to start
                     held = True
                     held_for = held_for + 1 if session.executor.has_ready() else 0
                 else:
-                    if (
-                        hold_bursts
-                        and session.executor.has_ready()
-                        and any(isinstance(e, Block) and e.kind == "call" for e in cml_events)
-                    ):
+                    if hold_bursts and after_call and session.executor.has_ready():
                         # paced, at the end of a call: while the model goes on writing calls (a
                         # burst: the calls it could write before), the ready results wait for its end
                         logits = driver.forward(feed)
-                        scores = logits_processor(input_ids, logits) if logits_processor is not None else logits
+                        ahead = logits_processor(input_ids, logits) if logits_processor is not None else logits
                         if _continues_with_call(
-                            driver, input_ids, int(torch.argmax(scores, dim=-1)[0]), logits_processor, call_token, tokenizer
+                            driver, input_ids, int(torch.argmax(ahead, dim=-1)[0]), logits_processor, call_token, tokenizer
                         ):
                             in_burst = True
                             stats.burst_holds += 1
@@ -654,7 +651,7 @@ def cml_decode_loop(
                         # by the next token still goes in before it (its traces: "[END][INTR] ..."),
                         # unless that token goes on with another call
                         held = True
-                        held_after_call = any(isinstance(e, Block) and e.kind == "call" for e in cml_events)
+                        held_after_call = after_call
                     held_for = 0
             if feed is not None:
                 logits = driver.forward(feed)

@@ -1005,20 +1005,15 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
     may = True
     last_trap = False
     hold_bursts = meta.get("interrupt_at") == "sentence"
-    depends = {k: list(d) for k, d in (meta.get("depends_on") or {}).items()}
-    followup_ids = set(meta.get("followup_calls") or [])
-    have: set[str] = set()  # results (and the user's message) in so far
 
-    def writable_call_next(k: int, j: int, atoms: list[str]) -> bool:
-        """Whether the model's next atom (no interrupt between) is a call it could already write."""
+    def call_next(k: int, j: int, atoms: list[str]) -> bool:
+        """Whether the model's next atom, with no interrupt between, is a call (one it could
+        write already: check_trace's "written before its inputs arrived" sees to that)."""
         nxt = atoms[j + 1] if j + 1 < len(atoms) else None
         if nxt is None and k + 1 < len(segs) and segs[k + 1]["role"] == "model":
             nxt = (split_atoms(segs[k + 1]["text"]) or [None])[0]
         blocks = parse_blocks(nxt) if nxt else []
-        if not blocks or blocks[0].kind != "call" or not blocks[0].call_id:
-            return False
-        cid = blocks[0].call_id
-        return (cid not in followup_ids or USER_ID in have) and all(d in have for d in depends.get(cid, []))
+        return bool(blocks) and blocks[0].kind == "call" and bool(blocks[0].call_id)
 
     for k, s in enumerate(segs):
         if s["role"] == "model":
@@ -1038,7 +1033,7 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
                 if not blocks and ends_sentence(atom):
                     may = True
                 at_point = bool(blocks) or ends_sentence(atom)
-                if hold_bursts and blocks and blocks[0].kind == "call" and writable_call_next(k, j, atoms):
+                if hold_bursts and blocks and blocks[0].kind == "call" and call_next(k, j, atoms):
                     at_point = False  # inside a burst of calls: results wait for its end
                 next_is_inject = j == len(atoms) - 1 and k + 1 < len(segs) and segs[k + 1]["role"] == "inject"
                 if at_point and may and not next_is_inject:
@@ -1056,7 +1051,6 @@ def _replay_paced(segs: list[dict[str, str]], meta: dict[str, Any], counter: Tok
             what = "before it completed" if cid not in [r[1] for r in ready] else f"before {ready[0][1]}, ready earlier"
             return out + [f"timing: {cid} injected at {clock.t:.1f} ms {what}"]
         clock.take(cid)
-        have.add(cid)
         may = False
     return out + clock.latency_check()
 
