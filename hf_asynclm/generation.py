@@ -592,8 +592,8 @@ def cml_decode_loop(
             if streamer is not None:
                 streamer.put(token_t[0].cpu())
             for event in cml_events:
-                if isinstance(event, Block) and event.kind != "call" or isinstance(event, TextEvent) and event.text.strip():
-                    in_burst = False  # sentence mode: the model is writing a burst of calls; results wait for its end
+                if (isinstance(event, Block) and event.kind != "call") or (isinstance(event, TextEvent) and event.text.strip()):
+                    in_burst = False  # text or a trap ends a burst of calls
                 if isinstance(event, Block):
                     session.handle_block(event, driver)
                     sentence_open = False
