@@ -662,10 +662,14 @@ def test_the_model_reads_an_interrupt_before_its_next_token(interrupt_at):
 def test_word_mode_bounds_the_wait_inside_a_long_word():
     from hf_asynclm.generation import WORD_WAIT_MAX_TOKENS
 
+    from hf_asynclm import VirtualClock
+
     tok = tiny_tokenizer()
     alm = AsyncLM(tiny_llama(tok), tok, tools=make_tools(0.0), interrupt_at="word")
     script = [' [CALL] a1 [HEAD] lookup(key="alpha") [END]', "x" * 400, " [TRAP] [END] end."]
-    r = run_script(alm, script, max_new_tokens=600)
+    # simulated time: the result is due 1 ms after the call, whatever the machine's load (on the
+    # wall clock a starved tool thread could answer only after the word, and the test failed once)
+    r = run_script(alm, script, virtual_clock=VirtualClock(0.01, lambda name, args: 0.001), max_new_tokens=600)
     assert r.calls[0].status == "done"
     before, after = _interrupt_neighbours(r.raw_text)[0]  # a1's result (a trap error may follow)
     assert r.raw_text.count("[INTR] a1 [HEAD]") == 1 and r.raw_text.index("[INTR] a1 [HEAD]") == len(before)
