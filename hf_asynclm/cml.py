@@ -87,6 +87,10 @@ def format_trap() -> str:
     return f"{TRAP} {END}"
 
 
+#: The ``interrupt_at`` settings that pace results (the runtime's and the simulator's): ``"sentence"``
+#: (results wait for the end of a burst of calls) and ``"sentence-eager"`` (the rule before 2026-12-02).
+PACED_INTERRUPT_AT: tuple[str, ...] = ("sentence", "sentence-eager")
+
 #: What ends a sentence of visible text: where paced interrupts (``interrupt_at="sentence"``) may go in.
 SENTENCE_ENDS: tuple[str, ...] = (".", "?", "!")
 

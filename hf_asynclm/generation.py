@@ -62,7 +62,7 @@ from transformers import StoppingCriteriaList
 from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from .cache_inject import CacheDriver, TrapCachePolicy
-from .cml import PROTOCOL_ERROR_ID, TRAP_ID, USER_ID, Block, TextEvent, ends_sentence, format_error
+from .cml import PACED_INTERRUPT_AT, PROTOCOL_ERROR_ID, TRAP_ID, USER_ID, Block, TextEvent, ends_sentence, format_error
 from .monitor import CMLMonitor
 from .streamer import CMLStreamer, StreamEvent
 
@@ -501,9 +501,9 @@ def cml_decode_loop(
     do_sample = bool(getattr(generation_config, "do_sample", False))
     device = input_ids.device
 
-    word_boundaries = session.interrupt_at in ("word", "sentence", "sentence-eager")
+    word_boundaries = session.interrupt_at == "word" or session.interrupt_at in PACED_INTERRUPT_AT
     # paced delivery is for async mode: sync modes inject each result (or wave) where they wait for it
-    sentences = session.interrupt_at in ("sentence", "sentence-eager") and session.mode == "async"
+    sentences = session.interrupt_at in PACED_INTERRUPT_AT and session.mode == "async"
     hold_bursts = sentences and session.interrupt_at == "sentence"  # results wait for the end of a burst of calls
     sentence_open = False  # sentence mode: visible text since the last block or sentence end
     may_deliver = True  # sentence mode: no interrupt delivered since the last sentence end or trap

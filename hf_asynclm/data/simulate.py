@@ -89,6 +89,7 @@ from ..cml import (
     END,
     Block,
     INTR,
+    PACED_INTERRUPT_AT,
     TRAP,
     USER_ID,
     CMLParser,
@@ -374,7 +375,7 @@ def simulate(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     _check_interrupt_at(interrupt_at)
-    paced = mode == "async" and interrupt_at in ("sentence", "sentence-eager")
+    paced = mode == "async" and interrupt_at in PACED_INTERRUPT_AT
     hold_bursts = paced and interrupt_at == "sentence"
     timing = _timing(task, seed, jitter, tpot_range_ms)
     counter = counter or TokenCounter(tokenizer)
@@ -632,7 +633,7 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     segs = example.get("segments") or []
     meta = example.get("meta") or {}
     mode = example.get("mode", "async")
-    paced = mode == "async" and meta.get("interrupt_at") in ("sentence", "sentence-eager")
+    paced = mode == "async" and meta.get("interrupt_at") in PACED_INTERRUPT_AT
     for k, s in enumerate(segs):
         if s.get("role") not in ("model", "inject"):
             v.append(f"segment {k}: unknown role {s.get('role')!r}")
@@ -665,6 +666,8 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     trap_pending = False  # a trap was written and no interrupt has come yet
     wave: list[str] = []  # sync-parallel: calls written since the last trap
     call_awaiting: str | None = None  # sync: the call whose result must come next
+    hold_bursts = paced and meta.get("interrupt_at") == "sentence"  # results wait for a burst of calls to end
+    last_atom_call = False  # the model's last atom was a call block
 
     def plan_ids() -> list[str]:
         return [cid for cid in depends if cid not in followup_ids or user_seen]
@@ -733,9 +736,11 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
                 v.append(f"sync: the result of {call_awaiting} does not follow its call")
                 call_awaiting = None
             for atom in split_atoms(text):
+                last_atom_call = False
                 for ev in parser.feed(atom):
                     if isinstance(ev, Block):
                         on_block(ev)
+                        last_atom_call = ev.kind == "call" and ev.call_id is not None
                 model_off += len(atom)
             continue
         # inject segment
@@ -757,6 +762,9 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
                 v.append(f"segment {k}: paced interrupt {b.call_id} inside a sentence")
             if k and segs[k - 1]["role"] == "inject":
                 v.append(f"segment {k}: paced interrupts go in one at a time")
+            if hold_bursts and last_atom_call and writable_now():
+                v.append(f"burst: {b.call_id} went in between calls, with {', '.join(writable_now())} still to write")
+        last_atom_call = False
         trap_pending = False
         cid = b.call_id or ""
         if cid == USER_ID:
@@ -809,8 +817,6 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
                 v.append(f"answer text {p['text']!r} written before the result of {n}")
     if mode == "sync-parallel":
         v += _check_waves(segs)
-    if paced and meta.get("interrupt_at") == "sentence":
-        v += _check_bursts(segs, meta)
     counter = None
     if meta.get("token_count") == "approx":
         counter = TokenCounter(None)
@@ -819,38 +825,6 @@ def check_trace(example: dict[str, Any], tokenizer: Any | None = None) -> list[s
     if counter is not None and "tpot_ms" in meta and "exec_ms" in meta:
         v += _replay_paced(segs, meta, counter) if paced else _replay(segs, meta, mode, counter)
     return v
-
-
-def _check_bursts(segs: list[dict[str, str]], meta: dict[str, Any]) -> list[str]:
-    """Paced traces (``interrupt_at="sentence"``): no interrupt goes in right after a call block
-    while another call is writable (its inputs in, its request made): the model writes those
-    first, and results wait for the end of the burst."""
-    depends = {k: list(d) for k, d in (meta.get("depends_on") or {}).items()}
-    followup_ids = set(meta.get("followup_calls") or [])
-    have: set[str] = set()
-    written: set[str] = set()
-    last_call = False  # the last model atom was a call block
-    out: list[str] = []
-    for s in segs:
-        if s["role"] == "inject":
-            bl = parse_blocks(s["text"])
-            cid = bl[0].call_id if bl else ""
-            if last_call:
-                writable = [
-                    c for c, deps in depends.items()
-                    if c not in written and (c not in followup_ids or USER_ID in have) and all(d in have for d in deps)
-                ]
-                if writable:
-                    out.append(f"burst: {cid} went in between calls, with {', '.join(writable)} still to write")
-            have.add(cid)
-            last_call = False
-            continue
-        for atom in split_atoms(s["text"]):
-            blocks = parse_blocks(atom)
-            last_call = bool(blocks) and blocks[0].kind == "call" and bool(blocks[0].call_id)
-            if last_call:
-                written.add(blocks[0].call_id)
-    return out
 
 
 def _check_waves(segs: list[dict[str, str]]) -> list[str]:
