@@ -179,8 +179,56 @@ def test_cli_drill_kinds_option(tmp_path):
 
     out = tmp_path / "d.jsonl"
     runner = CliRunner()
-    ok = runner.invoke(app, ["data", "build", "--source", "drills", "--n", "6", "--drill-kinds", "calls,plan", "--out", str(out)])
+    ok = runner.invoke(app, ["data", "build", "--source", "drills", "--n", "6", "--drill-kinds", "calls,plan,order", "--out", str(out)])
     assert ok.exit_code == 0, ok.output
-    assert [json.loads(x)["category"] for x in out.read_text().splitlines()] == ["calls", "plan"] * 3
+    assert [json.loads(x)["category"] for x in out.read_text().splitlines()] == ["calls", "plan", "order"] * 2
     bad = runner.invoke(app, ["data", "build", "--source", "drills", "--n", "6", "--drill-kinds", "calls,oops", "--out", str(out)])
     assert bad.exit_code != 0 and "oops" in bad.output
+
+
+def test_order_drills_call_the_requested_tools_longest_expected_time_first():
+    from hf_asynclm.executor.parsing import parse_call
+
+    drills = copy_drills(150, seed=6, kinds=["order"])
+    assert {d["category"] for d in drills} == {"order"}
+    saw_distractor = saw_reordered = False
+    for d in drills:
+        latency = {t["function"]["name"]: t["function"]["x-latency-ms"] for t in d["tools"]}
+        request = d["messages"][0]["content"]
+        asked = re.findall(r"([\w.]+) for (.+?)(?:, | and |\.$)", request)
+        blocks = [b for b in parse_blocks(d["segments"][0]["text"]) if b.kind == "call"]
+        calls = [parse_call(b.body) for b in blocks]
+        # every requested tool exactly once, with the value the user gave it, and nothing else
+        assert sorted((c.name, next(iter(c.kwargs.values()))) for c in calls) == sorted(asked)
+        assert all(not c.args and len(c.kwargs) == 1 for c in calls)
+        # longest expected time first, and never a tie that would make the order ambiguous
+        times = [latency[c.name] for c in calls]
+        assert times == sorted(times, reverse=True) and len(set(times)) == len(times)
+        assert len({b.call_id for b in blocks}) == len(blocks)
+        saw_distractor |= len(d["tools"]) > len(calls)
+        saw_reordered |= [c.name for c in calls] != [name for name, _ in asked]
+        # results come back shortest first; each reply quotes the value asked with and the result
+        injected = [parse_blocks(s["text"])[0] for s in d["segments"] if s["role"] == "inject"]
+        by_id = {b.call_id: c for b, c in zip(blocks, calls)}
+        assert [latency[by_id[b.call_id].name] for b in injected] == sorted(times)
+        for b, reply in zip(injected, d["segments"][2::2]):
+            (field, value), = json.loads(b.body).items()
+            asked_with = next(iter(by_id[b.call_id].kwargs.values()))
+            assert reply["text"].startswith(f" {asked_with}: {field} {value}.")
+        assert "[TRAP]" not in d["segments"][-1]["text"]
+    assert saw_distractor and saw_reordered
+
+
+def test_order_drills_are_opt_in_and_render_the_times_in_the_prompt():
+    from transformers import AutoTokenizer
+
+    from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
+    from hf_asynclm.data.drills import EXTRA_DRILL_KINDS
+
+    assert "order" in EXTRA_DRILL_KINDS and "order" not in DRILL_KINDS
+    assert "order" not in {d["category"] for d in copy_drills(50, seed=0)}
+    d = copy_drills(1, seed=2, kinds=["order"])[0]
+    tok = AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT)
+    prompt = tok.apply_chat_template(d["messages"], tools=d["tools"], tokenize=False, add_generation_prompt=True)
+    for t in d["tools"]:
+        assert f'{t["function"]["name"]}(' in prompt and f'~{t["function"]["x-latency-ms"]}ms' in prompt

@@ -22,7 +22,13 @@ curriculum: drills alone first (batch 32: the held-out digit loss fell from 2.0 
 * ``plan``: BFCL-style tools with made-up names and a cheat-sheet plan (``Plan: c1 f(a=1) ~300ms;
   ...``, as :func:`hf_asynclm.data.bfcl.with_cheat_sheet` writes it); the model copies every call
   verbatim, longest expected time first (the LPT rule), traps until all results are in, and
-  ends with ``Done.``: copying unseen tool names and literal arguments of every type.
+  ends with ``Done.``: copying unseen tool names and literal arguments of every type;
+* ``order`` (only when asked for): the system prompt lists 2-7 made-up tools with their
+  expected times (``~420ms``), the user asks for 2-4 of them in a random order, and the model
+  writes the calls longest expected time first (the LPT rule), traps, and reports each result
+  as it arrives. Unlike ``plan``, the times are not next to the calls: the model has to look
+  each requested tool up in the tool list and compare, which is the step where cml-tiny's
+  first wrong token on parallel requests usually is (its call id: another call first).
 
 The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan`` were added
 for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
@@ -56,8 +62,11 @@ from .synthetic import Pools
 from .bfcl import with_cheat_sheet
 from .tasks import PlannedCall, Task
 
-#: Drill kinds, generated in turn.
+#: Drill kinds ``copy_drills`` generates in turn by default.
 DRILL_KINDS: tuple[str, ...] = ("echo", "pick", "result", "calls", "plan")
+#: Kinds generated only when asked for (``kinds=`` / ``--drill-kinds``), so that the default
+#: output (and every recipe that relies on it) stays what it was.
+EXTRA_DRILL_KINDS: tuple[str, ...] = ("order",)
 
 _KEYS = ("a", "b", "c", "d", "e", "f")
 _FIELDS = ("city", "code", "date", "time", "name", "price", "ref", "gate", "symbol", "title")
@@ -241,12 +250,63 @@ def _plan(p: Pools) -> _Drill:
     return task.messages, segs, tools
 
 
+def _order(p: Pools) -> _Drill:
+    r = p.rng
+    k = r.randint(2, 4)
+    n_tools = k + r.randint(0, 3)
+    names: list[str] = []
+    while len(names) < n_tools:
+        name = _made_up_name(p)
+        if name not in names:
+            names.append(name)
+    # distinct times, at least 25 ms apart, so that the longest-first order is never a tie
+    times: list[int] = []
+    while len(times) < len(names):
+        ms = r.randint(20, 900)
+        if all(abs(ms - t) >= 25 for t in times):
+            times.append(ms)
+    arg = {n: r.choice(_ARG_NAMES) for n in names}
+    tools = [{"type": "function", "function": {
+        "name": n, "description": n.replace("_", " ").replace(".", " ") + ".",
+        "parameters": {"type": "object", "properties": {arg[n]: {"type": "string"}}, "required": [arg[n]]},
+        "x-latency-ms": ms}} for n, ms in zip(names, times)]
+    latency = dict(zip(names, times))
+    asked = r.sample(names, k)
+    values = [v for _, v in _values(p, k)]
+    ids: dict[str, str] = {}
+    for n in asked:
+        letter = n.split(".")[-1].split("_")[-1][0]
+        i = 1
+        while f"{letter}{i}" in ids.values():
+            i += 1
+        ids[n] = f"{letter}{i}"
+    parts = [f"{n} for {v}" for n, v in zip(asked, values)]
+    ask = r.choice(("Use {}.", "Please run {}.", "Call {}.", "I need {}."))
+    listed = ", ".join(parts[:-1]) + " and " + parts[-1]
+    field = r.choice(_FIELDS)
+    results = {n: _value(p, field) for n in asked}
+    value_of = dict(zip(asked, values))
+    lpt = sorted(asked, key=lambda n: -latency[n])
+    segs: list[dict[str, str]] = [{
+        "role": "model",
+        "text": " ".join(format_call(f'{n}({arg[n]}="{value_of[n]}")', call_id=ids[n]) for n in lpt) + " " + format_trap(),
+    }]
+    back = sorted(asked, key=lambda n: latency[n])  # all start together: shortest first back
+    for i, n in enumerate(back):
+        segs.append({"role": "inject", "text": format_interrupt(ids[n], json.dumps({field: results[n]}))})
+        tail = " " + format_trap() if i < len(back) - 1 else ""
+        segs.append({"role": "model", "text": f" {value_of[n]}: {field} {results[n]}.{tail}"})
+    r.shuffle(tools)
+    return [{"role": "user", "content": ask.format(listed)}], segs, tools
+
+
 _MAKERS: dict[str, Callable[[Pools], _Drill]] = {
     "echo": _echo,
     "pick": _pick,
     "result": _result,
     "calls": _calls,
     "plan": _plan,
+    "order": _order,
 }
 
 
@@ -259,7 +319,8 @@ def copy_drills(
         n: how many drills.
         seed: seed of the values and phrasings.
         split: value pool (``train``, ``eval`` or ``all``), as for the synthetic tasks.
-        kinds: which of :data:`DRILL_KINDS` to generate, in turn (default: all).
+        kinds: which of :data:`DRILL_KINDS` and :data:`EXTRA_DRILL_KINDS` to generate, in turn
+            (default: all of :data:`DRILL_KINDS`).
 
     Returns:
         dicts with ``task_id``, ``mode="drill"``, ``source="drill"``, ``category`` (the kind),
@@ -268,9 +329,10 @@ def copy_drills(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     kinds = tuple(kinds) if kinds is not None else DRILL_KINDS
-    unknown = sorted(set(kinds) - set(DRILL_KINDS))
+    unknown = sorted(set(kinds) - set(DRILL_KINDS) - set(EXTRA_DRILL_KINDS))
     if unknown or not kinds:
-        raise ValueError(f"unknown drill kinds {unknown or '(none given)'}; choose from {list(DRILL_KINDS)}")
+        raise ValueError(f"unknown drill kinds {unknown or '(none given)'}; "
+                         f"choose from {list(DRILL_KINDS + EXTRA_DRILL_KINDS)}")
     pools = Pools(random.Random(f"drills-{seed}-{split}"), split=split)
     out: list[dict[str, Any]] = []
     for i in range(n):
@@ -289,4 +351,4 @@ def copy_drills(
     return out
 
 
-__all__ = ["DRILL_KINDS", "LOOKUP_TOOL", "copy_drills"]
+__all__ = ["DRILL_KINDS", "EXTRA_DRILL_KINDS", "LOOKUP_TOOL", "copy_drills"]
