@@ -207,6 +207,16 @@ def _made_up_name(p: Pools) -> str:
     return name
 
 
+def _made_up_tool(name: str, args: dict[str, str], latency_ms: int | None = None) -> dict[str, Any]:
+    """A tool schema for a made-up name: ``args`` maps argument names to JSON types, all required."""
+    function: dict[str, Any] = {
+        "name": name, "description": name.replace("_", " ").replace(".", " ") + ".",
+        "parameters": {"type": "object", "properties": {a: {"type": t} for a, t in args.items()}, "required": list(args)}}
+    if latency_ms is not None:
+        function["x-latency-ms"] = latency_ms
+    return {"type": "function", "function": function}
+
+
 _TYPES = ("integer", "integer", "number", "string", "string", "boolean", "array")
 
 
@@ -233,10 +243,7 @@ def _plan(p: Pools) -> _Drill:
         name, args = signatures[i] if i < len(signatures) else r.choice(signatures)
         calls.append(PlannedCall(f"c{i + 1}", name, {a: _literal(p, t) for a, t in args.items()},
                                  latency_s=r.randint(20, 900) / 1000.0))
-    tools = [{"type": "function", "function": {
-        "name": name, "description": name.replace("_", " ").replace(".", " ") + ".",
-        "parameters": {"type": "object", "properties": {a: {"type": t} for a, t in args.items()}, "required": list(args)}}}
-        for name, args in signatures]
+    tools = [_made_up_tool(name, args) for name, args in signatures]
     ms = {c.call_id: round(c.latency_s * 1000) for c in calls}
     ask = r.choice(("Please help with this.", "Run these.", "Handle my request.", "Do the following."))
     task = with_cheat_sheet(Task("drill", "drill", "plan", [{"role": "user", "content": ask}], tools, calls))
@@ -266,10 +273,7 @@ def _order(p: Pools) -> _Drill:
         if all(abs(ms - t) >= 25 for t in times):
             times.append(ms)
     arg = {n: r.choice(_ARG_NAMES) for n in names}
-    tools = [{"type": "function", "function": {
-        "name": n, "description": n.replace("_", " ").replace(".", " ") + ".",
-        "parameters": {"type": "object", "properties": {arg[n]: {"type": "string"}}, "required": [arg[n]]},
-        "x-latency-ms": ms}} for n, ms in zip(names, times)]
+    tools = [_made_up_tool(n, {arg[n]: "string"}, latency_ms=ms) for n, ms in zip(names, times)]
     latency = dict(zip(names, times))
     asked = r.sample(names, k)
     values = [v for _, v in _values(p, k)]
