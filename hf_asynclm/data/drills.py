@@ -29,6 +29,9 @@ curriculum: drills alone first (batch 32: the held-out digit loss fell from 2.0 
   as it arrives. Unlike ``plan``, the times are not next to the calls: the model has to look
   each requested tool up in the tool list and compare, which is the step where cml-tiny's
   first wrong token on parallel requests usually is (its call id: another call first).
+  One retrain with 3,000 of them (README, "Earlier tries") doubled cml-tiny's LPT order on
+  BFCL but taught it to report results after BFCL calls too (BFCL traces end with ``Done.``),
+  so it is not in the shipped recipe.
 
 The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan`` were added
 for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
