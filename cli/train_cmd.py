@@ -49,10 +49,15 @@ Examples:
 @click.option("--schedule", "lr_scheduler", type=click.Choice(["cosine", "linear", "constant_with_warmup", "cosine_with_min_lr"]), default=None, help="Learning-rate schedule [cosine].")
 @click.option("--num-layers", type=click.IntRange(min=1), default=None, help="From scratch: decoder layers [tiny: 4].")
 @click.option("--hidden-size", type=click.IntRange(min=8), default=None, help="From scratch: model width [tiny: 256].")
+@click.option("--num-heads", type=click.IntRange(min=1), default=None, help="From scratch: attention heads (must divide --hidden-size) [tiny: 4].")
+@click.option("--intermediate-size", type=click.IntRange(min=8), default=None, help="From scratch: MLP width [tiny: 768].")
 @click.option("--vocab-size", type=click.IntRange(min=268), default=None, help="Tokenizer size when training from scratch [512].")
 @click.option("--digit-group", type=click.IntRange(min=1, max=3), default=None, help="From scratch: digits per token at most (1: one digit per token) [1].")
 @click.option("--tokenizer", default=None, metavar="DIR", help="From scratch: use this saved CML tokenizer (e.g. an earlier stage's) instead of training one.")
 @click.option("--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="dtype to load --base in [float32].")
+@click.option("--bf16/--no-bf16", "bf16", default=None,
+              help="bfloat16 mixed precision (fp32 master weights) [on where the GPU supports it]. On CPUs with "
+              "avx512_bf16 or AMX it also speeds training up (about 1.9x on a 2-core EPYC).")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [500].")
 @click.option("--logging-steps", type=click.IntRange(min=1), default=None, help="Log the loss every N steps [10].")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
@@ -80,7 +85,9 @@ def train_command(quiet: bool, **options: Any) -> None:
     preset = options.pop("preset")
     options["data"] = list(options["data"])  # repeated and comma-separated: TrainConfig.data_files splits
     # flags not given are left to the preset / defaults (click may report them as False)
-    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    given = {k: v for k, v in options.items() if v is not None and (v is not False or k == "bf16")}
+    if "num_heads" in given:  # full multi-head attention at the new head count (the preset's kv heads may not divide it)
+        given["num_kv_heads"] = given["num_heads"]
     if given.get("max_steps") == 0:
         given["max_steps"] = -1
     restore = _setup_logging(quiet)

@@ -69,6 +69,20 @@ def test_shipped_checkpoints_load_by_name(monkeypatch, tmp_path):
         AsyncLM.from_pretrained("cml-tiny")
 
 
+def test_the_shipped_default_fits_the_package_budget():
+    # cml-tiny ships inside the wheel: at most 20 MB in all, weights in fp16, trained in under two hours
+    import json
+
+    from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
+
+    files = [p for p in DEFAULT_CHECKPOINT.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
+    assert json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["dtype"] == "float16"
+    record = json.loads((DEFAULT_CHECKPOINT / "cml_training.json").read_text())
+    assert record.get("train_time_s_total", record["train_time_s"]) < 2 * 3600
+    assert sum(stage["train_time_s"] for stage in record.get("stages", [record])) < 2 * 3600
+
+
 def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     import json
     import shutil

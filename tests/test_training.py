@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -507,7 +508,22 @@ def test_cli_trains_and_reports_bad_input(data_file, tmp_path):
     model_config = json.loads((multi / "config.json").read_text())
     assert (model_config["num_hidden_layers"], model_config["hidden_size"]) == (1, 32)
 
+    # width, heads, MLP and bf16 mixed precision (on a CPU too): the record and the saved config say so
+    wide = tmp_path / "wide"
+    result = runner.invoke(train_command, ["--data", str(data_file), "--out", str(wide), "--preset", "micro",
+                                           "--steps", "2", "--batch-size", "2", "--hidden-size", "48", "--num-heads", "6",
+                                           "--intermediate-size", "96", "--bf16", "-q"])
+    assert result.exit_code == 0, result.output
+    model_config = json.loads((wide / "config.json").read_text())
+    assert (model_config["hidden_size"], model_config["num_attention_heads"], model_config["num_key_value_heads"],
+            model_config["intermediate_size"]) == (48, 6, 6, 96)
+    record = json.loads((wide / TRAINING_RECORD).read_text())
+    assert record["config"]["bf16"] is True and record["steps"] == 2
+    assert math.isfinite(record["final_train_loss"])
+
     bad_cases = [
+        (["--data", str(data_file), "--out", str(tmp_path / "h"), "--preset", "micro", "--hidden-size", "50",
+          "--num-heads", "6"], "not a multiple of num_heads"),
         (["--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")], "not found"),
         (["--data", str(data_file), "--out", str(tmp_path / "y"), "--lora"], "base_model"),
         (["--data", str(data_file), "--out", str(out), "--preset", "micro", "--steps", "3"], "already holds checkpoints"),

@@ -224,6 +224,8 @@ class TrainConfig:
             raise ValueError("no_repeat_calls works through constrained calls: record constrain_calls 'schema' or 'grounded' too")
         if self.base_model is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.base_model is None and self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,6 +524,9 @@ def _training_arguments(config: TrainConfig, output_dir: Path) -> Any:
         ddp_find_unused_parameters=False,
     )
     fields = TrainingArguments.__dataclass_fields__
+    if bf16 and not torch.cuda.is_available() and "use_cpu" in fields:
+        # mixed precision on the CPU (autocast to bfloat16): TrainingArguments wants it said explicitly
+        kwargs["use_cpu"] = True
     # transformers 5 takes a float warmup_steps (< 1: a ratio); 4.x has warmup_ratio
     if config.warmup < 1 and "warmup_ratio" in fields:
         kwargs["warmup_ratio"] = config.warmup
