@@ -536,3 +536,14 @@ def test_cli_trains_and_reports_bad_input(data_file, tmp_path):
         assert result.exit_code != 0, args
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
+
+
+def test_train_step_speed_benchmark_runs_both_precisions():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step_speed.py"
+    out = subprocess.run([sys.executable, str(script), "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+                          "--intermediate-size", "64", "--batch-size", "2", "--tokens", "16", "--warmup", "0",
+                          "--steps", "1"], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "fp32:" in out and "bf16:" in out and "bf16 / fp32:" in out
