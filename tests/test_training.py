@@ -448,6 +448,10 @@ def test_config_errors_are_clear(data_file, tmp_path):
         TrainConfig(data=str(data_file), interrupt_at="comma").validate()
     cfg = TrainConfig.from_preset("tiny", data="x", learning_rate=1e-3)
     assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 4, 1e-3, "tiny")
+    # tiny has as many kv heads as heads, so another head count needs nothing else
+    TrainConfig.from_preset("tiny", data=str(data_file), hidden_size=384, num_heads=6).validate()
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        TrainConfig.from_preset("micro", data=str(data_file), hidden_size=48, num_heads=3).validate()
 
 
 def test_a_stage_can_reuse_an_earlier_tokenizer(scratch_run, data_file, tmp_path):
@@ -516,7 +520,7 @@ def test_cli_trains_and_reports_bad_input(data_file, tmp_path):
     assert result.exit_code == 0, result.output
     model_config = json.loads((wide / "config.json").read_text())
     assert (model_config["hidden_size"], model_config["num_attention_heads"], model_config["num_key_value_heads"],
-            model_config["intermediate_size"]) == (48, 6, 6, 96)
+            model_config["intermediate_size"]) == (48, 6, 2, 96)  # the micro preset's 2 kv heads (grouped-query)
     record = json.loads((wide / TRAINING_RECORD).read_text())
     assert record["config"]["bf16"] is True and record["steps"] == 2
     assert math.isfinite(record["final_train_loss"])

@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # lr 1e-3: copy heads formed within a few hundred steps of copy drills, while 6 layers at
     # 2e-3 showed no copying after 5,000 steps (README "Checkpoints").
     "tiny": dict(
-        vocab_size=DEFAULT_VOCAB_SIZE, num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=4,
+        vocab_size=DEFAULT_VOCAB_SIZE, num_layers=4, hidden_size=256, num_heads=4,  # kv heads: as many
         intermediate_size=768, max_position=1024, learning_rate=1e-3, batch_size=8, max_length=1024,
         max_steps=2000, warmup=0.05, lr_scheduler="cosine", weight_decay=0.01,
     ),
