@@ -15,7 +15,10 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
+
+from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
+from hf_asynclm.training.train import TrainConfig, build_tiny_llama
 
 
 def time_steps(model: LlamaForCausalLM, batch: torch.Tensor, bf16: bool, warmup: int, steps: int) -> float:
@@ -38,27 +41,23 @@ def time_steps(model: LlamaForCausalLM, batch: torch.Tensor, bf16: bool, warmup:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--intermediate-size", type=int, default=768)
+    # model shape: the tiny preset's (what `hf-asynclm train --preset tiny` builds), unless overridden
+    for option in ("--hidden-size", "--num-layers", "--num-heads", "--intermediate-size"):
+        parser.add_argument(option, type=int, default=None, help="[tiny preset]")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512, help="sequence length")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    torch.manual_seed(0)
+    shape = {k: v for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size") if (v := getattr(args, k)) is not None}
+    config = TrainConfig.from_preset("tiny", **shape)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_CHECKPOINT)  # the shipped model's 512-token vocabulary
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = LlamaConfig(vocab_size=512, hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
-                         num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
-                         intermediate_size=args.intermediate_size, max_position_embeddings=1024,
-                         tie_word_embeddings=True)
-    batch = torch.randint(0, 512, (args.batch_size, args.tokens), device=device)
+    batch = torch.randint(0, len(tokenizer), (args.batch_size, args.tokens), device=device)
     results = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
-        model = LlamaForCausalLM(config).to(device).train()  # the same initial weights for both
+        model = build_tiny_llama(tokenizer, config).to(device).train()  # seeded: the same initial weights for both
         results[name] = time_steps(model, batch, bf16, args.warmup, args.steps)
-        torch.manual_seed(0)
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f} M parameters, {args.batch_size} x {args.tokens} tokens, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -57,7 +57,7 @@ Examples:
 @click.option("--dtype", "model_dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None, help="dtype to load --base in [float32].")
 @click.option("--bf16/--no-bf16", "bf16", default=None,
               help="bfloat16 mixed precision (fp32 master weights) [on where the GPU supports it]. On CPUs with "
-              "avx512_bf16 or AMX it also speeds training up (about 1.9x on a 2-core EPYC).")
+              "avx512_bf16 or AMX it also speeds training up (about 2x on a 2-core EPYC: benchmarks/train_step_speed.py).")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [500].")
 @click.option("--logging-steps", type=click.IntRange(min=1), default=None, help="Log the loss every N steps [10].")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")
