@@ -21,7 +21,7 @@ from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
 from hf_asynclm.training.train import TrainConfig, build_tiny_llama
 
 
-def time_steps(model: LlamaForCausalLM, batch: torch.Tensor, bf16: bool, warmup: int, steps: int) -> float:
+def time_steps(model: torch.nn.Module, batch: torch.Tensor, bf16: bool, warmup: int, steps: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     device_type = batch.device.type
     times = []
