@@ -184,6 +184,9 @@ _NAME_PARTICLES = ("de", "del", "della", "da", "do", "dos", "das", "di", "du", "
 _NAME_GOES_ON = re.compile(r" (?:(?:" + "|".join(_NAME_PARTICLES) + r") )?[A-Z](?:[a-z]|\.)")
 # the value's last word is capitalised ("San", "Kaiste Moumaik"), not all capitals or lower case
 _LAST_WORD_CAPITALISED = re.compile(r"(?:^|\s)[A-Z][a-z]*$")
+# or the value ends on a name particle after a capitalised word ("Rio de| Janeiro"): cut inside the name too
+_ENDS_ON_NAME_PARTICLE = re.compile(r"(?:^|\s)[A-Z][a-z]*\s(?:" + "|".join(_NAME_PARTICLES) + r")$")
+_CAPITALISED_WORD_GOES_ON = re.compile(r" [A-Z](?:[a-z]|\.)")
 
 
 #: What an argument value is compared by (``no_repeat``): numbers by value (``8 == 8.0``) but not
@@ -224,8 +227,8 @@ class Grounding:
     no word character right before or after it where its own first or last character is a word
     character (``"Rome"`` in ``"Rome, Italy"``, not ``"Rom"``), not end inside a name (where its
     last word is capitalised and the text goes on with a space and a capitalised word: ``"San"``
-    of ``"San Francisco"``, ``"New York"`` of ``"New York City"``, ``"Rio"`` of ``"Rio de Janeiro"``:
-    a lower-case name particle may come between), and not begin or end with
+    of ``"San Francisco"``, ``"New York"`` of ``"New York City"``, ``"Rio"`` or ``"Rio de"`` of
+    ``"Rio de Janeiro"``: a lower-case name particle may come between), and not begin or end with
     whitespace. A number must be one of the text's numbers as written (``120.5``, ``-3``,
     ``1e-06``; a whole number written ``500000.0`` may also be written ``500000``); an integer
     argument only takes whole numbers.
@@ -275,6 +278,8 @@ class Grounding:
                 pass  # cut off in the middle of a word
             elif kind == "string" and _NAME_GOES_ON.match(g, end) and _LAST_WORD_CAPITALISED.search(value):
                 pass  # cut off inside a name ("San" of "San Francisco")
+            elif kind == "string" and _CAPITALISED_WORD_GOES_ON.match(g, end) and _ENDS_ON_NAME_PARTICLE.search(value):
+                pass  # cut off inside a name, after its particle ("Rio de" of "Rio de Janeiro")
             elif kind == "non_ascii" and (end >= len(g) or g[end].isascii()):
                 pass
             elif kind == "prefix" and value[-1].isspace() and not g[end:].strip():

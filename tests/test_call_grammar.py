@@ -722,6 +722,10 @@ def test_asynclm_no_repeat_calls_settings() -> None:
         ("convert 120 USD EUR", "USD", True),  # all capitals: codes, not names
         ("fly to Rio de Janeiro", "Rio", False),  # a lower-case name particle in between
         ("fly to Rio de Janeiro", "Rio de Janeiro", True),
+        ("fly to Rio de Janeiro", "Rio de", False),  # cut after the particle
+        ("trains to Frankfurt am Main", "Frankfurt am", False),
+        ("ask Anna de facto", "Anna de", True),  # no capitalised word after the particle
+        ("a flat in Casa de Campo and Rio de Janeiro", "Casa de Campo", True),
         ("trains to Frankfurt am Main", "Frankfurt", False),
         ("ask Anna de facto", "Anna", True),  # a particle, but no capitalised word after it
         ("text Hodra 'Meet at 16:05'", "Hodra", True),
