@@ -22,7 +22,10 @@ whole, starting and ending where a word (a number) starts and ends, so that ``"B
 not stand for ``"Bankruptcy"`` nor ``1000`` for ``1000000000.0``. ``True``/``False``/``None``,
 ``enum`` values and references to earlier calls need no copy. It is for tasks whose values are
 all in the context (extraction-style requests, the BFCL plan in the prompt); a value that must be
-computed or translated (``"EUR"`` for "euros") cannot be written under it.
+computed or translated (``"EUR"`` for "euros") cannot be written under it, except in a string
+parameter whose schema marks it free text (``"x-free-text": true``, :data:`FREE_TEXT_KEY`; e.g. a
+message body, ``text="Booked, seat 6C"`` composed from a result): its value is held to the schema
+rule alone, and to at most :data:`MAX_FREE_TEXT_CHARS` characters. ``Tool.from_callable(fn, free_text=["text"])`` sets the mark.
 
 With ``no_repeat_calls`` (:class:`CallChecker`'s ``earlier_calls``) the model may also not write a call
 it has already written in this generation: where the last argument would make the call a repeat,
@@ -80,6 +83,15 @@ ConstrainCalls = Literal["off", "schema", "grounded"]
 #: The settings of ``AsyncLM(constrain_calls=...)``: no constraint, calls valid for the tools' schemas,
 #: or valid calls whose string and number values are copied from the context.
 CONSTRAIN_CALLS: tuple[str, ...] = ("off", "schema", "grounded")
+
+#: Key of a string parameter's JSON schema that marks its value free text: under
+#: ``constrain_calls="grounded"`` the value need not be copied from the context (a message body the
+#: model composes, ``"Booked, seat 6C"``); the schema rule still holds. ``Tool.from_callable(...,
+#: free_text=[...])`` sets it.
+FREE_TEXT_KEY = "x-free-text"
+#: Longest value of a free-text parameter, in characters: then it must end (where ``no_repeat_calls``
+#: refuses to end a message the model already sent, it would otherwise write on inside it for ever).
+MAX_FREE_TEXT_CHARS = 200
 
 #: Longest run of whitespace allowed between the parts of a call (a model looping on spaces
 #: inside a block cannot go on for ever).
@@ -210,6 +222,12 @@ def canonical_value(value: Any) -> _Canonical:
         items = [(canonical_value(k), canonical_value(v)) for k, v in value.items()]
         return ("map", tuple(sorted(items, key=repr)))
     return ("other", repr(value))
+
+
+def is_free_text(schema: Mapping[str, Any] | None) -> bool:
+    """Whether a parameter's schema marks its value free text (``"x-free-text": true``): exempt from
+    grounding under ``constrain_calls="grounded"``."""
+    return isinstance(schema, Mapping) and schema.get(FREE_TEXT_KEY) is True
 
 
 def _switch_only(types: set[str]) -> bool:
@@ -414,7 +432,11 @@ class CallChecker:
         except _Incomplete:
             if not parse.in_string or parse.string_enum:
                 return False
-            return self.grounding is None or self.grounding.non_ascii_follows(parse.string_text, parse.string_excluded)
+            if parse.string_free:
+                return len(parse.string_text) < MAX_FREE_TEXT_CHARS
+            if self.grounding is None:
+                return True
+            return self.grounding.non_ascii_follows(parse.string_text, parse.string_excluded)
         except _Invalid:
             return False
         return False
@@ -432,6 +454,7 @@ class _Parse:
         self.string_enum = False  # ... of an enum
         self.string_text = ""  # ... after these characters
         self.string_excluded: tuple[str, ...] = ()  # ... which may not become one of these
+        self.string_free = False  # ... of a free-text parameter (not grounded)
 
     # characters ---------------------------------------------------------------------------------
     def peek(self) -> str:
@@ -556,7 +579,7 @@ class _Parse:
             if enum:
                 if any(v not in strings for v in enum):
                     return True
-            elif grounding is None or grounding.string_prefix("", strings):
+            elif grounding is None or is_free_text(schema) or grounding.string_prefix("", strings):
                 return True
         if types & {"integer", "number"}:
             numbers = frozenset(v[1] for v in excluded if v[0] == "num")
@@ -572,14 +595,18 @@ class _Parse:
         chars: list[str] = []
         enum_values = [v for v in (schema or {}).get("enum") or () if isinstance(v, str) and v not in excluded]
         is_enum = any(isinstance(v, str) for v in (schema or {}).get("enum") or ())
+        free = not is_enum and is_free_text(schema)
+        grounding = None if is_enum or free else self.c.grounding
         while True:
             if self.i >= len(self.s):
-                self.open_string("".join(chars), enum_values, is_enum, excluded)
+                self.open_string("".join(chars), enum_values, is_enum, excluded, grounding)
             ch = self.s[self.i]
             self.i += 1
             if ch == "\\":
+                if free and len(chars) >= MAX_FREE_TEXT_CHARS:
+                    raise _Invalid
                 if self.i >= len(self.s):  # what the escape stands for is not known yet
-                    self.open_string("".join(chars), enum_values, is_enum, excluded, escape=True)
+                    self.open_string("".join(chars), enum_values, is_enum, excluded, grounding, escape=True)
                 # Python's reading: a known escape is its character, any other keeps the backslash
                 chars.append(_ESCAPES.get(self.s[self.i], "\\" + self.s[self.i]))
                 self.i += 1
@@ -589,28 +616,35 @@ class _Parse:
                     raise _Invalid
                 if text in excluded:
                     raise _Invalid
-                if not is_enum and self.c.grounding is not None and not self.c.grounding.string(text, excluded):
+                if grounding is not None and not grounding.string(text, excluded):
                     raise _Invalid
                 return ("str", text)
-            elif ch == "\n":
+            elif ch == "\n" or (free and len(chars) >= MAX_FREE_TEXT_CHARS):
                 raise _Invalid
             else:
                 chars.append(ch)
 
     def open_string(
-        self, text: str, enum_values: list[str], is_enum: bool, excluded: tuple[str, ...], escape: bool = False
+        self,
+        text: str,
+        enum_values: list[str],
+        is_enum: bool,
+        excluded: tuple[str, ...],
+        grounding: Grounding | None,
+        escape: bool = False,
     ) -> NoReturn:
         """The text ends inside a string value whose characters so far are ``text`` (and, with
         ``escape``, a backslash whose character is still to come): ``_Incomplete`` where some
-        value may still follow (one of the ``enum_values`` of an enum, or one the grounding holds),
-        else ``_Invalid``."""
+        value may still follow (one of the ``enum_values`` of an enum, or one ``grounding`` holds:
+        the checker's, or None for a free-text parameter), else ``_Invalid``."""
         self.in_string, self.string_enum, self.string_text = True, is_enum, text
         self.string_excluded = excluded
+        self.string_free = not is_enum and grounding is None
         starts = [text + e for e in (*_ESCAPES.values(), "\\")] if escape else [text]
         if is_enum:
             ok = any(v.startswith(t) for v in enum_values for t in starts)
-        elif self.c.grounding is not None:
-            ok = any(self.c.grounding.string_prefix(t, excluded) for t in starts)
+        elif grounding is not None:
+            ok = any(grounding.string_prefix(t, excluded) for t in starts)
         else:
             ok = True
         raise _Incomplete if ok else _Invalid

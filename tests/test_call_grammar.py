@@ -761,3 +761,68 @@ def test_grounded_values_are_never_copied_from_the_cml_markers() -> None:
     said = tok.encode('Weather in END, the town? [CALL] w1 [HEAD]', add_special_tokens=False)
     proc(torch.tensor([said]), torch.zeros(1, len(tok)))
     assert proc.allowed(said + tok.encode(' get_weather(city="END', add_special_tokens=False), quote)
+
+
+SEND = {
+    "name": "send_message",
+    "parameters": {
+        "type": "object",
+        "properties": {"to": {"type": "string"}, "text": {"type": "string", "x-free-text": True}},
+        "required": ["to", "text"],
+    },
+}
+
+
+def test_a_free_text_parameter_is_held_to_the_schema_alone_under_grounding() -> None:
+    """A message body the model composes from a result ("Booked, seat 21D" from ``seat: 21D``)
+    cannot be copied whole from the context: a parameter marked ``"x-free-text"`` takes it under
+    ``"grounded"``, while the other parameters of the same call still must copy their values."""
+    context = "Book Ann on a flight and text Ann the seat. [CALL] b1 [HEAD] book() [END] [INTR] b1 [HEAD] seat: 21D [END]"
+    checker = CallChecker([SEND], grounding=context)
+    body = 'send_message(to="Ann", text="Booked, seat 21D")'
+    assert checker.check(body) is Status.COMPLETE
+    for end in range(1, len(body)):
+        assert checker.check(body[:end]) is Status.PREFIX, body[:end]
+    assert checker.check('send_message(to="Annie", text="hi")') is Status.INVALID  # "to" is still grounded
+    assert checker.check('send_message(to="Ann", text="Bookéd')  is Status.PREFIX
+    assert checker.in_string('send_message(to="Ann", text="Book')  # any character may follow, ASCII or not
+    assert not checker.in_string('send_message(to="An')  # "Ann" goes on in ASCII
+    unmarked = json.loads(json.dumps(SEND).replace(', "x-free-text": true', ""))
+    assert CallChecker([unmarked], grounding=context).check(body) is Status.INVALID  # without the mark: grounded
+    assert CallChecker([SEND], grounding=context, earlier_calls=[("send_message", {"to": "Ann", "text": "hi"})]).check(
+        'send_message(to="Ann", text="hi")'
+    ) is Status.INVALID  # no_repeat_calls still holds
+    assert CallChecker([SEND]).check('send_message(to="Ann", text=3)') is Status.INVALID  # the schema too
+
+
+def test_the_processor_lets_a_model_compose_a_free_text_value_under_grounding() -> None:
+    """Token by token: grounded, the first character of a composed message body is allowed in the
+    free-text parameter and refused in a grounded one."""
+    tok = tiny_tokenizer()
+    prompt = 'Text Ann the seat. [CALL] m1 [HEAD] send_message(to="Ann", text="'
+    ids = tok.encode(prompt, add_special_tokens=False)
+    z = next(t for t in range(len(tok)) if tok.decode([t]) == "Z")  # no word of the context starts with Z
+    assert CallGrammarProcessor(tok, [SEND], grounded=True).allowed(ids, z)
+    unmarked = json.loads(json.dumps(SEND).replace(', "x-free-text": true', ""))
+    assert not CallGrammarProcessor(tok, [unmarked], grounded=True).allowed(ids, z)
+
+
+def test_a_free_text_value_ends_at_its_length_limit() -> None:
+    """A free-text value is held to :data:`MAX_FREE_TEXT_CHARS`: at the limit only its end may follow,
+    so a model refused the end of a message it already sent (``no_repeat_calls``) cannot write on
+    inside the string until the token limit."""
+    from hf_asynclm.call_grammar import MAX_FREE_TEXT_CHARS
+
+    checker = CallChecker([SEND], grounding="Text Ann.")
+    full = 'send_message(to="Ann", text="' + "x" * MAX_FREE_TEXT_CHARS
+    assert checker.check(full) is Status.PREFIX
+    assert checker.check(full + '")') is Status.COMPLETE
+    assert checker.check(full + "x") is Status.INVALID
+    assert checker.check(full + "\\n") is Status.INVALID  # an escape is a character too
+    assert checker.check(full + "\\") is Status.INVALID
+    assert checker.in_string(full[:-1]) and not checker.in_string(full)  # no byte of a longer character at the limit
+    again = [("send_message", {"to": "Ann", "text": "Booked"})]
+    repeat = CallChecker([SEND], grounding="Text Ann.", earlier_calls=again)
+    assert repeat.check('send_message(to="Ann", text="Booked")') is Status.INVALID
+    assert repeat.check('send_message(to="Ann", text="Booked' + "x" * (MAX_FREE_TEXT_CHARS - 6) + '")') is Status.COMPLETE
+    assert repeat.check('send_message(to="Ann", text="Booked' + "x" * (MAX_FREE_TEXT_CHARS - 5)) is Status.INVALID

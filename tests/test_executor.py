@@ -144,6 +144,35 @@ def test_tool_from_async_callable_with_overrides() -> None:
     assert tool.timeout_s == 2.5
 
 
+def send_message(to: str, text: str, urgent: bool = False) -> dict:
+    """Send a short text message.
+
+    Args:
+        to: Recipient name.
+        text: Message text.
+        urgent: Flag it.
+    """
+    return {"sent": True}
+
+
+def test_free_text_parameters_are_marked_in_the_schema_and_checked() -> None:
+    tool = Tool.from_callable(send_message, free_text=["text"])
+    props = tool.parameters["properties"]
+    assert props["text"]["x-free-text"] is True and "x-free-text" not in props["to"]
+    with pytest.raises(ValueError, match="'body', which is not a parameter of tool 'send_message'.*to, text, urgent"):
+        Tool.from_callable(send_message, free_text=["body"])
+    with pytest.raises(ValueError, match="only string parameters can be free text"):
+        Tool.from_callable(send_message, free_text=["urgent"])
+    registry = ToolRegistry()
+    assert registry.add(send_message, free_text=["text"]).parameters["properties"]["text"]["x-free-text"] is True
+    schema = Tool.from_callable(send_message).schema
+    marked = registry.add(schema, lambda **kw: kw, name=None, free_text=["text"], replace=True)
+    assert marked.parameters["properties"]["text"]["x-free-text"] is True
+    assert "x-free-text" not in schema["function"]["parameters"]["properties"]["text"]  # the caller's dict is not changed
+    with pytest.raises(ValueError, match="free_text= apply to functions"):
+        registry.add(Tool.from_callable(send_message), free_text=["text"], replace=True)
+
+
 def test_tool_is_async_for_async_callable_object() -> None:
     class Handler:
         async def __call__(self, x: int) -> int:

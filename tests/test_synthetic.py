@@ -148,6 +148,8 @@ def test_catalogue_includes_demo_tools():
     schemas = syn.catalogue_schemas()
     assert set(schemas) == set(cat)
     assert all("x-latency-ms" in s["function"] for s in schemas.values())
+    free = {(n, k) for n, s in schemas.items() for k, p in s["function"]["parameters"]["properties"].items() if p.get("x-free-text")}
+    assert free == {("send_message", "text")}  # a message body is composed ("Booked, seat 6C"); every other value is copied
 
 
 def test_no_task_asks_for_the_same_call_twice() -> None:

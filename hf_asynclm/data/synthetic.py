@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .. import demo_tools as dt
 from ..demo_tools import random_code, random_name, seeded_rng
+from ..executor.registry import mark_free_text
 from .tasks import PlannedCall, Task
 
 __all__ = [
@@ -115,6 +116,9 @@ def send_message(to: str, text: str) -> dict:
 
 
 _GENERIC: tuple[tuple[Callable[..., dict], int], ...] = ((get_stock, 200), (get_distance, 150), (send_message, 100))
+#: String parameters whose values the model composes rather than copies (``"x-free-text"``: exempt
+#: from ``constrain_calls="grounded"``): a message body such as ``"Booked, seat 6C"``.
+_FREE_TEXT: dict[str, tuple[str, ...]] = {"send_message": ("text",)}
 
 # ---------------------------------------------------------------------------------------------
 # Value pools
@@ -399,6 +403,7 @@ def _schemas() -> dict[str, dict[str, Any]]:
         schema = get_json_schema(fn)
         schema["function"].pop("return", None)
         schema["function"]["x-latency-ms"] = ms
+        mark_free_text(schema, _FREE_TEXT.get(fn.__name__, ()))
         out[fn.__name__] = schema
     return out
 

@@ -29,7 +29,7 @@ import copy
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class Tool:
         name: str | None = None,
         timeout_s: float | None = None,
         latency_ms: float | None = None,
+        free_text: Sequence[str] = (),
     ) -> "Tool":
         """Build a tool from a function with type hints and a Google-style docstring.
 
@@ -199,10 +200,14 @@ class Tool:
             name: Name the model calls it by (default: the function's name).
             timeout_s: Per-tool timeout, overriding the executor's.
             latency_ms: Expected execution time, shown to the model as ``"x-latency-ms"``.
+            free_text: String parameters whose values the model composes rather than copies (a
+                message body): marked ``"x-free-text": true``, so that ``constrain_calls="grounded"``
+                holds them to the schema alone.
 
         Raises:
-            ValueError: ``get_json_schema`` cannot describe the function; the message says what
-                its docstring or signature lacks.
+            ValueError: ``get_json_schema`` cannot describe the function (the message says what
+                its docstring or signature lacks), or a ``free_text`` name is not one of its string
+                parameters.
         """
         from transformers.utils import get_json_schema
 
@@ -221,6 +226,7 @@ class Tool:
             schema["function"]["name"] = name
         if latency_ms is not None:
             schema["function"]["x-latency-ms"] = latency_ms
+        mark_free_text(schema, free_text)
         return cls(name=schema["function"]["name"], schema=schema, handler=fn, timeout_s=timeout_s)
 
     @classmethod
@@ -264,6 +270,44 @@ class Tool:
         return self.function.get("x-latency-ms", self.schema.get("x-latency-ms"))
 
 
+def mark_free_text(schema: Mapping[str, Any], names: Iterable[str]) -> None:
+    """Mark string parameters of a tool schema (``{"type": "function", "function": {...}}`` or the
+    bare function dict) free text, in place: ``"x-free-text": true`` on each, which exempts its
+    values from ``constrain_calls="grounded"`` (see :data:`hf_asynclm.call_grammar.FREE_TEXT_KEY`).
+
+    Raises:
+        ValueError: a name is not a parameter of the tool, or not a string parameter.
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.executor.registry import mark_free_text
+    >>> schema = {"name": "send_message", "parameters": {"type": "object", "properties": {
+    ...     "to": {"type": "string"}, "text": {"type": "string"}}}}
+    >>> mark_free_text(schema, ["text"])
+    >>> schema["parameters"]["properties"]["text"]
+    {'type': 'string', 'x-free-text': True}
+
+    ```
+    """
+    function = schema.get("function", schema)
+    props = (function.get("parameters") or {}).get("properties") or {}
+    for name in names:
+        prop = props.get(name)
+        if not isinstance(prop, dict):
+            raise ValueError(
+                f"free_text names {name!r}, which is not a parameter of tool {function.get('name')!r} "
+                f"(its parameters: {', '.join(props) or 'none'})"
+            )
+        types = prop.get("type")
+        if "string" not in (types if isinstance(types, list) else [types]):
+            raise ValueError(
+                f"free_text names {name!r} of tool {function.get('name')!r}, a parameter of type {types!r}: "
+                "only string parameters can be free text"
+            )
+        prop["x-free-text"] = True
+
+
 ToolLike = Union[Tool, Callable[..., Any], "tuple[Mapping[str, Any], Callable[..., Any]]"]
 
 
@@ -303,6 +347,7 @@ class ToolRegistry:
         name: str | None = None,
         timeout_s: float | None = None,
         latency_ms: float | None = None,
+        free_text: Sequence[str] = (),
         replace: bool = False,
     ) -> Tool:
         """Register a tool and return it.
@@ -314,6 +359,8 @@ class ToolRegistry:
             name: Register a function under another name (functions only).
             timeout_s: Per-tool timeout (functions and schemas).
             latency_ms: Expected latency shown to the model (functions only).
+            free_text: String parameters the model composes rather than copies, exempt from
+                ``constrain_calls="grounded"`` (functions and schemas; see :func:`mark_free_text`).
             replace: Replace a tool of the same name instead of raising.
 
         Raises:
@@ -321,19 +368,24 @@ class ToolRegistry:
                 cannot be turned into a tool.
         """
         if isinstance(tool_or_fn, Tool):
-            if name is not None or latency_ms is not None:
-                raise ValueError("name= and latency_ms= apply to functions; a Tool object already has its schema")
+            if name is not None or latency_ms is not None or free_text:
+                raise ValueError(
+                    "name=, latency_ms= and free_text= apply to functions (free_text= to schemas too); a Tool object "
+                    "already has its schema: pass Tool.from_callable(..., free_text=...)"
+                )
             tool = tool_or_fn
         elif isinstance(tool_or_fn, tuple):
             if len(tool_or_fn) != 2:
                 raise ValueError(f"a tool tuple must be (schema, handler), got {len(tool_or_fn)} items")
             tool = Tool.from_schema(tool_or_fn[0], tool_or_fn[1], timeout_s=timeout_s)
+            mark_free_text(tool.schema, free_text)
         elif isinstance(tool_or_fn, Mapping):
             if handler is None:
                 raise ValueError("a schema dict needs a handler: registry.add(schema, handler)")
             tool = Tool.from_schema(tool_or_fn, handler, timeout_s=timeout_s)
+            mark_free_text(tool.schema, free_text)
         elif callable(tool_or_fn):
-            tool = Tool.from_callable(tool_or_fn, name=name, timeout_s=timeout_s, latency_ms=latency_ms)
+            tool = Tool.from_callable(tool_or_fn, name=name, timeout_s=timeout_s, latency_ms=latency_ms, free_text=free_text)
         else:
             raise ValueError(
                 f"cannot make a tool from {type(tool_or_fn).__name__}: pass a Tool, a documented function "
