@@ -127,6 +127,7 @@ class ModelSettings:
     interrupt_at: str | None = None  # None: the checkpoint's recorded choice, else token
     constrain_calls: str | None = None  # None: the checkpoint's recorded choice, else off
     no_repeat_calls: bool | None = None  # None: the checkpoint's recorded choice, else allowed
+    complete_names: bool | None = None  # None: the checkpoint's recorded choice, else off
     emulate_tpot_ms: float | None = None
     emulate_ttft_ms: float | None = None
 
@@ -172,6 +173,8 @@ class ModelSettings:
                 raise click.UsageError("--constrain-calls applies to the local backend only (use the server's own grammar support)")
             if self.no_repeat_calls is not None:
                 raise click.UsageError("--no-repeat-calls/--repeat-calls apply to the local backend only")
+            if self.complete_names is not None:
+                raise click.UsageError("--complete-names/--no-complete-names apply to the local backend only")
 
 
 def check_endpoint(url: str) -> None:
@@ -248,6 +251,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Local backend: never let the model repeat a call it has made in this generation (same tool and arguments): "
             "with constrained calls, the value that would repeat one is not offered. --repeat-calls allows it (tools that "
             "are polled). Default: what the checkpoint records, else allowed.",
+        ),
+        click.option(
+            "--complete-names/--no-complete-names",
+            "complete_names",
+            default=None,
+            help="Local backend: never let the model end a name from the conversation early in its text (\"Kuala\" for "
+            "Kuala Lumpur, \"Hong\" for Hong Kong). Default: what the checkpoint records, else off.",
         ),
         click.option(
             "--emulate-tpot-ms",
@@ -380,7 +390,8 @@ def load_alm(settings: ModelSettings, tools: Any) -> Any:
             with user_errors(f"cannot load model {settings.model!r}" if settings.model else "cannot load the default model"):
                 return AsyncLM.from_pretrained(
                     settings.model, device=settings.device, interrupt_at=settings.interrupt_at,
-                    constrain_calls=settings.constrain_calls, no_repeat_calls=settings.no_repeat_calls, **common,
+                    constrain_calls=settings.constrain_calls, no_repeat_calls=settings.no_repeat_calls,
+                    complete_names=settings.complete_names, **common,
                 )
         except click.ClickException as exc:
             if settings.model is None:

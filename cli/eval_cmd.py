@@ -49,6 +49,11 @@ from .common import DEFAULT_MAX_NEW_TOKENS
     "calls, the value that would repeat one is not offered. Default: what the checkpoint records, else allowed.",
 )
 @click.option(
+    "--complete-names/--no-complete-names", "complete_names", default=None,
+    help="Never let the model end a name from the conversation early in its text (\"Kuala\" for Kuala Lumpur). "
+    "Default: what the checkpoint records, else off.",
+)
+@click.option(
     "--exclude-tasks", "exclude_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="BFCL: leave out tasks a checkpoint trained on: training traces (JSONL with task_id) or a JSON list of "
     "task ids. Repeatable.",
@@ -69,6 +74,7 @@ def eval_command(
     interrupt_at: str | None,
     constrain_calls: str | None,
     no_repeat_calls: bool | None,
+    complete_names: bool | None,
     exclude_files: tuple[Path, ...],
     data_dir: Path | None,
     out: Path | None,
@@ -104,7 +110,8 @@ def eval_command(
 
     try:
         alm = AsyncLM.from_pretrained(
-            model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls
+            model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls,
+            complete_names=complete_names,
         )
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
@@ -122,7 +129,7 @@ def eval_command(
                         alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls, **clocked,
+                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names, **clocked,
                     )
                 )
         if n_bfcl:
@@ -155,7 +162,7 @@ def eval_command(
                         alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls, **clocked,
+                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names, **clocked,
                     )
                 )
     for report in reports:

@@ -36,6 +36,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from .call_grammar import CallGrammarProcessor, ConstrainCalls, check_constrain_calls, check_no_repeat_calls
+from .name_completion import NameCompletionProcessor, check_complete_names
 from .cml import marker_token_ids, visible_text
 from .executor.executor import ToolExecutor
 from .executor.registry import ToolRegistry
@@ -159,6 +160,7 @@ _RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "interrupt_at": check_interrupt_at,
     "constrain_calls": check_constrain_calls,
     "no_repeat_calls": check_no_repeat_calls,
+    "complete_names": check_complete_names,
 }
 
 
@@ -169,7 +171,8 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     ``hf-asynclm train`` records ``{"interrupt_at": "word", "constrain_calls": "schema"}``: its
     traces only put interrupts between words or right after a block, and its markers are single
     tokens (calls can be held to the tools' schemas; ``--constrain-calls`` records another setting,
-    e.g. the shipped cml-tiny's ``"grounded"``, ``--no-repeat-calls`` adds ``"no_repeat_calls": true``
+    e.g. the shipped cml-tiny's ``"grounded"``, ``--no-repeat-calls`` adds ``"no_repeat_calls": true``,
+    ``--complete-names`` adds ``"complete_names": true``
     and ``--interrupt-at sentence`` records paced interrupts, for a model trained on paced traces). A value this version does not know is left out
     with a warning (the constructor's default applies).
 
@@ -178,7 +181,7 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     ```python
     >>> from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
     >>> checkpoint_runtime_defaults(DEFAULT_CHECKPOINT)
-    {'interrupt_at': 'sentence', 'constrain_calls': 'grounded', 'no_repeat_calls': True}
+    {'interrupt_at': 'sentence', 'constrain_calls': 'grounded', 'no_repeat_calls': True, 'complete_names': True}
 
     ```
     """
@@ -240,6 +243,10 @@ class AsyncLM(SessionControl):
             argument would repeat one, the model is steered to another value (see
             :class:`~hf_asynclm.call_grammar.CallChecker`). For small models that lose track of
             which items of a list they have asked for; leave it off where a tool is polled.
+        complete_names: never let the model end a name from the conversation early in its
+            visible text (``"Kuala"`` for Kuala Lumpur, ``"Hong"`` for Hong Kong): a token that
+            would stop it there is refused (:class:`~hf_asynclm.name_completion.NameCompletionProcessor`).
+            For small models that quote their results; works without the CML markers as tokens.
     """
 
     def __init__(
@@ -261,6 +268,7 @@ class AsyncLM(SessionControl):
         max_cml_errors: int | None = 8,
         constrain_calls: ConstrainCalls = "off",
         no_repeat_calls: bool = False,
+        complete_names: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -275,6 +283,7 @@ class AsyncLM(SessionControl):
         self.no_repeat_calls = check_no_repeat_calls(no_repeat_calls)
         if self.no_repeat_calls and self.constrain_calls == "off":
             raise ValueError("no_repeat_calls=True works through constrained decoding: pass constrain_calls='schema' or 'grounded'")
+        self.complete_names = check_complete_names(complete_names)
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)
@@ -432,13 +441,16 @@ class AsyncLM(SessionControl):
                 streamer.put(input_ids.cpu())  # generate() did not see this streamer: give it the prompt
             elif streamer is None:
                 streamer = _streamer_of_calling_generate()
+            front: list[Any] = []
             if alm.constrain_calls != "off":
-                # first, so that sampling warpers work on the valid tokens only
-                grammar = CallGrammarProcessor(
+                front.append(CallGrammarProcessor(
                     alm.tokenizer, alm.registry.schemas(), grounded=alm.constrain_calls == "grounded",
                     no_repeat=alm.no_repeat_calls,
-                )
-                logits_processor = LogitsProcessorList([grammar, *(logits_processor or [])])
+                ))
+            if alm.complete_names:
+                front.append(NameCompletionProcessor(alm.tokenizer))
+            if front:  # first, so that sampling warpers work on the allowed tokens only
+                logits_processor = LogitsProcessorList([*front, *(logits_processor or [])])
             with alm._lock:
                 alm._session = session
             try:

@@ -269,6 +269,7 @@ def _run_task(
     constrain_calls: str = "off",
     no_repeat_calls: bool = False,
     virtual_clock: Any | None = None,
+    complete_names: bool = False,
 ) -> tuple[Any | None, float, str | None]:
     """Run one task greedily: (AsyncResult or None, wall seconds, error repr or None)."""
     from transformers import LogitsProcessorList
@@ -278,6 +279,7 @@ def _run_task(
     alm = AsyncLM(
         model, tokenizer, tools=tools, mode=mode, call_timeout_s=10, trap_timeout_s=10,
         interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls,  # type: ignore[arg-type]
+        complete_names=complete_names,
     )
     extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
     t0 = time.perf_counter()
@@ -303,12 +305,13 @@ def evaluate_synthetic(
     no_repeat_calls: bool = False,
     clock: str = "wall",
     tpot_range_ms: Sequence[float] = (5.0, 30.0),
+    complete_names: bool = False,
 ) -> EvalReport:
     """Run synthetic tasks and score them (see the module docstring).
 
     ``processors_for(task)`` may return extra logits processors for a task (tests use it to
-    script a policy). ``interrupt_at``, ``constrain_calls`` and ``no_repeat_calls`` are the
-    runtime's settings (``AsyncLM``). ``clock="virtual"`` runs each task in simulated time
+    script a policy). ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls`` and ``complete_names``
+    are the runtime's settings (``AsyncLM``). ``clock="virtual"`` runs each task in simulated time
     (:func:`task_clock`: ``tpot_range_ms`` per token, the tools' prompt latencies per call; the
     tools return at once), so the report is the same on every run and machine.
     """
@@ -318,7 +321,7 @@ def evaluate_synthetic(
         scale, virtual_clock = _timing_of(task, clock, latency_scale, tpot_range_ms)
         result, wall, error = _run_task(
             model, tokenizer, task, task_tools(task, scale), mode, max_new_tokens,
-            processors_for, interrupt_at, constrain_calls, no_repeat_calls, virtual_clock,
+            processors_for, interrupt_at, constrain_calls, no_repeat_calls, virtual_clock, complete_names,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -333,7 +336,7 @@ def evaluate_synthetic(
             progress(1)
     runtime = {
         "interrupt_at": interrupt_at, "constrain_calls": constrain_calls, "no_repeat_calls": no_repeat_calls,
-        "max_new_tokens": max_new_tokens,
+        "complete_names": complete_names, "max_new_tokens": max_new_tokens,
     }
     return _aggregate("synthetic", mode, scores, {**runtime, **_clock_settings(clock, latency_scale, tpot_range_ms)})
 
@@ -405,10 +408,11 @@ def evaluate_bfcl(
     no_repeat_calls: bool = False,
     clock: str = "wall",
     tpot_range_ms: Sequence[float] = (5.0, 30.0),
+    complete_names: bool = False,
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
-    ``interrupt_at``, ``constrain_calls`` and ``no_repeat_calls`` are the runtime's settings (``AsyncLM``);
+    ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls`` and ``complete_names`` are the runtime's settings (``AsyncLM``);
     ``clock`` as in :func:`evaluate_synthetic` (virtual: each call takes its cheat-sheet latency)."""
     from .bench.ast_match import match_task
 
@@ -419,7 +423,7 @@ def evaluate_bfcl(
         tools = task_tools(task, scale, _generic_result)
         result, wall, error = _run_task(
             model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls,
-            no_repeat_calls, virtual_clock,
+            no_repeat_calls, virtual_clock, complete_names,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -463,6 +467,7 @@ def evaluate_bfcl(
         "interrupt_at": interrupt_at,
         "constrain_calls": constrain_calls,
         "no_repeat_calls": no_repeat_calls,
+        "complete_names": complete_names,
         "max_new_tokens": max_new_tokens,
         **_clock_settings(clock, latency_scale, tpot_range_ms),
     }

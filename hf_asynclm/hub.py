@@ -308,9 +308,9 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     - ``runtime`` (dict): settings the checkpoint was trained for, which
       :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
       otherwise: ``interrupt_at`` (``"token"``, ``"word"``, ``"sentence"`` or ``"sentence-eager"``), ``constrain_calls``
-      (``"off"``, ``"schema"`` or ``"grounded"``) and ``no_repeat_calls`` (bool); the trainer
-      writes ``"word"`` (``"sentence"`` when asked, for paced traces) and ``"schema"`` (and
-      ``no_repeat_calls`` when asked), see
+      (``"off"``, ``"schema"`` or ``"grounded"``), ``no_repeat_calls`` and ``complete_names`` (bools);
+      the trainer writes ``"word"`` (``"sentence"`` when asked, for paced traces) and ``"schema"``
+      (and ``no_repeat_calls`` / ``complete_names`` when asked), see
       :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`.
 
     Args:
@@ -588,6 +588,7 @@ def render_model_card(
         interrupt_at=runtime.get("interrupt_at"),
         constrain_calls=runtime.get("constrain_calls"),
         no_repeat_calls=runtime.get("no_repeat_calls") is True,
+        complete_names=runtime.get("complete_names") is True,
     )
     return card
 

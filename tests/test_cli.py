@@ -313,6 +313,7 @@ def test_missing_default_checkpoint(monkeypatch, tmp_path):
         (["--constrain-calls", "json"], "'json' is not one of"),
         (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--no-repeat-calls"], "local backend only"),
         (["--constrain-calls", "off", "--no-repeat-calls"], "works through constrained calls"),
+        (["--backend", "tgi", "--endpoint", "http://127.0.0.1:8080", "--complete-names"], "local backend only"),
     ],
 )
 def test_bad_options(args, needle):

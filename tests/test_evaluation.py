@@ -41,19 +41,20 @@ def test_scripted_simulator_policy_scores_perfectly():
 
 
 def test_the_constraints_let_a_perfect_policy_through():
-    """Schema-checked calls that may not repeat an earlier call do not stand in the way of the
-    plan (no plan makes the same call twice); the report says which settings ran."""
+    """Schema-checked calls that may not repeat an earlier call, and names held whole, do not
+    stand in the way of the plan (no plan makes the same call twice or cuts a name); the report
+    says which settings ran."""
     tok = tiny_tokenizer()
     tok.chat_template = CML_CHAT_TEMPLATE
     tasks = generate_tasks(6, seed=5, split="eval")
     report = evaluate_synthetic(
         tiny_llama(tok), tok, tasks, max_new_tokens=400, latency_scale=0.02, processors_for=_scripted(tok),
-        constrain_calls="schema", no_repeat_calls=True,
+        constrain_calls="schema", no_repeat_calls=True, complete_names=True,
     )
     assert report.success_rate == 1.0, [t for t in report.tasks if not t.success]
-    assert report.extra["no_repeat_calls"] is True
+    assert report.extra["no_repeat_calls"] is True and report.extra["complete_names"] is True
     text = format_report(report)
-    assert "| no_repeat_calls | on |" in text and "| constrain_calls | schema |" in text
+    assert "| no_repeat_calls | on |" in text and "| constrain_calls | schema |" in text and "| complete_names | on |" in text
 
 
 def test_in_simulated_time_a_report_is_the_same_on_every_run():
@@ -131,9 +132,11 @@ def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):
     assert all(isinstance(t["transcript"], str) for t in report["tasks"]) and any(t["transcript"] for t in report["tasks"])
     # the runtime settings the checkpoint records, unless the command line says otherwise
     assert report["extra"]["constrain_calls"] == "grounded" and report["extra"]["interrupt_at"] == "sentence"
-    r = runner.invoke(eval_command, [*args, "--constrain-calls", "off", "--out", str(tmp_path / "off.json")])
+    assert report["extra"]["complete_names"] is True
+    r = runner.invoke(eval_command, [*args, "--constrain-calls", "off", "--no-complete-names", "--out", str(tmp_path / "off.json")])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "off.json").read_text())[0]["extra"]["constrain_calls"] == "off"
+    off = json.loads((tmp_path / "off.json").read_text())[0]["extra"]
+    assert off["constrain_calls"] == "off" and off["complete_names"] is False
     # a JSON list of ids, and JSONL traces with task_id, both work and combine
     (tmp_path / "ids.json").write_text(json.dumps(all_ids[:1]))
     (tmp_path / "traces.jsonl").write_text(json.dumps({"task_id": all_ids[1], "mode": "async"}) + "\n")

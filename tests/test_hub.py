@@ -329,6 +329,11 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
     (folder / "cml_training.json").write_text(json.dumps(record))
     text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
     assert '`"no_repeat_calls": true`' in text and "no_repeat_calls=False" in text
+    assert "complete_names" not in text
+    record["runtime"]["complete_names"] = True
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
+    assert '`"complete_names": true`' in text and "complete_names=False" in text
     record["runtime"]["interrupt_at"] = "sentence"
     (folder / "cml_training.json").write_text(json.dumps(record))
     text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text

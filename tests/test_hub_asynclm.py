@@ -102,6 +102,10 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     assert AsyncLM.from_pretrained(constrain_calls="off").no_repeat_calls is False
     with pytest.raises(ValueError, match="no_repeat_calls"):
         AsyncLM.from_pretrained(constrain_calls="off", no_repeat_calls=True)
+    # ... and holds names whole in its text, a setting of its own (no markers needed)
+    assert AsyncLM.from_pretrained().complete_names is True
+    assert AsyncLM.from_pretrained(constrain_calls="off").complete_names is True
+    assert AsyncLM.from_pretrained(complete_names=False).complete_names is False
     folder = tmp_path / "ckpt"
     shutil.copytree(DEFAULT_CHECKPOINT, folder)
     record_path = folder / "cml_training.json"

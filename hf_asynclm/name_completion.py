@@ -1,0 +1,221 @@
+"""Names in the model's text are not cut short: :class:`NameCompletionProcessor`.
+
+A small CML model quoting its results often stops inside a name it copies: ``"Kuala: Genim Inn"``
+for Kuala Lumpur, ``"Gugrei-Kathm: FL584"`` for Kathmandu, ``"San Francisco to Hong: RX305"``.
+The grounded call constraint (:mod:`hf_asynclm.call_grammar`) keeps such cuts out of call
+arguments; this processor keeps them out of the visible text. Where the text the model is
+writing (outside CML blocks) ends in the start of a name from the conversation, a name the
+conversation never ends there, the model may not end it there: a token that stops the name
+(punctuation, a space followed by something else, a marker, EOS) is refused unless it goes on
+with the name (``" Lumpur"``). Within the first word of a name, a token that goes on with letters
+is never refused (``"Booked"`` may follow ``"Book"`` where the request says "Book Ann on a
+flight"): the processor does not spell a word for the model, it only stops it ending one early;
+from the second word on (``"Kuala Lu"``) the model has taken up the name and its letters must
+follow it.
+
+What counts as a name: a run of capitalised words in the conversation so far (prompt, tools,
+results, the model's own text), lower-case name particles allowed between them (``"Rio de
+Janeiro"``), digits allowed inside a word (``"PX409"``). A run that starts a sentence may also
+be its first word alone (``"Book Nurun Traikre on a flight"``: ``"Book"`` is a whole word there),
+and every run is also a name from each of its later words on. The text being written is checked
+from a capitalised word start; words of one letter (``"A"``, ``"I"``) are never held.
+
+Example:
+
+```python
+>>> from hf_asynclm.name_completion import NameIndex
+>>> names = NameIndex("Hotel in Kuala Lumpur, then Hong Kong. Weather in Auckland?")
+>>> names.cut("Kuala"), names.cut("Hong "), names.cut("Auck"), names.cut("Auckland"), names.cut("Hotel")
+(True, True, True, False, False)
+>>> names.may_follow("Kuala", ":"), names.may_follow("Kuala", " Lumpur:"), names.may_follow("Auck", "l")
+(False, True, True)
+
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor
+
+from .cml import MARKERS
+
+logger = logging.getLogger(__name__)
+
+_PARTICLES = ("de", "del", "della", "da", "do", "dos", "das", "di", "du", "la", "le", "am", "an", "der", "den", "van", "von", "y")
+_WORD = r"[A-Z][A-Za-z0-9]*"
+_RUN = re.compile(rf"(?<![A-Za-z0-9]){_WORD}(?: (?:(?:{'|'.join(_PARTICLES)}) )?{_WORD})*(?![A-Za-z0-9])")
+_LATER_WORD = re.compile(rf" (?:(?:{'|'.join(_PARTICLES)}) )?(?={_WORD})")
+_SENTENCE_END = set(".!?>\n")
+#: How many characters at the end of the text are searched for the start of a name.
+TAIL_CHARS = 64
+
+
+def check_complete_names(value: Any) -> bool:
+    """Return ``value`` when it is a valid ``complete_names`` setting (a bool), else raise ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"complete_names must be True or False, got {value!r}")
+    return value
+
+
+class NameIndex:
+    """The names of a text (see the module docstring) and the two checks the processor makes.
+
+    Args:
+        text: the conversation so far, before the name being written.
+    """
+
+    def __init__(self, text: str) -> None:
+        names: set[str] = set()
+        for m in _RUN.finditer(text):
+            run = m.group(0)
+            names.add(run)
+            for later in _LATER_WORD.finditer(run):  # "Nurun Traikre" of "Book Nurun Traikre"
+                names.add(run[later.end():])
+            before = text[: m.start()].rstrip(" ")
+            if not before or before[-1] in _SENTENCE_END or before.endswith("|>"):
+                names.add(run.split(" ", 1)[0])  # a sentence's first word may stand alone
+        self.names = frozenset(names)
+        self._sorted = sorted(self.names)
+
+    def _starting_with(self, prefix: str) -> list[str]:
+        import bisect
+
+        i = bisect.bisect_left(self._sorted, prefix)
+        out = []
+        while i < len(self._sorted) and self._sorted[i].startswith(prefix):
+            out.append(self._sorted[i])
+            i += 1
+        return out
+
+    def cut(self, written: str) -> bool:
+        """Whether ``written`` (from a capitalised word start to the end of the text) stops inside
+        every name it starts: it starts a name longer than itself and is no name itself."""
+        if written.rstrip(" ") in self.names:
+            return False
+        return any(len(n) > len(written) for n in self._starting_with(written))
+
+    def may_follow(self, written: str, piece: str) -> bool:
+        """Whether ``piece`` may follow the cut name start ``written``: ``written + piece`` is
+        still the start of a name, or starts with a whole name that ends there, or (while
+        ``written`` is one word) ``piece`` goes on with that word in letters or digits."""
+        if not piece:
+            return False
+        if " " not in written and written[-1:].isalnum() and piece[0].isalnum():
+            return True
+        text = written + piece
+        if self._starting_with(text):
+            return True
+        return any(text.startswith(n) and not text[len(n)].isalnum() for n in self._starting_with(written) if len(n) < len(text))
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9 ]*$")
+
+
+def _name_starts(text: str) -> list[str]:
+    """Ends of ``text`` that may be a name being written, longest first: from each capitalised
+    word start within its last run of words and spaces (at most :data:`TAIL_CHARS` long)."""
+    segment = _SEGMENT.search(text[-TAIL_CHARS:]).group(0)  # type: ignore[union-attr]
+    return [segment[i:] for i in range(len(segment)) if segment[i].isupper() and (i == 0 or segment[i - 1] == " ")]
+
+
+class NameCompletionProcessor(LogitsProcessor):
+    """Refuse tokens that end a name from the conversation early in the model's visible text
+    (see the module docstring). Stateless: it reads the text from ``input_ids`` at every step,
+    so it works in hf-asynclm's decode loop (with injected results) and in a plain
+    ``model.generate``. Inside CML blocks it does nothing (the call constraint's business).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        candidates: how many of the most likely tokens to keep the allowed ones of.
+        max_scan: how far down the ranking to look when none of those is allowed; where none of
+            these is, the scores are left alone.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_asynclm.name_completion import NameCompletionProcessor
+    >>> from hf_asynclm.testing import tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> proc = NameCompletionProcessor(tok)
+    >>> ids = tok.encode("Hotel in Kuala Lumpur? Kuala", add_special_tokens=False)
+    >>> colon = tok.convert_tokens_to_ids(":")
+    >>> proc.allowed(ids, colon)
+    False
+
+    ```
+    """
+
+    def __init__(self, tokenizer: Any, candidates: int = 16, max_scan: int = 512) -> None:
+        if candidates < 1 or max_scan < candidates:
+            raise ValueError(f"need 1 <= candidates <= max_scan, got {candidates} and {max_scan}")
+        self.tokenizer = tokenizer
+        self.candidates = candidates
+        self.max_scan = max_scan
+        self._index: tuple[int, NameIndex] | None = None  # (hash of the text before, index)
+        self._pieces: dict[int, str] = {}
+        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        #: Steps at which a token was refused for ending a name early.
+        self.steps_held = 0
+
+    def _piece(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = "" if token in self._special else self.tokenizer.decode([token])
+            self._pieces[token] = piece
+        return piece
+
+    def _state(self, ids: list[int]) -> tuple[str, NameIndex] | None:
+        """``(written, index)`` where the text ends in a cut name start, else None."""
+        tail = self.tokenizer.decode(ids[-8:])
+        if not tail or not (tail[-1].isalnum() or tail[-1] == " "):
+            return None
+        text = self.tokenizer.decode(ids)
+        if text.rfind("[CALL]") > text.rfind("[END]"):
+            return None  # inside a call block
+        for written in _name_starts(text):
+            if len(written.strip()) < 2:
+                continue
+            before = text[: len(text) - len(written)]
+            key = hash(before)
+            if self._index is None or self._index[0] != key:
+                self._index = (key, NameIndex(before))
+            index = self._index[1]
+            if index.cut(written):
+                return written, index
+            if any(n.startswith(written) for n in index.names):
+                return None  # it starts a name that may end here
+        return None
+
+    def allowed(self, ids: list[int], token: int) -> bool:
+        """Whether ``token`` may follow ``ids``."""
+        state = self._state(ids)
+        return state is None or state[1].may_follow(state[0], self._piece(token))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row].tolist()
+            state = self._state(ids)
+            if state is None:
+                continue
+            written, index = state
+            order = torch.argsort(scores[row], descending=True)[: self.max_scan].tolist()
+            keep = []
+            for rank, token in enumerate(order):
+                if index.may_follow(written, self._piece(token)):
+                    keep.append(token)
+                    if len(keep) >= self.candidates or (keep and rank >= self.candidates):
+                        break
+            if not keep:
+                continue
+            if keep[0] != order[0]:
+                self.steps_held += 1
+            mask = torch.full_like(scores[row], float("-inf"))
+            mask[keep] = 0.0
+            scores[row] = scores[row] + mask
+        return scores

@@ -1,0 +1,169 @@
+"""Names in the model's text are not cut short (hf_asynclm.name_completion)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_asynclm.name_completion import NameCompletionProcessor, NameIndex, check_complete_names
+from hf_asynclm.testing import tiny_llama, tiny_tokenizer
+
+CONTEXT = (
+    "<|user|>\nBook Nurun Traikre on a flight from San Francisco to Hong Kong, a hotel in Kuala Lumpur, "
+    "time in Rio de Janeiro and weather in Auckland. Gate F10, code PX409.\n<|assistant|>\n"
+)
+
+
+@pytest.mark.parametrize(
+    "written, cut",
+    [
+        ("Kuala", True), ("Kuala ", True), ("Kuala Lu", True), ("Kuala Lumpur", False),
+        ("Hong", True), ("Hong Kong", False), ("San", True), ("San Francisco", False),
+        ("Rio", True), ("Rio de", True), ("Rio de Janeiro", False), ("Auck", True), ("Auckland", False),
+        ("Book", False),  # a sentence's first word stands alone: "Booked" may be written
+        ("Nurun", True), ("Nurun Traikre", False),  # the name within "Book Nurun Traikre"
+        ("PX", True), ("PX409", False), ("F10", False),
+        ("Paris", False), ("Lumpur", False),  # no name starts with these: nothing to hold
+    ],
+)
+def test_a_name_start_is_cut_where_the_conversation_never_ends_a_name(written: str, cut: bool) -> None:
+    assert NameIndex(CONTEXT).cut(written) is cut
+
+
+@pytest.mark.parametrize(
+    "written, piece, ok",
+    [
+        ("Kuala", ":", False), ("Kuala", " ", True), ("Kuala", " Lumpur", True), ("Kuala", " Lumpur: $99", True),
+        ("Kuala", "a", True),  # the first word goes on: not spelt for the model
+        ("Kuala ", "to", False), ("Kuala Lu", "nnur", False), ("Kuala Lu", "mpur", True), ("Kuala Lu", "mpur,", True),
+        ("Hong", " to", False), ("Hong", " Kong.", True), ("Rio", " de", True), ("Rio de", " Janeiro", True),
+        ("Rio de", ":", False), ("Auck", "-", False), ("Auck", "land", True), ("Kuala", "", False),  # EOS, markers
+        ("Kuala", "[CALL]", False),
+    ],
+)
+def test_only_pieces_that_go_on_with_the_name_may_follow_a_cut(written: str, piece: str, ok: bool) -> None:
+    assert NameIndex(CONTEXT).may_follow(written, piece) is ok
+
+
+_WORD = st.from_regex(r"[A-Z][a-z]{2,8}", fullmatch=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(words=st.lists(_WORD, min_size=1, max_size=3), lead=st.sampled_from(["in ", "to ", "Hotel in ", "\"", "from "]),
+       tail=st.sampled_from([".", ", then", "\"}", "?"]))
+def test_writing_a_whole_name_of_the_context_is_never_refused(words: list[str], lead: str, tail: str) -> None:
+    """Character by character, every name of the context can be written out and ended: at no
+    point is the next character of the name refused, and the whole name is never a cut."""
+    name = " ".join(words)
+    index = NameIndex(f"Please look at this: {lead}{name}{tail}")
+    for k in range(1, len(name)):
+        written = name[:k]
+        if index.cut(written):
+            assert index.may_follow(written, name[k]), (written, name[k])
+            assert index.may_follow(written, name[k:] + tail[0]), (written, name[k:])
+    assert not index.cut(name)
+
+
+def test_the_processor_refuses_a_token_that_ends_a_name_early_and_keeps_the_best_other() -> None:
+    tok = tiny_tokenizer()
+    proc = NameCompletionProcessor(tok)
+    ids = tok.encode("Hotel in Kuala Lumpur? Kuala", add_special_tokens=False)
+    colon, space = tok.convert_tokens_to_ids(":"), tok.encode(" ", add_special_tokens=False)[0]
+    assert not proc.allowed(ids, colon) and proc.allowed(ids, space)
+    assert not proc.allowed(ids, tok.eos_token_id) and not proc.allowed(ids, tok.convert_tokens_to_ids("[CALL]"))
+    scores = torch.zeros(1, len(tok))
+    scores[0, colon], scores[0, space] = 5.0, 4.0
+    out = proc(torch.tensor([ids]), scores.clone())
+    assert int(out[0].argmax()) == space and out[0, colon] == float("-inf")
+    assert proc.steps_held == 1
+    # the whole name, a name the context ends, and a word that is no name: nothing held
+    for text in ("Hotel in Kuala Lumpur? Kuala Lumpur", "Hotel in Kuala Lumpur? Hotel", "Hotel in Kuala Lumpur? Rome"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert proc.allowed(ids, colon), text
+
+
+def test_inside_a_call_block_the_processor_does_nothing() -> None:
+    tok = tiny_tokenizer()
+    proc = NameCompletionProcessor(tok)
+    ids = tok.encode('Hotel in Kuala Lumpur? [CALL] h1 [HEAD] find_hotel(city="Kuala', add_special_tokens=False)
+    assert proc.allowed(ids, tok.encode('"', add_special_tokens=False)[0])
+    after = tok.encode('Hotel in Kuala Lumpur? [CALL] h1 [HEAD] find_hotel(city="Kuala Lumpur") [END] Kuala', add_special_tokens=False)
+    assert not proc.allowed(after, tok.convert_tokens_to_ids(":"))
+
+
+def test_a_random_model_never_ends_a_name_of_its_prompt_early() -> None:
+    """Sampled at a high temperature, a random model writes any token; with the processor no name
+    of the prompt is ever left cut where the model's text goes on with something else."""
+    from transformers import LogitsProcessorList
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=1)
+    prompt = "Weather in Kuala Lumpur and Hong Kong? Kuala"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    n_prompt = ids.shape[1]
+    for seed in range(6):
+        proc = NameCompletionProcessor(tok)
+        torch.manual_seed(seed)
+        out = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=3.0, top_k=0,
+                             logits_processor=LogitsProcessorList([proc]), pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, n_prompt:].tolist())
+        written = "Kuala" + text
+        # the first word may go on in letters; otherwise the name is written out before anything else
+        assert text[:1].isalnum() or written.startswith("Kuala Lumpur") or "Kuala Lumpur".startswith(written), text
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(TypeError, match="complete_names must be True or False"):
+        check_complete_names("yes")
+    with pytest.raises(ValueError, match="candidates"):
+        NameCompletionProcessor(tiny_tokenizer(), candidates=0)
+
+
+def test_asynclm_takes_the_setting_from_the_caller_or_the_checkpoint(tmp_path) -> None:
+    import json
+    import shutil
+
+    from hf_asynclm import AsyncLM
+    from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    with pytest.raises(TypeError, match="complete_names"):
+        AsyncLM(model, tok, complete_names="yes")  # type: ignore[arg-type]
+    assert AsyncLM(model, tok).complete_names is False
+    assert AsyncLM(model, tok, complete_names=True).complete_names is True
+    folder = tmp_path / "ckpt"
+    shutil.copytree(DEFAULT_CHECKPOINT, folder)
+    record = json.loads((folder / "cml_training.json").read_text())
+    record["runtime"]["complete_names"] = True
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    assert checkpoint_runtime_defaults(folder)["complete_names"] is True
+    assert AsyncLM.from_pretrained(folder).complete_names is True
+    assert AsyncLM.from_pretrained(folder, complete_names=False).complete_names is False
+
+
+def test_a_generation_with_the_setting_on_never_cuts_a_name_of_the_prompt() -> None:
+    """Through AsyncLM's own decode loop (with the call constraint in front): a random model
+    sampled hot writes no name of the prompt cut short and then something else."""
+    import re
+
+    from hf_asynclm import AsyncLM
+    from hf_asynclm.name_completion import NameIndex
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=2)
+    alm = AsyncLM(model, tok, complete_names=True, constrain_calls="schema", system_prompt=False)
+    prompt = "Weather in Kuala Lumpur and Hong Kong?"
+    index = NameIndex(prompt)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        result = alm.generate(prompt, max_new_tokens=24, do_sample=True, temperature=3.0, top_k=0)
+        text = result.text
+        for m in re.finditer(r"(?<![A-Za-z0-9])(Kuala|Hong)(?![A-Za-z0-9])", text):
+            rest = text[m.end():]
+            if rest:  # the name went on, or the text ended there (the token limit)
+                assert rest.startswith(" Lumpur" if m.group(1) == "Kuala" else " Kong") or \
+                    (" Lumpur" if m.group(1) == "Kuala" else " Kong").startswith(rest), text
+        assert index.names  # the prompt has names to hold
