@@ -35,18 +35,16 @@ Example:
 
 from __future__ import annotations
 
-import logging
+import bisect
 import re
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor
 
-from .cml import MARKERS
+from .call_grammar import _NAME_PARTICLES as _PARTICLES  # the grounded call rule's particles: one list
+from .cml import CALL, END
 
-logger = logging.getLogger(__name__)
-
-_PARTICLES = ("de", "del", "della", "da", "do", "dos", "das", "di", "du", "la", "le", "am", "an", "der", "den", "van", "von", "y")
 _WORD = r"[A-Z][A-Za-z0-9]*"
 _RUN = re.compile(rf"(?<![A-Za-z0-9]){_WORD}(?: (?:(?:{'|'.join(_PARTICLES)}) )?{_WORD})*(?![A-Za-z0-9])")
 _LATER_WORD = re.compile(rf" (?:(?:{'|'.join(_PARTICLES)}) )?(?={_WORD})")
@@ -83,8 +81,6 @@ class NameIndex:
         self._sorted = sorted(self.names)
 
     def _starting_with(self, prefix: str) -> list[str]:
-        import bisect
-
         i = bisect.bisect_left(self._sorted, prefix)
         out = []
         while i < len(self._sorted) and self._sorted[i].startswith(prefix):
@@ -119,8 +115,10 @@ _SEGMENT = re.compile(r"[A-Za-z0-9 ]*$")
 def _name_starts(text: str) -> list[str]:
     """Ends of ``text`` that may be a name being written, longest first: from each capitalised
     word start within its last run of words and spaces (at most :data:`TAIL_CHARS` long)."""
-    segment = _SEGMENT.search(text[-TAIL_CHARS:]).group(0)  # type: ignore[union-attr]
-    return [segment[i:] for i in range(len(segment)) if segment[i].isupper() and (i == 0 or segment[i - 1] == " ")]
+    tail = text[-(TAIL_CHARS + 1):]
+    segment = _SEGMENT.search(tail).group(0)  # type: ignore[union-attr]
+    first = 0 if len(segment) < len(tail) else 1  # a segment as long as the tail may start inside a word
+    return [segment[i:] for i in range(first, len(segment)) if segment[i].isupper() and (i == 0 or segment[i - 1] == " ")]
 
 
 class NameCompletionProcessor(LogitsProcessor):
@@ -176,7 +174,7 @@ class NameCompletionProcessor(LogitsProcessor):
         if not tail or not (tail[-1].isalnum() or tail[-1] == " "):
             return None
         text = self.tokenizer.decode(ids)
-        if text.rfind("[CALL]") > text.rfind("[END]"):
+        if text.rfind(CALL) > text.rfind(END):
             return None  # inside a call block
         for written in _name_starts(text):
             if len(written.strip()) < 2:
