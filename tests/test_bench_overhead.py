@@ -25,3 +25,5 @@ def test_overhead_sections() -> None:
     assert grammar["rejected"] == 0 and grammar["grounded_rejected"] == 0  # every token of the valid demo calls is allowed
     assert grammar["grounded_inside_median_ms"] > 0 and '"grounded"' in md
     assert grammar["steps_inside"] > 10 and grammar["steps_outside"] > 3 and grammar["inside_median_ms"] > 0
+    # complete_names' processor, timed over the same steps, refuses none of the text's tokens
+    assert grammar["names_rejected"] == 0 and grammar["names_outside_median_ms"] > 0 and "`complete_names`" in md

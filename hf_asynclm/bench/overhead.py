@@ -363,10 +363,13 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
     after a prompt with the demo tools); ``None`` when the markers are not single tokens.
 
     Also a correctness check: every token of those valid calls must be allowed (``rejected``).
+    The same for :class:`~hf_asynclm.name_completion.NameCompletionProcessor` (``complete_names``)
+    over the same steps: ``names_*`` (none of those tokens ends a name early: ``names_rejected``).
     """
     from ..asynclm import AsyncLM
     from ..call_grammar import CallGrammarProcessor
     from ..demo_tools import demo_tools
+    from ..name_completion import NameCompletionProcessor
 
     model, tok = bm.model, bm.tokenizer
     if not marker_token_ids(tok).single_token:
@@ -405,6 +408,24 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
                 "steps_outside": len(outside) // reps,
                 "outside_median_ms": statistics.median(outside) * 1e3,
             })
+    inside, outside, rejected = [], [], 0
+    grammar = CallGrammarProcessor(tok, schemas)  # only to tell the steps apart
+    for _ in range(reps):
+        names = NameCompletionProcessor(tok)  # a fresh one per pass, as per generation
+        for pos in range(len(prompt), len(ids)):
+            seq = torch.tensor([ids[:pos]])
+            scores = logits[pos - 1 : pos].clone()
+            t0 = time.perf_counter()
+            names(seq, scores)
+            dt = time.perf_counter() - t0
+            (outside if grammar._state(ids[:pos])[0] == "outside" else inside).append(dt)
+            rejected += not names.allowed(ids[:pos], ids[pos])
+    report.update({
+        "names_inside_median_ms": statistics.median(inside) * 1e3,
+        "names_outside_median_ms": statistics.median(outside) * 1e3,
+        "names_outside_p99_ms": _pct(outside, 0.99) * 1e3,
+        "names_rejected": rejected,
+    })
     return report
 
 
