@@ -381,21 +381,29 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
         logits = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
     schemas = alm.registry.schemas()
     report: dict[str, Any] = {"reps": reps, "prompt_tokens": len(prompt)}
-    for grounded in (False, True):
+    positions = range(len(prompt), len(ids))
+    grammar = CallGrammarProcessor(tok, schemas)  # only to tell the steps apart, once
+    outside_at = {pos: grammar._state(ids[:pos])[0] == "outside" for pos in positions}
+
+    def timed(make_proc: Callable[[], Any]) -> tuple[list[float], list[float], int]:
+        """Per-step times inside and outside blocks over ``reps`` passes, and the number of the
+        text's own tokens the processor refused (its verdict, whatever the ranking)."""
         inside: list[float] = []
         outside: list[float] = []
         rejected = 0
         for _ in range(reps):
-            proc = CallGrammarProcessor(tok, schemas, grounded=grounded)  # a fresh one per pass, as per generation
-            for pos in range(len(prompt), len(ids)):
+            proc = make_proc()  # a fresh one per pass, as per generation
+            for pos in positions:
                 seq = torch.tensor([ids[:pos]])
                 scores = logits[pos - 1 : pos].clone()
                 t0 = time.perf_counter()
                 proc(seq, scores)
-                dt = time.perf_counter() - t0
-                state, _ = proc._state(ids[:pos])
-                (outside if state == "outside" else inside).append(dt)
-                rejected += not proc.allowed(ids[:pos], ids[pos])  # the grammar's verdict, whatever the ranking
+                (outside if outside_at[pos] else inside).append(time.perf_counter() - t0)
+                rejected += not proc.allowed(ids[:pos], ids[pos])
+        return inside, outside, rejected
+
+    for grounded in (False, True):
+        inside, outside, rejected = timed(lambda: CallGrammarProcessor(tok, schemas, grounded=grounded))
         key = "grounded_" if grounded else ""  # "grounded": the values of those calls are copied from the prompt
         report.update({
             f"{key}inside_median_ms": statistics.median(inside) * 1e3,
@@ -408,18 +416,7 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
                 "steps_outside": len(outside) // reps,
                 "outside_median_ms": statistics.median(outside) * 1e3,
             })
-    inside, outside, rejected = [], [], 0
-    grammar = CallGrammarProcessor(tok, schemas)  # only to tell the steps apart
-    for _ in range(reps):
-        names = NameCompletionProcessor(tok)  # a fresh one per pass, as per generation
-        for pos in range(len(prompt), len(ids)):
-            seq = torch.tensor([ids[:pos]])
-            scores = logits[pos - 1 : pos].clone()
-            t0 = time.perf_counter()
-            names(seq, scores)
-            dt = time.perf_counter() - t0
-            (outside if grammar._state(ids[:pos])[0] == "outside" else inside).append(dt)
-            rejected += not names.allowed(ids[:pos], ids[pos])
+    inside, outside, rejected = timed(lambda: NameCompletionProcessor(tok))
     report.update({
         "names_inside_median_ms": statistics.median(inside) * 1e3,
         "names_outside_median_ms": statistics.median(outside) * 1e3,
