@@ -343,9 +343,13 @@ def load_tools(spec: str | None) -> Any:
     from hf_asynclm.executor.registry import ToolRegistry
 
     if spec is None:
-        from hf_asynclm.demo_tools import demo_tools
+        from hf_asynclm.demo_tools import demo_tool_schemas, demo_tools
 
-        functions, where = list(demo_tools(simulate_latency=True)), "the demo tools"
+        # the demo tools' schemas carry their value rules (patterns, bounds) for the call constraint
+        registry = ToolRegistry()
+        for schema, fn in zip(demo_tool_schemas(), demo_tools(simulate_latency=True)):
+            registry.add((schema, fn))
+        return registry
     elif spec.strip().lower() == "none":
         return ToolRegistry()
     else:

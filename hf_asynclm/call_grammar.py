@@ -69,6 +69,7 @@ import re
 import weakref
 from typing import Any, Iterable, Literal, Mapping, NoReturn, Sequence
 
+import regex
 import torch
 from transformers import LogitsProcessor
 
@@ -167,6 +168,110 @@ def _types(schema: Mapping[str, Any] | None) -> set[str]:
 
 def _function_schema(schema: Mapping[str, Any]) -> Mapping[str, Any]:
     return schema.get("function", schema) if isinstance(schema.get("function"), Mapping) else schema
+
+
+#: Longest grounded value :meth:`Grounding.completes` looks for (characters after the value's start).
+MAX_RULED_VALUE_CHARS = 96
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_pattern(pattern: str) -> "regex.Pattern[str]":
+    return regex.compile(pattern)
+
+
+class ValueRule:
+    """What a parameter's JSON schema says about its values beyond their type: ``pattern`` (a
+    regular expression the string must contain a match of, as JSON Schema reads it: anchor it
+    with ``^...$`` for the whole value), ``minLength`` / ``maxLength``, and for numbers
+    ``minimum`` / ``maximum`` / ``exclusiveMinimum`` / ``exclusiveMaximum``. The call constraint
+    holds values to it (``constrain_calls="schema"`` and ``"grounded"``).
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.call_grammar import ValueRule
+    >>> date = ValueRule({"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"})
+    >>> date.fits("2027-04-06"), date.fits("250ms"), date.may_start("2027-0"), date.may_start("2027 ")
+    (True, False, True, False)
+    >>> nights = ValueRule({"type": "integer", "minimum": 1, "maximum": 30})
+    >>> nights.fits_number(7), nights.fits_number(2028), nights.number_may_start("20"), nights.number_may_start("203")
+    (True, False, True, False)
+
+    ```
+
+    Raises:
+        ValueError: the pattern is not a valid regular expression, or a bound is not a number.
+    """
+
+    def __init__(self, schema: Mapping[str, Any] | None) -> None:
+        schema = schema or {}
+        pattern = schema.get("pattern")
+        try:
+            self.pattern = _compiled_pattern(pattern) if isinstance(pattern, str) else None
+        except regex.error as exc:
+            raise ValueError(f"the pattern {pattern!r} of a tool parameter is not a valid regular expression: {exc}") from None
+        self.min_length = int(schema.get("minLength") or 0)
+        max_length = schema.get("maxLength")
+        self.max_length = int(max_length) if isinstance(max_length, (int, float)) and not isinstance(max_length, bool) else None
+        self.low, self.low_open = self._bound(schema, "minimum", "exclusiveMinimum")
+        self.high, self.high_open = self._bound(schema, "maximum", "exclusiveMaximum")
+        #: What the rule is made of (equal rules, equal keys).
+        self.key = (pattern if isinstance(pattern, str) else None, self.min_length, self.max_length,
+                    self.low, self.low_open, self.high, self.high_open)
+
+    @staticmethod
+    def _bound(schema: Mapping[str, Any], key: str, exclusive: str) -> tuple[float | None, bool]:
+        value, open_ = schema.get(key), False
+        ex = schema.get(exclusive)
+        if isinstance(ex, bool):  # draft 4: a flag on the bound
+            open_ = ex
+        elif ex is not None:
+            value, open_ = ex, True
+        if value is None:
+            return None, False
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} / {exclusive} of a tool parameter must be a number, got {value!r}")
+        return float(value), open_
+
+    @property
+    def on_strings(self) -> bool:
+        """Whether the rule says anything about strings."""
+        return self.pattern is not None or self.min_length > 0 or self.max_length is not None
+
+    @property
+    def on_numbers(self) -> bool:
+        """Whether the rule says anything about numbers."""
+        return self.low is not None or self.high is not None
+
+    def fits(self, value: str) -> bool:
+        """Whether the whole string ``value`` keeps the rule."""
+        if len(value) < self.min_length or (self.max_length is not None and len(value) > self.max_length):
+            return False
+        return self.pattern is None or self.pattern.search(value) is not None
+
+    def may_start(self, prefix: str) -> bool:
+        """Whether some string that keeps the rule starts with ``prefix``."""
+        if self.max_length is not None and len(prefix) > self.max_length:
+            return False
+        return self.pattern is None or self.pattern.search(prefix, partial=True) is not None
+
+    def fits_number(self, value: float) -> bool:
+        """Whether the number ``value`` is within the bounds."""
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def number_may_start(self, literal: str) -> bool:
+        """Whether some number within the bounds may be written starting with ``literal`` (a sound
+        check: digits added to a whole number only take it further from zero)."""
+        if not self.on_numbers or not re.fullmatch(r"-?\d+", literal):
+            return True
+        value = float(literal)
+        if value >= 0 and self.high is not None and value > self.high and literal != "0":
+            return False
+        if value <= 0 and literal.startswith("-") and self.low is not None and value < self.low:
+            return False
+        return True
 
 
 _DOC_KEYS = ("description", "default", "examples", "title")
@@ -269,7 +374,8 @@ class Grounding:
     def __init__(self, text: str) -> None:
         self.text = text
         self._memo: dict[tuple[str, str], bool] = {}
-        numbers = set(_NUMBER_IN_TEXT.findall(text))
+        # a literal with a leading zero ("07" of a date) cannot be written in a call: Python reads none
+        numbers = {n for n in _NUMBER_IN_TEXT.findall(text) if not re.match(r"-?0\d", n)}
         numbers |= {n.split(".")[0] for n in numbers if re.fullmatch(r"-?\d+\.0+", n)}
         self._numbers = numbers
         self._integers = {n for n in numbers if re.fullmatch(r"-?\d+", n)}
@@ -290,23 +396,73 @@ class Grounding:
         start = g.find(value)
         while start >= 0:
             end = start + len(value)
-            if start > 0 and value and _word_char(g[start - 1]) and _word_char(value[0]):
-                pass  # entered in the middle of a word
-            elif kind == "string" and end < len(g) and _word_char(g[end]) and _word_char(value[-1]):
-                pass  # cut off in the middle of a word
-            elif kind == "string" and _NAME_GOES_ON.match(g, end) and _LAST_WORD_CAPITALISED.search(value):
-                pass  # cut off inside a name ("San" of "San Francisco")
-            elif kind == "string" and _CAPITALISED_WORD_GOES_ON.match(g, end) and _ENDS_ON_NAME_PARTICLE.search(value):
-                pass  # cut off inside a name, after its particle ("Rio de" of "Rio de Janeiro")
+            if not self._starts_at(value, start, excluded):
+                pass
+            elif kind == "string" and not self._ends_at(value, end):
+                pass
             elif kind == "non_ascii" and (end >= len(g) or g[end].isascii()):
                 pass
             elif kind == "prefix" and value[-1].isspace() and not g[end:].strip():
                 pass  # nothing left to end it with (no value ends with whitespace)
-            elif any(g.startswith(x, start) for x in excluded):
-                pass  # where a value that would repeat a call is written
             else:
                 return True
             start = g.find(value, start + 1)
+        return False
+
+    def _starts_at(self, value: str, start: int, excluded: tuple[str, ...] = ()) -> bool:
+        """Whether a value ``value`` may start at ``start`` of the text."""
+        g = self.text
+        if start > 0 and value and _word_char(g[start - 1]) and _word_char(value[0]):
+            return False  # entered in the middle of a word
+        return not any(g.startswith(x, start) for x in excluded)  # where a value that would repeat a call is written
+
+    def _ends_at(self, value: str, end: int) -> bool:
+        """Whether the whole value ``value`` may end at ``end`` of the text."""
+        g = self.text
+        if end < len(g) and _word_char(g[end]) and _word_char(value[-1]):
+            return False  # cut off in the middle of a word
+        if _NAME_GOES_ON.match(g, end) and _LAST_WORD_CAPITALISED.search(value):
+            return False  # cut off inside a name ("San" of "San Francisco")
+        if _CAPITALISED_WORD_GOES_ON.match(g, end) and _ENDS_ON_NAME_PARTICLE.search(value):
+            return False  # cut off inside a name, after its particle ("Rio de" of "Rio de Janeiro")
+        return True
+
+    def completes(self, prefix: str, rule: "ValueRule", excluded: tuple[str, ...] = ()) -> bool:
+        """Whether some whole string value that starts with ``prefix`` may be written (as
+        :meth:`string` says) and keeps ``rule`` (at most :data:`MAX_RULED_VALUE_CHARS` long, within
+        one line of the text): the two constraints together, so that a value is not begun that
+        only one of them would let end."""
+        if not rule.may_start(prefix):
+            return False
+        key = ("completes", prefix, excluded, rule.key)
+        known = self._memo.get(key)  # type: ignore[call-overload]
+        if known is None:
+            known = self._memo[key] = self._completes(prefix, rule, excluded)  # type: ignore[index]
+        return known
+
+    def _completes(self, prefix: str, rule: "ValueRule", excluded: tuple[str, ...]) -> bool:
+        g = self.text
+        start = g.find(prefix) if prefix else 0
+        while 0 <= start < len(g):
+            if not prefix and (g[start].isspace() or not self._starts_at(g[start], start, excluded)):
+                start += 1
+                continue
+            if prefix and not self._starts_at(prefix, start, excluded):
+                start = g.find(prefix, start + 1)
+                continue
+            line_end = g.find("\n", start)
+            last = min(len(g) if line_end < 0 else line_end, start + MAX_RULED_VALUE_CHARS)
+            for end in range(start + max(len(prefix), 1), last + 1):
+                value = g[start:end]
+                if not rule.may_start(value):
+                    if rule.pattern is None or rule.pattern.pattern.startswith("^"):
+                        break  # anchored: no longer value can keep the rule either
+                    continue
+                if (
+                    value == value.strip() and value not in excluded and rule.fits(value) and self._ends_at(value, end)
+                ):
+                    return True
+            start = g.find(prefix, start + 1) if prefix else start + 1
         return False
 
     def string(self, value: str, excluded: tuple[str, ...] = ()) -> bool:
@@ -337,10 +493,13 @@ class Grounding:
         ``excluded`` values)."""
         return literal in (self._integers if integer else self._numbers) and float(literal) not in excluded
 
-    def number_prefix(self, literal: str, integer: bool = False, excluded: frozenset[float] = frozenset()) -> bool:
-        """Whether a number literal may start with ``literal``."""
+    def number_prefix(
+        self, literal: str, integer: bool = False, excluded: frozenset[float] = frozenset(), rule: "ValueRule | None" = None
+    ) -> bool:
+        """Whether a number literal may start with ``literal`` (and, with a ``rule``, end within its bounds)."""
         return any(
-            n.startswith(literal) and float(n) not in excluded for n in (self._integers if integer else self._numbers)
+            n.startswith(literal) and float(n) not in excluded and (rule is None or rule.fits_number(float(n)))
+            for n in (self._integers if integer else self._numbers)
         )
 
 
@@ -355,6 +514,10 @@ class CallChecker:
         call_ids: ids of earlier calls, which a value may name (a reference).
         grounding: when given, string and number values must be copied from it (see
             :class:`Grounding`; ``constrain_calls="grounded"``).
+        own_docs: with a text ``grounding``, each tool's values may also be copied from that
+            tool's own documentation (its schema's descriptions, defaults, examples, titles),
+            never from another tool's: ``get_time(city="Number")`` does not stand because
+            ``book_hotel`` documents "Number of nights".
         earlier_calls: when given, ``(name, arguments)`` of calls already made, none of which may
             be made again (``no_repeat_calls``): a call with the same tool and the same arguments
             is invalid, and where the last argument's value would make one, that value is not
@@ -368,17 +531,60 @@ class CallChecker:
         call_ids: Iterable[str] = (),
         grounding: str | Grounding | None = None,
         earlier_calls: Iterable[tuple[str, Mapping[str, Any]]] = (),
+        own_docs: bool = False,
     ) -> None:
         self.tools: dict[str, Mapping[str, Any]] = {}
+        docs: dict[str, str] = {}
         for schema in schemas:
             fn = _function_schema(schema)
             name = fn.get("name")
             if not isinstance(name, str) or not name:
                 raise ValueError(f"a tool schema without a name: {schema!r}")
             self.tools[name] = fn.get("parameters") or {}
+            docs[name] = "\n".join(_documentation(fn))
+            for prop in (self.tools[name].get("properties") or {}).values():
+                if isinstance(prop, Mapping):
+                    try:
+                        self.rule(prop)
+                    except ValueError as exc:
+                        raise ValueError(f"tool {name!r}: {exc}") from None
+        if own_docs and not isinstance(grounding, str):
+            raise ValueError("own_docs needs the grounding as text (the context the tools' documentation is added to)")
         self.call_ids = tuple(call_ids)
-        self.grounding = Grounding(grounding) if isinstance(grounding, str) else grounding
+        self.grounding = Grounding(grounding) if isinstance(grounding, str) and not own_docs else grounding
         self.earlier_calls = {_canonical_call(name, kwargs) for name, kwargs in earlier_calls}
+        self._context = grounding if own_docs else None
+        self._docs = docs
+        self._tool_grounding: dict[str, Grounding] = {}
+
+    _NO_RULE = ValueRule(None)
+
+    def rule(self, schema: Mapping[str, Any] | None) -> ValueRule:
+        """The :class:`ValueRule` of a parameter's schema (cached on the checker)."""
+        if not schema:
+            return self._NO_RULE
+        rules = self.__dict__.setdefault("_rules", {})
+        found = rules.get(id(schema))
+        if found is None or found[0] is not schema:
+            found = rules[id(schema)] = (schema, ValueRule(schema))
+        return found[1]
+
+    def grounding_for(self, tool: str | None) -> Grounding | None:
+        """What the values of ``tool``'s arguments must be copied from (None: anything goes)."""
+        if self._context is None:
+            return self.grounding  # type: ignore[return-value]
+        found = self._tool_grounding.get(tool or "")
+        if found is None:
+            docs = self._docs.get(tool or "", "")
+            found = self._tool_grounding[tool or ""] = Grounding(f"{self._context}\n{docs}" if docs else self._context)
+        return found
+
+    def without_earlier_calls(self) -> "CallChecker":
+        """This checker without the rule against repeated calls (its groundings shared)."""
+        relaxed = CallChecker.__new__(CallChecker)
+        relaxed.__dict__.update(self.__dict__)
+        relaxed.earlier_calls = set()
+        return relaxed
 
     # public -------------------------------------------------------------------------------------
     def check(self, body: str) -> Status:
@@ -391,22 +597,23 @@ class CallChecker:
             return Status.INVALID
         return Status.COMPLETE
 
-    def writable(self, schema: Mapping[str, Any] | None) -> bool:
-        """Whether some value may be written for a parameter of this schema: always, except
-        where values must be grounded and the parameter takes only numbers the context lacks
-        (a reference to an earlier call is always a value)."""
-        if self.grounding is None or self.call_ids:
+    def writable(self, schema: Mapping[str, Any] | None, tool: str | None = None) -> bool:
+        """Whether some value may be written for a parameter of this schema (of ``tool``): always,
+        except where values must be grounded and the parameter takes only numbers the context
+        lacks (a reference to an earlier call is always a value)."""
+        grounding = self.grounding_for(tool)
+        if grounding is None or self.call_ids:
             return True
         types = _types(schema)
         if not types or types - {"integer", "number"} or (schema or {}).get("enum"):
             return True
-        return self.grounding.number_prefix("", integer="number" not in types)
+        return grounding.number_prefix("", integer="number" not in types, rule=self.rule(schema))
 
     def callable(self, name: str) -> bool:
         """Whether the tool ``name`` can be called: each of its required parameters is :meth:`writable`."""
         params = self.tools[name]
         props: Mapping[str, Any] = params.get("properties") or {}
-        return all(self.writable(props.get(key)) for key in params.get("required") or [])
+        return all(self.writable(props.get(key), name) for key in params.get("required") or [])
 
     def repeats(self, name: str, values: Mapping[str, _Canonical]) -> bool:
         """Whether ``name`` with these (canonical) argument values is one of the earlier calls."""
@@ -434,9 +641,10 @@ class CallChecker:
                 return False
             if parse.string_free:
                 return len(parse.string_text) < MAX_FREE_TEXT_CHARS
-            if self.grounding is None:
+            grounding = self.grounding_for(parse.tool)
+            if grounding is None:
                 return True
-            return self.grounding.non_ascii_follows(parse.string_text, parse.string_excluded)
+            return grounding.non_ascii_follows(parse.string_text, parse.string_excluded)
         except _Invalid:
             return False
         return False
@@ -455,6 +663,7 @@ class _Parse:
         self.string_text = ""  # ... after these characters
         self.string_excluded: tuple[str, ...] = ()  # ... which may not become one of these
         self.string_free = False  # ... of a free-text parameter (not grounded)
+        self.tool: str | None = None  # the tool called, once its name is read
 
     # characters ---------------------------------------------------------------------------------
     def peek(self) -> str:
@@ -499,6 +708,7 @@ class _Parse:
             raise _Invalid
         if name not in self.c.tools or not self.c.callable(name):
             raise _Invalid
+        self.tool = name
         self.expect("(")
         params = self.c.tools[name]
         props: Mapping[str, Any] = params.get("properties") or {}
@@ -518,17 +728,17 @@ class _Parse:
                 return
             key = self.read(_IDENT_CHARS)
             if self.i >= len(self.s):
-                if open_keys or any(k.startswith(key) and k not in used and self.c.writable(v) for k, v in props.items()):
+                if open_keys or any(k.startswith(key) and k not in used and self.c.writable(v, name) for k, v in props.items()):
                     raise _Incomplete
                 raise _Invalid
             if not _IDENT.fullmatch(key) or key in used or (key not in props and not open_keys):
                 raise _Invalid
-            if key in props and not self.c.writable(props[key]):
+            if key in props and not self.c.writable(props[key], name):
                 raise _Invalid  # grounded: no value of its type is in the context
             used.add(key)
             excluded: list[_Canonical] = []
             if self.c.earlier_calls and not open_keys and not any(
-                k not in used and self.c.writable(v) for k, v in props.items()
+                k not in used and self.c.writable(v, name) for k, v in props.items()
             ):  # the last argument: no value that makes an earlier call
                 excluded = self.c.repeating_values(name, values, key)
                 if excluded and not self.some_value(props.get(key), _types(props.get(key)), excluded):
@@ -553,7 +763,9 @@ class _Parse:
         if ch == "-" or ch.isdigit():
             if types and not types & {"integer", "number"}:
                 raise _Invalid
-            return self.number(bool(types) and "number" not in types, frozenset(v[1] for v in excluded if v[0] == "num"))
+            return self.number(
+                bool(types) and "number" not in types, frozenset(v[1] for v in excluded if v[0] == "num"), self.c.rule(schema)
+            )
         if ch.isalpha() or ch == "_":
             return self.word(types, excluded)
         if ch in "[(":
@@ -572,7 +784,7 @@ class _Parse:
             return True
         if not _switch_only(types) and any(("ref", c) not in excluded for c in self.c.call_ids):
             return True
-        grounding = self.c.grounding
+        grounding = self.c.grounding_for(self.tool)
         if "string" in types:
             strings = tuple(v[1] for v in excluded if v[0] == "str")
             enum = [v for v in (schema or {}).get("enum") or () if isinstance(v, str)]
@@ -583,7 +795,7 @@ class _Parse:
                 return True
         if types & {"integer", "number"}:
             numbers = frozenset(v[1] for v in excluded if v[0] == "num")
-            if grounding is None or grounding.number_prefix("", "number" not in types, numbers):
+            if grounding is None or grounding.number_prefix("", "number" not in types, numbers, self.c.rule(schema)):
                 return True
         consts = [True, False] if "boolean" in types else []
         consts += [None] if "null" in types else []
@@ -596,17 +808,20 @@ class _Parse:
         enum_values = [v for v in (schema or {}).get("enum") or () if isinstance(v, str) and v not in excluded]
         is_enum = any(isinstance(v, str) for v in (schema or {}).get("enum") or ())
         free = not is_enum and is_free_text(schema)
-        grounding = None if is_enum or free else self.c.grounding
+        grounding = None if is_enum or free else self.c.grounding_for(self.tool)
+        rule = None if is_enum else self.c.rule(schema)
+        if rule is not None and not rule.on_strings:
+            rule = None
         while True:
             if self.i >= len(self.s):
-                self.open_string("".join(chars), enum_values, is_enum, excluded, grounding)
+                self.open_string("".join(chars), enum_values, is_enum, excluded, grounding, rule=rule)
             ch = self.s[self.i]
             self.i += 1
             if ch == "\\":
                 if free and len(chars) >= MAX_FREE_TEXT_CHARS:
                     raise _Invalid
                 if self.i >= len(self.s):  # what the escape stands for is not known yet
-                    self.open_string("".join(chars), enum_values, is_enum, excluded, grounding, escape=True)
+                    self.open_string("".join(chars), enum_values, is_enum, excluded, grounding, escape=True, rule=rule)
                 # Python's reading: a known escape is its character, any other keeps the backslash
                 chars.append(_ESCAPES.get(self.s[self.i], "\\" + self.s[self.i]))
                 self.i += 1
@@ -617,6 +832,8 @@ class _Parse:
                 if text in excluded:
                     raise _Invalid
                 if grounding is not None and not grounding.string(text, excluded):
+                    raise _Invalid
+                if rule is not None and not rule.fits(text):
                     raise _Invalid
                 return ("str", text)
             elif ch == "\n" or (free and len(chars) >= MAX_FREE_TEXT_CHARS):
@@ -632,6 +849,7 @@ class _Parse:
         excluded: tuple[str, ...],
         grounding: Grounding | None,
         escape: bool = False,
+        rule: ValueRule | None = None,
     ) -> NoReturn:
         """The text ends inside a string value whose characters so far are ``text`` (and, with
         ``escape``, a backslash whose character is still to come): ``_Incomplete`` where some
@@ -643,27 +861,34 @@ class _Parse:
         starts = [text + e for e in (*_ESCAPES.values(), "\\")] if escape else [text]
         if is_enum:
             ok = any(v.startswith(t) for v in enum_values for t in starts)
+        elif grounding is not None and rule is not None:
+            ok = any(grounding.completes(t, rule, excluded) for t in starts)
         elif grounding is not None:
             ok = any(grounding.string_prefix(t, excluded) for t in starts)
         else:
-            ok = True
+            ok = rule is None or any(rule.may_start(t) for t in starts)
         raise _Incomplete if ok else _Invalid
 
-    def number(self, integer: bool, excluded: frozenset[float] = frozenset()) -> _Canonical:
+    def number(self, integer: bool, excluded: frozenset[float] = frozenset(), rule: ValueRule | None = None) -> _Canonical:
         text = self.read(_NUMBER_PREFIX)
         if not text or (integer and any(c in text for c in ".eE")) or len(text) > MAX_NUMBER_CHARS:
             raise _Invalid
         digits = text.lstrip("-")
         if len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
             raise _Invalid  # Python reads no leading zeros (``011``)
-        grounding = self.c.grounding
+        grounding = self.c.grounding_for(self.tool)
+        rule = rule if rule is not None and rule.on_numbers else None
         if self.i >= len(self.s):
-            if grounding is not None and not grounding.number_prefix(text, integer, excluded):
+            if grounding is not None and not grounding.number_prefix(text, integer, excluded, rule):
+                raise _Invalid
+            if rule is not None and not rule.number_may_start(text):
                 raise _Invalid
             raise _Incomplete
         if not _NUMBER.fullmatch(text) or float(text) in excluded:
             raise _Invalid
         if grounding is not None and not grounding.number(text, integer, excluded):
+            raise _Invalid
+        if rule is not None and not rule.fits_number(float(text)):
             raise _Invalid
         return ("num", float(text))
 
@@ -772,8 +997,6 @@ class CallGrammarProcessor(LogitsProcessor):
         self.max_scan = max_scan
         self.grounded = grounded
         self.no_repeat = no_repeat
-        # what the tools' documentation says (descriptions, defaults, examples) may be copied too
-        self._schema_text = "\n".join(_documentation(self.schemas)) if grounded else ""
         self.markers = markers
         self._marker_ids = torch.tensor(sorted(markers.by_id))
         self._blocked = set(getattr(tokenizer, "all_special_ids", []) or []) - set(markers.by_id)
@@ -800,8 +1023,8 @@ class CallGrammarProcessor(LogitsProcessor):
         grounding = None
         if self.grounded:
             # the CML markers are the protocol's syntax, never a value to copy ("CALL", "END")
-            context = _MARKER_TEXT.sub("\n", self.tokenizer.decode(ids[:start], skip_special_tokens=False))
-            grounding = f"{context}\n{self._schema_text}"
+            # and what the called tool's own documentation says (CallChecker's own_docs)
+            grounding = _MARKER_TEXT.sub("\n", self.tokenizer.decode(ids[:start], skip_special_tokens=False))
         call_ids, bodies = self._blocks_before(ids, start, with_bodies=self.no_repeat)
         earlier: list[tuple[str, dict[str, Any]]] = []
         for body in bodies:
@@ -811,14 +1034,16 @@ class CallGrammarProcessor(LogitsProcessor):
                 continue
             if not parsed.args:
                 earlier.append((parsed.name, parsed.kwargs))
-        checker = CallChecker(self.schemas, call_ids=call_ids, grounding=grounding, earlier_calls=earlier)
+        checker = CallChecker(
+            self.schemas, call_ids=call_ids, grounding=grounding, earlier_calls=earlier, own_docs=grounding is not None
+        )
         self._context = (*key, checker)
         return checker
 
     def _relaxed(self, checker: CallChecker) -> CallChecker:
         """``checker`` without the rule against repeated calls (cached for the open block)."""
         if self._relaxed_cache is None or self._relaxed_cache[0] is not checker:
-            self._relaxed_cache = (checker, CallChecker(self.schemas, call_ids=checker.call_ids, grounding=checker.grounding))
+            self._relaxed_cache = (checker, checker.without_earlier_calls())
         return self._relaxed_cache[1]
 
     def _blocks_before(self, ids: list[int], start: int, with_bodies: bool = True) -> tuple[list[str], list[str]]:

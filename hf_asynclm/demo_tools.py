@@ -239,6 +239,29 @@ def convert_currency(amount: float, from_currency: str, to_currency: str) -> dic
     return {"amount": round(float(amount) * rate, 2), "rate": rate}
 
 
+#: A place or a person: capitalised words, maybe joined by a short lower-case particle ("Rio de
+#: Janeiro", "Dar es Salaam", "Ludwig van Beethoven").
+NAME_PATTERN = r"^[A-Z][A-Za-z'.-]*(?: (?:(?:de|del|della|da|do|dos|das|di|du|des|la|le|el|al|es|am|an|der|den|van|von|y|upon|sur) )?[A-Z][A-Za-z'.-]*)*$"
+DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+CLOCK_PATTERN = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]$"
+CODE_PATTERN = r"^[A-Z0-9]{2}[0-9]{1,4}$"
+
+#: What each demo tool's parameters accept beyond their type, as JSON schema keywords (``pattern``,
+#: ``minimum``, ...): the call constraint holds the model's values to them
+#: (:class:`hf_asynclm.call_grammar.ValueRule`).
+VALUE_RULES: dict[str, dict[str, dict[str, Any]]] = {
+    "get_weather": {"city": {"pattern": NAME_PATTERN}},
+    "get_time": {"city": {"pattern": NAME_PATTERN}},
+    "find_flight": {"origin": {"pattern": NAME_PATTERN}, "destination": {"pattern": NAME_PATTERN}, "date": {"pattern": DATE_PATTERN}},
+    "flight_status": {"code": {"pattern": CODE_PATTERN}},
+    "book_flight": {"code": {"pattern": CODE_PATTERN}, "passenger": {"pattern": NAME_PATTERN}},
+    "find_hotel": {"city": {"pattern": NAME_PATTERN}, "max_price": {"minimum": 1}},
+    "book_hotel": {"hotel_id": {"pattern": CODE_PATTERN}, "nights": {"minimum": 1, "maximum": 30}},
+    "get_calendar": {"date": {"pattern": DATE_PATTERN}},
+    "add_event": {"date": {"pattern": DATE_PATTERN}, "time": {"pattern": CLOCK_PATTERN}},
+    "convert_currency": {"amount": {"exclusiveMinimum": 0}},
+}
+
 #: The demo tools in catalogue order, with their simulated latency in milliseconds.
 _DEMO: tuple[tuple[Callable[..., dict], int], ...] = (
     (get_weather, 300),
@@ -311,6 +334,8 @@ def _schemas() -> tuple[dict[str, Any], ...]:
         schema = get_json_schema(fn)
         schema["function"].pop("return", None)  # never rendered; keeps the JSONL small
         schema["function"]["x-latency-ms"] = ms
+        for param, rule in VALUE_RULES.get(fn.__name__, {}).items():
+            schema["function"]["parameters"]["properties"][param].update(rule)
         out.append(schema)
     return tuple(out)
 

@@ -516,6 +516,7 @@ def cml_decode_loop(
     held_for = 0  # tokens the ready interrupts have been held back
     in_burst = False  # sentence mode: the model is writing a burst of calls; results wait for its end
     held_after_call = False  # sentence mode: held right after a call block's [END]
+    since_call = False  # only whitespace written since a call block's [END]: a [CALL] now goes on with the burst
     call_token = monitor.markers.call
 
     try:
@@ -562,6 +563,11 @@ def cml_decode_loop(
             ):
                 if in_burst and token == call_token:
                     interrupts = []  # the burst goes on: the results wait for its end
+                elif hold_bursts and since_call and token == call_token:
+                    # a result that became ready while the whitespace after [END] was written waits too
+                    interrupts = []
+                    in_burst = True
+                    stats.burst_holds += 1
                 elif hold_bursts and held_after_call and session.executor.has_ready() and _continues_with_call(
                     driver, input_ids, token, logits_processor, call_token, tokenizer
                 ):
@@ -594,6 +600,9 @@ def cml_decode_loop(
             for event in cml_events:
                 if (isinstance(event, Block) and event.kind != "call") or (isinstance(event, TextEvent) and event.text.strip()):
                     in_burst = False  # text or a trap ends a burst of calls
+                    since_call = False
+                elif isinstance(event, Block):
+                    since_call = True
                 if isinstance(event, Block):
                     session.handle_block(event, driver)
                     sentence_open = False

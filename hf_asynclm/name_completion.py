@@ -8,10 +8,12 @@ writing (outside CML blocks) ends in the start of a name from the conversation, 
 conversation never ends there, the model may not end it there: a token that stops the name
 (punctuation, a space followed by something else, a marker, EOS) is refused unless it goes on
 with the name (``" Lumpur"``). Within the first word of a name, a token that goes on with letters
-is never refused (``"Booked"`` may follow ``"Book"`` where the request says "Book Ann on a
-flight"): the processor does not spell a word for the model, it only stops it ending one early;
-from the second word on (``"Kuala Lu"``) the model has taken up the name and its letters must
-follow it.
+is refused only once the model has written :data:`SPELL_FROM` letters of the name that are no
+word of the conversation themselves (``"Kathm"`` of Kathmandu may go on with ``"andu"``, not
+``"ou"``; ``"Booked"`` may follow ``"Book"`` where the request says "Book Ann on a flight", and
+``"Kual"`` may become a word of its own): the processor does not spell a short word for the
+model; from the second word on (``"Kuala Lu"``) the model has taken up the name and its letters
+must follow it.
 
 What counts as a name: a run of capitalised words in the conversation so far (prompt, tools,
 results, the model's own text), lower-case name particles allowed between them (``"Rio de
@@ -29,6 +31,8 @@ Example:
 (True, True, True, False, False)
 >>> names.may_follow("Kuala", ":"), names.may_follow("Kuala", " Lumpur:"), names.may_follow("Auck", "l")
 (False, True, True)
+>>> names.may_follow("Auck", "ou"), names.may_follow("Auc", "ou")  # spelt from SPELL_FROM letters on
+(False, True)
 
 ```
 """
@@ -51,6 +55,10 @@ _LATER_WORD = re.compile(rf" (?:(?:{'|'.join(_PARTICLES)}) )?(?={_WORD})")
 _SENTENCE_END = set(".!?>\n")
 #: How many characters at the end of the text are searched for the start of a name.
 TAIL_CHARS = 64
+#: From how many letters of a name's first word on (a start that is no word of the conversation)
+#: the letters that follow must be the name's.
+SPELL_FROM = 4
+_WORDS = re.compile(r"[A-Za-z0-9]+")
 
 
 def check_complete_names(value: Any) -> bool:
@@ -79,6 +87,7 @@ class NameIndex:
                 names.add(run.split(" ", 1)[0])  # a sentence's first word may stand alone
         self.names = frozenset(names)
         self._sorted = sorted(self.names)
+        self._words = frozenset(_WORDS.findall(text))
 
     def _starting_with(self, prefix: str) -> list[str]:
         i = bisect.bisect_left(self._sorted, prefix)
@@ -98,10 +107,14 @@ class NameIndex:
     def may_follow(self, written: str, piece: str) -> bool:
         """Whether ``piece`` may follow the cut name start ``written``: ``written + piece`` is
         still the start of a name, or starts with a whole name that ends there, or (while
-        ``written`` is one word) ``piece`` goes on with that word in letters or digits."""
+        ``written`` is one word, shorter than :data:`SPELL_FROM` letters or a word of the
+        conversation) ``piece`` goes on with that word in letters or digits."""
         if not piece:
             return False
-        if " " not in written and written[-1:].isalnum() and piece[0].isalnum():
+        if (
+            " " not in written and written[-1:].isalnum() and piece[0].isalnum()
+            and (len(written) < SPELL_FROM or written in self._words)
+        ):
             return True
         text = written + piece
         if self._starting_with(text):

@@ -826,3 +826,100 @@ def test_a_free_text_value_ends_at_its_length_limit() -> None:
     assert repeat.check('send_message(to="Ann", text="Booked")') is Status.INVALID
     assert repeat.check('send_message(to="Ann", text="Booked' + "x" * (MAX_FREE_TEXT_CHARS - 6) + '")') is Status.COMPLETE
     assert repeat.check('send_message(to="Ann", text="Booked' + "x" * (MAX_FREE_TEXT_CHARS - 5)) is Status.INVALID
+
+
+# --- value rules: pattern, lengths, bounds ---------------------------------------------------
+RULED = {
+    "name": "find_flight",
+    "description": "Find a flight.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "destination": {"type": "string", "pattern": r"^[A-Z][a-z]+(?: [A-Z][a-z]+)*$"},
+            "date": {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+            "seats": {"type": "integer", "minimum": 1, "maximum": 9},
+            "note": {"type": "string", "maxLength": 5},
+        },
+        "required": ["destination"],
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ('find_flight(destination="Paris")', "COMPLETE"),
+        ('find_flight(destination="paris")', "INVALID"),  # the pattern, in schema mode too
+        ('find_flight(destination="Paris", date="2027-04-0', "PREFIX"),
+        ('find_flight(destination="Paris", date="250ms")', "INVALID"),
+        ('find_flight(destination="Paris", seats=9)', "COMPLETE"),
+        ('find_flight(destination="Paris", seats=10', "INVALID"),  # digits only take it further
+        ('find_flight(destination="Paris", seats=0)', "INVALID"),
+        ('find_flight(destination="Paris", note="short")', "COMPLETE"),
+        ('find_flight(destination="Paris", note="longer', "INVALID"),
+    ],
+)
+def test_schema_value_rules_hold_the_values(body: str, expected: str) -> None:
+    assert CallChecker([RULED]).check(body).name == expected
+
+
+def test_grounded_and_ruled_a_value_is_not_begun_that_only_one_rule_lets_end() -> None:
+    """"San Francisco flight on 2026-02-27" is in the request and starts like the destination, but
+    no copy of it past "San Francisco" keeps the pattern: the space after it is refused, so the
+    model must close the value there."""
+    context = "What does a Bedrutrel to San Francisco flight on 2026-02-27 cost in EUR?"
+    checker = CallChecker([RULED], grounding=context)
+    assert checker.check('find_flight(destination="San Francisco"').name == "PREFIX"
+    assert checker.check('find_flight(destination="San Francisco ').name == "INVALID"
+    assert checker.check('find_flight(destination="San Francisco flight').name == "INVALID"
+    assert checker.check('find_flight(destination="San Francisco", date="2026-02-27")').name == "COMPLETE"
+    assert checker.check('find_flight(destination="San Francisco", seats=2026').name == "INVALID"  # bounds
+    # without the rule the run-on copy is a grounded value
+    plain = {**RULED, "parameters": {"type": "object", "properties": {"destination": {"type": "string"}}}}
+    assert CallChecker([plain], grounding=context).check('find_flight(destination="San Francisco flight on 2026-02-27")').name == "COMPLETE"
+
+
+def test_a_bad_value_rule_fails_when_the_checker_is_built() -> None:
+    bad = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(["}}}}
+    with pytest.raises(ValueError, match="tool 'f'.*not a valid regular expression"):
+        CallChecker([bad])
+    with pytest.raises(ValueError, match="must be a number"):
+        CallChecker([{"name": "g", "parameters": {"type": "object", "properties": {"n": {"type": "integer", "maximum": "9"}}}}])
+
+
+def test_grounded_values_from_documentation_come_from_the_called_tools_own() -> None:
+    """A word only another tool documents ("Number" of "Number of nights") is no value of this one."""
+    hotel = {"name": "book_hotel", "description": "Book a room.", "parameters": {"type": "object", "properties": {
+        "nights": {"type": "integer", "description": "Number of nights, default 2"}}}}
+    clock = {"name": "get_time", "description": "Local time in a city.", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}}}
+    context = "Time in Oslo and a room for 3 nights?"
+    own = CallChecker([hotel, clock], grounding=context, own_docs=True)
+    assert own.check('get_time(city="Oslo")').name == "COMPLETE"
+    assert own.check('get_time(city="Local")').name == "COMPLETE"  # its own description
+    assert own.check('get_time(city="Number")').name == "INVALID"
+    assert own.check("book_hotel(nights=2)").name == "COMPLETE"  # its own default
+    shared = CallChecker([hotel, clock], grounding=context + "\n" + "Number of nights, default 2")
+    assert shared.check('get_time(city="Number")').name == "COMPLETE"  # one text for all tools: as before
+    with pytest.raises(ValueError, match="own_docs"):
+        CallChecker([hotel], grounding=None, own_docs=True)
+
+
+def test_a_number_with_a_leading_zero_grounds_nothing() -> None:
+    # "07" of a date cannot be written in a call (Python reads no 07): it offers no number to start
+    g = Grounding("Meet on 2027-08-07 for 05 minutes.")
+    assert g.number("2027", integer=True) and not g.number_prefix("0", integer=True)
+
+
+def test_the_cli_demo_tools_carry_their_value_rules() -> None:
+    from hf_asynclm.demo_tools import VALUE_RULES
+    from hf_asynclm_cli.common import load_tools
+
+    schemas = {s["function"]["name"]: s["function"] for s in load_tools(None).schemas()}
+    assert set(VALUE_RULES) <= set(schemas)
+    for tool, rules in VALUE_RULES.items():
+        for param, rule in rules.items():
+            assert rule.items() <= schemas[tool]["parameters"]["properties"][param].items(), (tool, param)
+    checker = CallChecker(list(schemas.values()))
+    assert checker.check('add_event(title="Gym", date="2027-01-02", time="7pm")').name == "INVALID"
+    assert checker.check('add_event(title="Gym", date="2027-01-02", time="19:00")').name == "COMPLETE"

@@ -12,7 +12,7 @@ from hf_asynclm.testing import tiny_llama, tiny_tokenizer
 
 CONTEXT = (
     "<|user|>\nBook Nurun Traikre on a flight from San Francisco to Hong Kong, a hotel in Kuala Lumpur, "
-    "time in Rio de Janeiro and weather in Auckland. Gate F10, code PX409.\n<|assistant|>\n"
+    "time in Rio de Janeiro and weather in Auckland or Kathmandu. Gate F10, code PX409.\n<|assistant|>\n"
 )
 
 
@@ -41,6 +41,9 @@ def test_a_name_start_is_cut_where_the_conversation_never_ends_a_name(written: s
         ("Hong", " to", False), ("Hong", " Kong.", True), ("Rio", " de", True), ("Rio de", " Janeiro", True),
         ("Rio de", ":", False), ("Auck", "-", False), ("Auck", "land", True), ("Kuala", "", False),  # EOS, markers
         ("Kuala", "[CALL]", False),
+        # from SPELL_FROM letters of a name's first word on (no word of the conversation), its letters follow
+        ("Auck", "ou", False), ("Auc", "ou", True), ("Kathm", "and", True), ("Lump", "ur", True), ("Nuru", "x", False),
+        ("Book", "ed", True),  # a word of the conversation: goes on freely
     ],
 )
 def test_only_pieces_that_go_on_with_the_name_may_follow_a_cut(written: str, piece: str, ok: bool) -> None:

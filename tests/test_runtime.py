@@ -866,3 +866,16 @@ def test_a_loop_of_malformed_blocks_stops_the_generation():
     assert run_script(unlimited, [" Done [END]"] * 12, max_new_tokens=600).stats.stop_reason == "eos"
     with pytest.raises(ValueError, match="max_cml_errors"):
         AsyncLM(tiny_llama(tok), tok, max_cml_errors=0)
+
+
+@pytest.mark.parametrize("latency_s", [0.012, 0.015, 0.019])
+def test_sentence_mode_a_result_ready_while_the_space_before_the_next_call_is_written_waits_for_the_burst(latency_s):
+    # the result is not ready at [END], nor after the space the model writes next, but by the time
+    # it writes [CALL]: the [CALL] is kept and the result waits for the burst's end (it used to be
+    # let in there, the [CALL] dropped, and a small model then left the rest of its list uncalled)
+    r = _paced_run(PACED, latency_s=latency_s, max_new_tokens=600)
+    raw = r.raw_text
+    assert 'key="alpha") [END] [CALL] a2' in raw and 'key="beta") [END] [CALL] a3' in raw
+    assert raw.index("[INTR] a1") > raw.index('key="gamma") [END]')
+    assert [c.status for c in r.calls] == ["done"] * 3 and r.stats.burst_holds >= 1
+    assert " ".join("".join(PACED[3:]).split()) == " ".join(r.text.split())

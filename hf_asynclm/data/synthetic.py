@@ -119,6 +119,12 @@ _GENERIC: tuple[tuple[Callable[..., dict], int], ...] = ((get_stock, 200), (get_
 #: String parameters whose values the model composes rather than copies (``"x-free-text"``: exempt
 #: from ``constrain_calls="grounded"``): a message body such as ``"Booked, seat 6C"``.
 _FREE_TEXT: dict[str, tuple[str, ...]] = {"send_message": ("text",)}
+#: What the generic tools' parameters accept beyond their type (see ``demo_tools.VALUE_RULES``).
+_VALUE_RULES: dict[str, dict[str, dict[str, Any]]] = {
+    "get_stock": {"symbol": {"pattern": r"^[A-Z][A-Z0-9.]{0,5}$"}},
+    "get_distance": {"origin": {"pattern": dt.NAME_PATTERN}, "destination": {"pattern": dt.NAME_PATTERN}},
+    "send_message": {"to": {"pattern": dt.NAME_PATTERN}},
+}
 
 # ---------------------------------------------------------------------------------------------
 # Value pools
@@ -404,6 +410,8 @@ def _schemas() -> dict[str, dict[str, Any]]:
         schema["function"].pop("return", None)
         schema["function"]["x-latency-ms"] = ms
         mark_free_text(schema, _FREE_TEXT.get(fn.__name__, ()))
+        for param, rule in _VALUE_RULES.get(fn.__name__, {}).items():
+            schema["function"]["parameters"]["properties"][param].update(rule)
         out[fn.__name__] = schema
     return out
 
