@@ -17,7 +17,8 @@ TGI, vLLM or llama.cpp, specialised to CML and the tools' JSON schemas):
 With ``constrain_calls="grounded"`` every string and number in the arguments must also be copied
 from the conversation so far (prompt, tools, the model's own text and the results before the
 block; not the CML markers themselves: no value is ``"CALL"`` for having seen ``[CALL]``) or from
-the tools' schemas (descriptions, defaults): the value has to appear there
+the called tool's own schema (descriptions, defaults; never another tool's: ``get_time(city="Number")``
+does not stand for ``book_hotel`` documenting "Number of nights"): the value has to appear there
 whole, starting and ending where a word (a number) starts and ends, so that ``"Bankrupt"`` does
 not stand for ``"Bankruptcy"`` nor ``1000`` for ``1000000000.0``. ``True``/``False``/``None``,
 ``enum`` values and references to earlier calls need no copy. It is for tasks whose values are
@@ -26,6 +27,14 @@ computed or translated (``"EUR"`` for "euros") cannot be written under it, excep
 parameter whose schema marks it free text (``"x-free-text": true``, :data:`FREE_TEXT_KEY`; e.g. a
 message body, ``text="Booked, seat 6C"`` composed from a result): its value is held to the schema
 rule alone, and to at most :data:`MAX_FREE_TEXT_CHARS` characters. ``Tool.from_callable(fn, free_text=["text"])`` sets the mark.
+
+Under both settings a parameter's JSON schema may say more about its values than their type
+(:class:`ValueRule`): ``pattern`` (``"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"`` for a date), ``minLength`` /
+``maxLength``, ``minimum`` / ``maximum`` (and their exclusive forms). Grounded, the two hold
+together: a value is only begun where some copy from the context both may end and keeps the rule
+(``destination="San Francisco"`` must close where the request goes on "San Francisco flight on
+...", as the name pattern allows no lower-case word there). The demo tools declare such rules
+(:data:`hf_asynclm.demo_tools.VALUE_RULES`).
 
 With ``no_repeat_calls`` (:class:`CallChecker`'s ``earlier_calls``) the model may also not write a call
 it has already written in this generation: where the last argument would make the call a repeat,

@@ -32,7 +32,8 @@ The model answers each result before the next arrives, so the result it quotes i
 one: the easiest lookup for a small model. Nor does a result break into a **burst of calls**: at
 the end of a call block with a result ready, the loop looks one or two tokens ahead (the model's
 most likely next token, after a whitespace token if that comes first); while the model goes on
-with another ``[CALL]``, the result waits, and it goes in right after the ``[END]`` of the burst's
+with another ``[CALL]``, the result waits (also one that became ready while the whitespace
+between ``[END]`` and that ``[CALL]`` was written), and it goes in right after the ``[END]`` of the burst's
 last call (the whitespace token looked at is taken back out of the cache first; a cache that
 cannot take it back, e.g. a sliding-window layer already full, gets the result at once instead).
 A small model then writes the calls of a list in one go and does not lose its place in it; the
