@@ -382,7 +382,7 @@ class Grounding:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self._memo: dict[tuple[str, str], bool] = {}
+        self._memo: dict[tuple[Any, ...], bool] = {}
         # a literal with a leading zero ("07" of a date) cannot be written in a call: Python reads none
         numbers = {n for n in _NUMBER_IN_TEXT.findall(text) if not re.match(r"-?0\d", n)}
         numbers |= {n.split(".")[0] for n in numbers if re.fullmatch(r"-?\d+\.0+", n)}
@@ -444,9 +444,9 @@ class Grounding:
         if not rule.may_start(prefix):
             return False
         key = ("completes", prefix, excluded, rule.key)
-        known = self._memo.get(key)  # type: ignore[call-overload]
+        known = self._memo.get(key)
         if known is None:
-            known = self._memo[key] = self._completes(prefix, rule, excluded)  # type: ignore[index]
+            known = self._memo[key] = self._completes(prefix, rule, excluded)
         return known
 
     def _completes(self, prefix: str, rule: "ValueRule", excluded: tuple[str, ...]) -> bool:
@@ -543,6 +543,7 @@ class CallChecker:
         own_docs: bool = False,
     ) -> None:
         self.tools: dict[str, Mapping[str, Any]] = {}
+        self._rules: dict[int, tuple[Mapping[str, Any], ValueRule]] = {}  # by id of the parameter's schema
         docs: dict[str, str] = {}
         for schema in schemas:
             fn = _function_schema(schema)
@@ -572,10 +573,9 @@ class CallChecker:
         """The :class:`ValueRule` of a parameter's schema (cached on the checker)."""
         if not schema:
             return self._NO_RULE
-        rules = self.__dict__.setdefault("_rules", {})
-        found = rules.get(id(schema))
+        found = self._rules.get(id(schema))
         if found is None or found[0] is not schema:
-            found = rules[id(schema)] = (schema, ValueRule(schema))
+            found = self._rules[id(schema)] = (schema, ValueRule(schema))
         return found[1]
 
     def grounding_for(self, tool: str | None) -> Grounding | None:
