@@ -558,14 +558,37 @@ class CallChecker:
                         self.rule(prop)
                     except ValueError as exc:
                         raise ValueError(f"tool {name!r}: {exc}") from None
+        self._docs = docs
+        self._set_context(call_ids, grounding, earlier_calls, own_docs)
+
+    def _set_context(
+        self,
+        call_ids: Iterable[str],
+        grounding: str | Grounding | None,
+        earlier_calls: Iterable[tuple[str, Mapping[str, Any]]],
+        own_docs: bool,
+    ) -> None:
         if own_docs and not isinstance(grounding, str):
             raise ValueError("own_docs needs the grounding as text (the context the tools' documentation is added to)")
         self.call_ids = tuple(call_ids)
         self.grounding = Grounding(grounding) if isinstance(grounding, str) and not own_docs else grounding
         self.earlier_calls = {_canonical_call(name, kwargs) for name, kwargs in earlier_calls}
         self._context = grounding if own_docs else None
-        self._docs = docs
         self._tool_grounding: dict[str, Grounding] = {}
+
+    def with_context(
+        self,
+        call_ids: Iterable[str] = (),
+        grounding: str | Grounding | None = None,
+        earlier_calls: Iterable[tuple[str, Mapping[str, Any]]] = (),
+        own_docs: bool = False,
+    ) -> "CallChecker":
+        """A checker of the same tools for another context (the arguments of :class:`CallChecker`):
+        what the schemas give (tools, their documentation, value rules) is reused, not rebuilt."""
+        other = CallChecker.__new__(CallChecker)
+        other.tools, other._docs, other._rules = self.tools, self._docs, self._rules
+        other._set_context(call_ids, grounding, earlier_calls, own_docs)
+        return other
 
     _NO_RULE = ValueRule(None)
 
@@ -1001,7 +1024,7 @@ class CallGrammarProcessor(LogitsProcessor):
             raise ValueError(f"need 1 <= candidates <= max_scan, got {candidates} and {max_scan}")
         self.tokenizer = tokenizer
         self.schemas = list(tools)
-        CallChecker(self.schemas)  # fail now on a bad schema
+        self._tools_checker = CallChecker(self.schemas)  # fails now on a bad schema; each block's checker derives from it
         self.candidates = candidates
         self.max_scan = max_scan
         self.grounded = grounded
@@ -1043,9 +1066,7 @@ class CallGrammarProcessor(LogitsProcessor):
                 continue
             if not parsed.args:
                 earlier.append((parsed.name, parsed.kwargs))
-        checker = CallChecker(
-            self.schemas, call_ids=call_ids, grounding=grounding, earlier_calls=earlier, own_docs=grounding is not None
-        )
+        checker = self._tools_checker.with_context(call_ids, grounding, earlier, own_docs=grounding is not None)
         self._context = (*key, checker)
         return checker
 

@@ -329,13 +329,14 @@ def _sleeping(fn: Callable[..., dict], seconds: float) -> Callable[..., dict]:
 def _schemas() -> tuple[dict[str, Any], ...]:
     from transformers.utils import get_json_schema
 
+    from .executor.registry import add_value_rules
+
     out = []
     for fn, ms in _DEMO:
         schema = get_json_schema(fn)
         schema["function"].pop("return", None)  # never rendered; keeps the JSONL small
         schema["function"]["x-latency-ms"] = ms
-        for param, rule in VALUE_RULES.get(fn.__name__, {}).items():
-            schema["function"]["parameters"]["properties"][param].update(rule)
+        add_value_rules(schema, VALUE_RULES.get(fn.__name__, {}))
         out.append(schema)
     return tuple(out)
 

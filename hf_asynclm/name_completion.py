@@ -10,9 +10,9 @@ conversation never ends there, the model may not end it there: a token that stop
 with the name (``" Lumpur"``). Within the first word of a name, a token that goes on with letters
 is refused only once the model has written :data:`SPELL_FROM` letters of the name that are no
 word of the conversation themselves (``"Kathm"`` of Kathmandu may go on with ``"andu"``, not
-``"ou"``; ``"Booked"`` may follow ``"Book"`` where the request says "Book Ann on a flight", and
-``"Kual"`` may become a word of its own): the processor does not spell a short word for the
-model; from the second word on (``"Kuala Lu"``) the model has taken up the name and its letters
+``"ou"``; ``"Booked"`` may follow ``"Book"`` where the request says "Book Ann on a flight", a
+word of the conversation; ``"Auc"`` may go on with any letters): the processor does not spell a
+short word for the model; from the second word on (``"Kuala Lu"``) the model has taken up the name and its letters
 must follow it.
 
 What counts as a name: a run of capitalised words in the conversation so far (prompt, tools,

@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .. import demo_tools as dt
 from ..demo_tools import random_code, random_name, seeded_rng
-from ..executor.registry import mark_free_text
+from ..executor.registry import add_value_rules, mark_free_text
 from .tasks import PlannedCall, Task
 
 __all__ = [
@@ -410,8 +410,7 @@ def _schemas() -> dict[str, dict[str, Any]]:
         schema["function"].pop("return", None)
         schema["function"]["x-latency-ms"] = ms
         mark_free_text(schema, _FREE_TEXT.get(fn.__name__, ()))
-        for param, rule in _VALUE_RULES.get(fn.__name__, {}).items():
-            schema["function"]["parameters"]["properties"][param].update(rule)
+        add_value_rules(schema, _VALUE_RULES.get(fn.__name__, {}))
         out[fn.__name__] = schema
     return out
 

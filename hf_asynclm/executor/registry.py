@@ -308,6 +308,37 @@ def mark_free_text(schema: Mapping[str, Any], names: Iterable[str]) -> None:
         prop["x-free-text"] = True
 
 
+def add_value_rules(schema: Mapping[str, Any], rules: Mapping[str, Mapping[str, Any]]) -> None:
+    """Add JSON-schema keywords that say what a tool's parameters accept beyond their type
+    (``pattern``, ``minLength`` / ``maxLength``, ``minimum`` / ``maximum``, ...), in place, per
+    parameter name; the call constraint holds values to them (:class:`hf_asynclm.call_grammar.ValueRule`).
+
+    Raises:
+        ValueError: a name is not a parameter of the tool.
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.executor.registry import add_value_rules
+    >>> schema = {"name": "get_calendar", "parameters": {"type": "object", "properties": {"date": {"type": "string"}}}}
+    >>> add_value_rules(schema, {"date": {"pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}})
+    >>> schema["parameters"]["properties"]["date"]["pattern"]
+    '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'
+
+    ```
+    """
+    function = schema.get("function", schema)
+    props = (function.get("parameters") or {}).get("properties") or {}
+    for name, rule in rules.items():
+        prop = props.get(name)
+        if not isinstance(prop, dict):
+            raise ValueError(
+                f"value rules name {name!r}, which is not a parameter of tool {function.get('name')!r} "
+                f"(its parameters: {', '.join(props) or 'none'})"
+            )
+        prop.update(rule)
+
+
 ToolLike = Union[Tool, Callable[..., Any], "tuple[Mapping[str, Any], Callable[..., Any]]"]
 
 
