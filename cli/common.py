@@ -128,6 +128,7 @@ class ModelSettings:
     constrain_calls: str | None = None  # None: the checkpoint's recorded choice, else off
     no_repeat_calls: bool | None = None  # None: the checkpoint's recorded choice, else allowed
     complete_names: bool | None = None  # None: the checkpoint's recorded choice, else off
+    quote_numbers: bool | None = None  # None: the checkpoint's recorded choice, else off
     emulate_tpot_ms: float | None = None
     emulate_ttft_ms: float | None = None
 
@@ -175,6 +176,8 @@ class ModelSettings:
                 raise click.UsageError("--no-repeat-calls/--repeat-calls apply to the local backend only")
             if self.complete_names is not None:
                 raise click.UsageError("--complete-names/--no-complete-names apply to the local backend only")
+            if self.quote_numbers is not None:
+                raise click.UsageError("--quote-numbers/--no-quote-numbers apply to the local backend only")
 
 
 def check_endpoint(url: str) -> None:
@@ -258,6 +261,13 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Local backend: never let the model end a name from the conversation early in its text (\"Kuala\" for "
             "Kuala Lumpur, \"Hong\" for Hong Kong). Default: what the checkpoint records, else off.",
+        ),
+        click.option(
+            "--quote-numbers/--no-quote-numbers",
+            "quote_numbers",
+            default=None,
+            help="Local backend: never let the model write a number its conversation lacks in its text (\"579.0\" where "
+            "a result said 579.5). Default: what the checkpoint records, else off.",
         ),
         click.option(
             "--emulate-tpot-ms",
@@ -395,7 +405,7 @@ def load_alm(settings: ModelSettings, tools: Any) -> Any:
                 return AsyncLM.from_pretrained(
                     settings.model, device=settings.device, interrupt_at=settings.interrupt_at,
                     constrain_calls=settings.constrain_calls, no_repeat_calls=settings.no_repeat_calls,
-                    complete_names=settings.complete_names, **common,
+                    complete_names=settings.complete_names, quote_numbers=settings.quote_numbers, **common,
                 )
         except click.ClickException as exc:
             if settings.model is None:

@@ -54,6 +54,11 @@ from .common import DEFAULT_MAX_NEW_TOKENS
     "Default: what the checkpoint records, else off.",
 )
 @click.option(
+    "--quote-numbers/--no-quote-numbers", "quote_numbers", default=None,
+    help="Never let the model write a number its conversation lacks in its text (\"579.0\" where a result said 579.5). "
+    "Default: what the checkpoint records, else off.",
+)
+@click.option(
     "--exclude-tasks", "exclude_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="BFCL: leave out tasks a checkpoint trained on: training traces (JSONL with task_id) or a JSON list of "
     "task ids. Repeatable.",
@@ -75,6 +80,7 @@ def eval_command(
     constrain_calls: str | None,
     no_repeat_calls: bool | None,
     complete_names: bool | None,
+    quote_numbers: bool | None,
     exclude_files: tuple[Path, ...],
     data_dir: Path | None,
     out: Path | None,
@@ -111,7 +117,7 @@ def eval_command(
     try:
         alm = AsyncLM.from_pretrained(
             model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls,
-            complete_names=complete_names,
+            complete_names=complete_names, quote_numbers=quote_numbers,
         )
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
@@ -129,7 +135,8 @@ def eval_command(
                         alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names, **clocked,
+                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
+                        quote_numbers=alm.quote_numbers, **clocked,
                     )
                 )
         if n_bfcl:
@@ -162,7 +169,8 @@ def eval_command(
                         alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names, **clocked,
+                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
+                        quote_numbers=alm.quote_numbers, **clocked,
                     )
                 )
     for report in reports:

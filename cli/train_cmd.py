@@ -73,6 +73,8 @@ Examples:
               help="Also record no_repeat_calls: the runtime steers the model away from repeating a call it has made (needs --constrain-calls schema or grounded).")
 @click.option("--complete-names", is_flag=True, default=None,
               help="Also record complete_names: the runtime does not let the model end a name from the conversation early in its text.")
+@click.option("--quote-numbers", is_flag=True, default=None,
+              help="Also record quote_numbers: the runtime does not let the model write a number its conversation lacks in its text.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def train_command(quiet: bool, **options: Any) -> None:
     """Train a CML checkpoint: a tiny model from scratch, or fine-tune --base (full or --lora).

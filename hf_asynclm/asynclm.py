@@ -36,7 +36,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from .call_grammar import CallGrammarProcessor, ConstrainCalls, check_constrain_calls, check_no_repeat_calls
-from .name_completion import NameCompletionProcessor, check_complete_names
+from .name_completion import NameCompletionProcessor, check_complete_names, check_quote_numbers
 from .cml import marker_token_ids, visible_text
 from .executor.executor import ToolExecutor
 from .executor.registry import ToolRegistry
@@ -161,6 +161,7 @@ _RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "constrain_calls": check_constrain_calls,
     "no_repeat_calls": check_no_repeat_calls,
     "complete_names": check_complete_names,
+    "quote_numbers": check_quote_numbers,
 }
 
 
@@ -172,7 +173,7 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     traces only put interrupts between words or right after a block, and its markers are single
     tokens (calls can be held to the tools' schemas; ``--constrain-calls`` records another setting,
     e.g. the shipped cml-tiny's ``"grounded"``, ``--no-repeat-calls`` adds ``"no_repeat_calls": true``,
-    ``--complete-names`` adds ``"complete_names": true``
+    ``--complete-names`` adds ``"complete_names": true``, ``--quote-numbers`` ``"quote_numbers": true``
     and ``--interrupt-at sentence`` records paced interrupts, for a model trained on paced traces). A value this version does not know is left out
     with a warning (the constructor's default applies).
 
@@ -247,6 +248,11 @@ class AsyncLM(SessionControl):
             visible text (``"Kuala"`` for Kuala Lumpur, ``"Hong"`` for Hong Kong): a token that
             would stop it there is refused (:class:`~hf_asynclm.name_completion.NameCompletionProcessor`).
             For small models that quote their results; works without the CML markers as tokens.
+        quote_numbers: never let the model write a number in its visible text that the
+            conversation lacks: each digit must go on with one of the conversation's numbers and
+            a number may only end where one of them ends (``"579.0"`` is refused where a result
+            said ``579.5``; the same processor, ``numbers=True``). For small models whose answers
+            only quote results; not for a model that computes (a sum, a date) in its answer.
     """
 
     def __init__(
@@ -269,6 +275,7 @@ class AsyncLM(SessionControl):
         constrain_calls: ConstrainCalls = "off",
         no_repeat_calls: bool = False,
         complete_names: bool = False,
+        quote_numbers: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -284,6 +291,7 @@ class AsyncLM(SessionControl):
         if self.no_repeat_calls and self.constrain_calls == "off":
             raise ValueError("no_repeat_calls=True works through constrained decoding: pass constrain_calls='schema' or 'grounded'")
         self.complete_names = check_complete_names(complete_names)
+        self.quote_numbers = check_quote_numbers(quote_numbers)
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)
@@ -447,8 +455,8 @@ class AsyncLM(SessionControl):
                     alm.tokenizer, alm.registry.schemas(), grounded=alm.constrain_calls == "grounded",
                     no_repeat=alm.no_repeat_calls,
                 ))
-            if alm.complete_names:
-                front.append(NameCompletionProcessor(alm.tokenizer))
+            if alm.complete_names or alm.quote_numbers:
+                front.append(NameCompletionProcessor(alm.tokenizer, names=alm.complete_names, numbers=alm.quote_numbers))
             if front:  # first, so that sampling warpers work on the allowed tokens only
                 logits_processor = LogitsProcessorList([*front, *(logits_processor or [])])
             with alm._lock:

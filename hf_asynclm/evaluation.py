@@ -270,6 +270,7 @@ def _run_task(
     no_repeat_calls: bool = False,
     virtual_clock: Any | None = None,
     complete_names: bool = False,
+    quote_numbers: bool = False,
 ) -> tuple[Any | None, float, str | None]:
     """Run one task greedily: (AsyncResult or None, wall seconds, error repr or None)."""
     from transformers import LogitsProcessorList
@@ -279,7 +280,7 @@ def _run_task(
     alm = AsyncLM(
         model, tokenizer, tools=tools, mode=mode, call_timeout_s=10, trap_timeout_s=10,
         interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls,  # type: ignore[arg-type]
-        complete_names=complete_names,
+        complete_names=complete_names, quote_numbers=quote_numbers,
     )
     extra = {"logits_processor": LogitsProcessorList(processors_for(task))} if processors_for else {}
     t0 = time.perf_counter()
@@ -306,12 +307,13 @@ def evaluate_synthetic(
     clock: str = "wall",
     tpot_range_ms: Sequence[float] = (5.0, 30.0),
     complete_names: bool = False,
+    quote_numbers: bool = False,
 ) -> EvalReport:
     """Run synthetic tasks and score them (see the module docstring).
 
     ``processors_for(task)`` may return extra logits processors for a task (tests use it to
-    script a policy). ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls`` and ``complete_names``
-    are the runtime's settings (``AsyncLM``). ``clock="virtual"`` runs each task in simulated time
+    script a policy). ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls``, ``complete_names`` and
+    ``quote_numbers`` are the runtime's settings (``AsyncLM``). ``clock="virtual"`` runs each task in simulated time
     (:func:`task_clock`: ``tpot_range_ms`` per token, the tools' prompt latencies per call; the
     tools return at once), so the report is the same on every run and machine.
     """
@@ -321,7 +323,7 @@ def evaluate_synthetic(
         scale, virtual_clock = _timing_of(task, clock, latency_scale, tpot_range_ms)
         result, wall, error = _run_task(
             model, tokenizer, task, task_tools(task, scale), mode, max_new_tokens,
-            processors_for, interrupt_at, constrain_calls, no_repeat_calls, virtual_clock, complete_names,
+            processors_for, interrupt_at, constrain_calls, no_repeat_calls, virtual_clock, complete_names, quote_numbers,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -336,7 +338,7 @@ def evaluate_synthetic(
             progress(1)
     runtime = {
         "interrupt_at": interrupt_at, "constrain_calls": constrain_calls, "no_repeat_calls": no_repeat_calls,
-        "complete_names": complete_names, "max_new_tokens": max_new_tokens,
+        "complete_names": complete_names, "quote_numbers": quote_numbers, "max_new_tokens": max_new_tokens,
     }
     return _aggregate("synthetic", mode, scores, {**runtime, **_clock_settings(clock, latency_scale, tpot_range_ms)})
 
@@ -409,10 +411,11 @@ def evaluate_bfcl(
     clock: str = "wall",
     tpot_range_ms: Sequence[float] = (5.0, 30.0),
     complete_names: bool = False,
+    quote_numbers: bool = False,
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
-    ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls`` and ``complete_names`` are the runtime's settings (``AsyncLM``);
+    ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls``, ``complete_names`` and ``quote_numbers`` are the runtime's settings (``AsyncLM``);
     ``clock`` as in :func:`evaluate_synthetic` (virtual: each call takes its cheat-sheet latency)."""
     from .bench.ast_match import match_task
 
@@ -423,7 +426,7 @@ def evaluate_bfcl(
         tools = task_tools(task, scale, _generic_result)
         result, wall, error = _run_task(
             model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls,
-            no_repeat_calls, virtual_clock, complete_names,
+            no_repeat_calls, virtual_clock, complete_names, quote_numbers,
         )
         if result is None:
             scores.append(TaskScore(task.task_id, task.category, False, False, False, error=error))
@@ -468,6 +471,7 @@ def evaluate_bfcl(
         "constrain_calls": constrain_calls,
         "no_repeat_calls": no_repeat_calls,
         "complete_names": complete_names,
+        "quote_numbers": quote_numbers,
         "max_new_tokens": max_new_tokens,
         **_clock_settings(clock, latency_scale, tpot_range_ms),
     }

@@ -308,9 +308,9 @@ def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     - ``runtime`` (dict): settings the checkpoint was trained for, which
       :meth:`AsyncLM.from_pretrained <hf_asynclm.AsyncLM.from_pretrained>` uses unless told
       otherwise: ``interrupt_at`` (``"token"``, ``"word"``, ``"sentence"`` or ``"sentence-eager"``), ``constrain_calls``
-      (``"off"``, ``"schema"`` or ``"grounded"``), ``no_repeat_calls`` and ``complete_names`` (bools);
-      the trainer writes ``"word"`` (``"sentence"`` when asked, for paced traces) and ``"schema"``
-      (and ``no_repeat_calls`` / ``complete_names`` when asked), see
+      (``"off"``, ``"schema"`` or ``"grounded"``), ``no_repeat_calls``, ``complete_names`` and ``quote_numbers``
+      (bools); the trainer writes ``"word"`` (``"sentence"`` when asked, for paced traces) and ``"schema"``
+      (and ``no_repeat_calls`` / ``complete_names`` / ``quote_numbers`` when asked), see
       :data:`hf_asynclm.training.train.RUNTIME_DEFAULTS`.
 
     Args:
@@ -589,6 +589,7 @@ def render_model_card(
         constrain_calls=runtime.get("constrain_calls"),
         no_repeat_calls=runtime.get("no_repeat_calls") is True,
         complete_names=runtime.get("complete_names") is True,
+        quote_numbers=runtime.get("quote_numbers") is True,
     )
     return card
 

@@ -1,4 +1,4 @@
-"""Names in the model's text are not cut short: :class:`NameCompletionProcessor`.
+"""Names and numbers in the model's text are quoted whole: :class:`NameCompletionProcessor`.
 
 A small CML model quoting its results often stops inside a name it copies: ``"Kuala: Genim Inn"``
 for Kuala Lumpur, ``"Gugrei-Kathm: FL584"`` for Kathmandu, ``"San Francisco to Hong: RX305"``.
@@ -14,6 +14,14 @@ word of the conversation themselves (``"Kathm"`` of Kathmandu may go on with ``"
 word of the conversation; ``"Auc"`` may go on with any letters): the processor does not spell a
 short word for the model; from the second word on (``"Kuala Lu"``) the model has taken up the name and its letters
 must follow it.
+
+With ``numbers=True`` (the runtime's ``quote_numbers``) numbers are held too, and more strictly, as a
+model that quotes its results has no number of its own to write (:class:`NumberIndex`): a number the model writes in its visible text
+(digits, perhaps a decimal part; not digits glued to a word before them, as in ``"PX409"``, nor
+ones a letter follows, as in ``"19B"``) must be one of the conversation's numbers: each digit has
+to go on with one of them (``"579.0"`` is refused where the result said ``579.5``) and the number
+may only end where one of them ends (``"57"`` may not stand for ``579.5``). A ``"."`` after
+digits may be a decimal point or end the sentence.
 
 What counts as a name: a run of capitalised words in the conversation so far (prompt, tools,
 results, the model's own text), lower-case name particles allowed between them (``"Rio de
@@ -33,6 +41,10 @@ Example:
 (False, True, True)
 >>> names.may_follow("Auck", "ou"), names.may_follow("Auc", "ou")  # spelt from SPELL_FROM letters on
 (False, True)
+>>> from hf_asynclm.name_completion import NumberIndex
+>>> numbers = NumberIndex('{"symbol": "FWT", "price": 579.5} FWT: $')
+>>> numbers.may_write("FWT: $579", "."), numbers.may_write("FWT: $579.", "0"), numbers.may_write("FWT: $579.", "5.")
+(True, False, True)
 
 ```
 """
@@ -65,6 +77,13 @@ def check_complete_names(value: Any) -> bool:
     """Return ``value`` when it is a valid ``complete_names`` setting (a bool), else raise ``TypeError``."""
     if not isinstance(value, bool):
         raise TypeError(f"complete_names must be True or False, got {value!r}")
+    return value
+
+
+def check_quote_numbers(value: Any) -> bool:
+    """Return ``value`` when it is a valid ``quote_numbers`` setting (a bool), else raise ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"quote_numbers must be True or False, got {value!r}")
     return value
 
 
@@ -122,6 +141,65 @@ class NameIndex:
         return any(text.startswith(n) and not text[len(n)].isalnum() for n in self._starting_with(written) if len(n) < len(text))
 
 
+#: A number of the context: digits, perhaps a decimal part, not glued to a word (``"PX409"``, ``"19B"``
+#: and ``"780ms"`` hold none).
+_NUMBER = re.compile(r"(?<![A-Za-z0-9.])[0-9]+(?:\.[0-9]+)?(?![A-Za-z0-9])")
+#: A word of the context that starts with a digit: a number, or a code such as ``"19B"`` (while its
+#: digits are written they may go on with it).
+_DIGIT_WORD = re.compile(r"(?<![A-Za-z0-9.])[0-9]+(?:\.[0-9]+)?[A-Za-z0-9]*")
+#: A number being written in the model's text: not glued to a word (or number) before it; a
+#: trailing ``"."`` may be a decimal point still waiting for its digits.
+_NUMBER_RUN = re.compile(r"(?<![A-Za-z0-9.])[0-9]+(?:\.[0-9]*)?")
+#: How many characters at the end of the text are searched for the number being written.
+NUMBER_TAIL_CHARS = 32
+
+
+class NumberIndex:
+    """The numbers of a text (see the module docstring) and the check the processor makes.
+
+    Args:
+        text: the conversation so far, before the number being written.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.numbers = frozenset(_NUMBER.findall(text))
+        self._sorted = sorted(self.numbers | set(_DIGIT_WORD.findall(text)))
+
+    def _starts(self, prefix: str) -> bool:
+        i = bisect.bisect_left(self._sorted, prefix)
+        return i < len(self._sorted) and self._sorted[i].startswith(prefix)
+
+    def may_write(self, tail: str, piece: str) -> bool:
+        """Whether ``piece`` (``""`` for a special token, which ends the text) may follow ``tail``
+        (the end of the model's text): each number it writes or goes on with starts a number (or a
+        code that starts with digits, ``"19B"``) of the text given, and each one it ends is one."""
+        text = tail + piece
+        for m in _NUMBER_RUN.finditer(text):
+            if m.end() < len(tail) or (m.start() == 0 and len(tail) >= NUMBER_TAIL_CHARS):
+                continue  # written before (and held then), or cut by the tail's start
+            run = m.group(0)
+            if m.end() < len(text):
+                if text[m.end()].isalpha():
+                    continue  # a code or a unit ("19B", "780ms"): not a number
+                if run.rstrip(".") not in self.numbers:
+                    return False  # the number ends here
+            elif not piece:
+                if run.rstrip(".") not in self.numbers:
+                    return False  # ended by a special token
+            elif not (self._starts(run) or (run.endswith(".") and run[:-1] in self.numbers)):
+                return False  # it goes on, but no number of the text starts so
+        return True
+
+
+_OPEN_NUMBER = re.compile(_NUMBER_RUN.pattern + "$")
+
+
+def _open_number(text: str) -> int:
+    """Where the number the text ends in starts (``len(text)`` where it ends in none)."""
+    m = _OPEN_NUMBER.search(text, max(0, len(text) - NUMBER_TAIL_CHARS))
+    return len(text) if m is None else m.start()
+
+
 _SEGMENT = re.compile(r"[A-Za-z0-9 ]*$")
 
 
@@ -135,16 +213,19 @@ def _name_starts(text: str) -> list[str]:
 
 
 class NameCompletionProcessor(LogitsProcessor):
-    """Refuse tokens that end a name from the conversation early in the model's visible text
-    (see the module docstring). Stateless: it reads the text from ``input_ids`` at every step,
-    so it works in hf-asynclm's decode loop (with injected results) and in a plain
-    ``model.generate``. Inside CML blocks it does nothing (the call constraint's business).
+    """Refuse tokens that end a name from the conversation early (``names``), or write a number it
+    lacks (``numbers``), in the model's visible text (see the module docstring). Stateless: it reads the text from
+    ``input_ids`` at every step, so it works in hf-asynclm's decode loop (with injected results)
+    and in a plain ``model.generate``. Inside CML blocks it does nothing (the call constraint's
+    business).
 
     Args:
         tokenizer: the model's tokenizer.
         candidates: how many of the most likely tokens to keep the allowed ones of.
         max_scan: how far down the ranking to look when none of those is allowed; where none of
             these is, the scores are left alone.
+        names: hold names whole (:class:`NameIndex`; the runtime's ``complete_names``).
+        numbers: hold numbers to the conversation's (:class:`NumberIndex`; the runtime's ``quote_numbers``).
 
     Example:
 
@@ -158,20 +239,30 @@ class NameCompletionProcessor(LogitsProcessor):
     >>> colon = tok.convert_tokens_to_ids(":")
     >>> proc.allowed(ids, colon)
     False
+    >>> ids = tok.encode('{"price": 579.5} FWT: $579.', add_special_tokens=False)
+    >>> zero, five = tok.convert_tokens_to_ids("0"), tok.convert_tokens_to_ids("5")
+    >>> proc.allowed(ids, zero), NameCompletionProcessor(tok, numbers=True).allowed(ids, zero)
+    (True, False)
 
     ```
     """
 
-    def __init__(self, tokenizer: Any, candidates: int = 16, max_scan: int = 512) -> None:
+    def __init__(
+        self, tokenizer: Any, candidates: int = 16, max_scan: int = 512, names: bool = True, numbers: bool = False
+    ) -> None:
         if candidates < 1 or max_scan < candidates:
             raise ValueError(f"need 1 <= candidates <= max_scan, got {candidates} and {max_scan}")
+        if not (names or numbers):
+            raise ValueError("nothing to hold: pass names=True, numbers=True or both")
+        self.names = names
         self.tokenizer = tokenizer
         self.candidates = candidates
         self.max_scan = max_scan
+        self.numbers = numbers
         self._index: tuple[int, NameIndex] | None = None  # (hash of the text before, index)
         self._pieces: dict[int, str] = {}
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        #: Steps at which a token was refused for ending a name early.
+        #: Steps at which a token was refused for ending a name early or misquoting a number.
         self.steps_held = 0
 
     def _piece(self, token: int) -> str:
@@ -181,14 +272,10 @@ class NameCompletionProcessor(LogitsProcessor):
             self._pieces[token] = piece
         return piece
 
-    def _state(self, ids: list[int]) -> tuple[str, NameIndex] | None:
+    def _name_state(self, text: str) -> tuple[str, NameIndex] | None:
         """``(written, index)`` where the text ends in a cut name start, else None."""
-        tail = self.tokenizer.decode(ids[-8:])
-        if not tail or not (tail[-1].isalnum() or tail[-1] == " "):
+        if not (text[-1:].isalnum() or text[-1:] == " "):
             return None
-        text = self.tokenizer.decode(ids)
-        if text.rfind(CALL) > text.rfind(END):
-            return None  # inside a call block
         for written in _name_starts(text):
             if len(written.strip()) < 2:
                 continue
@@ -203,22 +290,41 @@ class NameCompletionProcessor(LogitsProcessor):
                 return None  # it starts a name that may end here
         return None
 
+    def _checks(self, ids: list[int]) -> list[Any] | None:
+        """The checks a next token must pass (each ``piece -> bool``), or None inside a CML block."""
+        if not self.numbers:  # names only: no name is open unless the text ends in a letter, digit or space
+            tail = self.tokenizer.decode(ids[-8:])
+            if not (tail[-1:].isalnum() or tail[-1:] == " "):
+                return None
+        text = self.tokenizer.decode(ids)
+        if text.rfind(CALL) > text.rfind(END):
+            return None  # inside a call block
+        checks: list[Any] = []
+        state = self._name_state(text) if self.names else None
+        if state is not None:
+            written, index = state
+            checks.append(lambda piece: index.may_follow(written, piece))
+        if self.numbers:
+            numbers = NumberIndex(text[: _open_number(text)])
+            tail = text[-NUMBER_TAIL_CHARS:]
+            checks.append(lambda piece: numbers.may_write(tail, piece))
+        return checks
+
     def allowed(self, ids: list[int], token: int) -> bool:
         """Whether ``token`` may follow ``ids``."""
-        state = self._state(ids)
-        return state is None or state[1].may_follow(state[0], self._piece(token))
+        piece = self._piece(token)
+        return all(check(piece) for check in self._checks(ids) or ())
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row in range(input_ids.shape[0]):
-            ids = input_ids[row].tolist()
-            state = self._state(ids)
-            if state is None:
+            checks = self._checks(input_ids[row].tolist())
+            if not checks:
                 continue
-            written, index = state
             order = torch.argsort(scores[row], descending=True)[: self.max_scan].tolist()
             keep = []
             for rank, token in enumerate(order):
-                if index.may_follow(written, self._piece(token)):
+                piece = self._piece(token)
+                if all(check(piece) for check in checks):
                     keep.append(token)
                     if len(keep) >= self.candidates or (keep and rank >= self.candidates):
                         break

@@ -27,3 +27,4 @@ def test_overhead_sections() -> None:
     assert grammar["steps_inside"] > 10 and grammar["steps_outside"] > 3 and grammar["inside_median_ms"] > 0
     # complete_names' processor, timed over the same steps, refuses none of the text's tokens
     assert grammar["names_rejected"] == 0 and grammar["names_outside_median_ms"] > 0 and "`complete_names`" in md
+    assert grammar["quoted_rejected"] == 0 and grammar["quoted_outside_median_ms"] > 0 and "`quote_numbers`" in md

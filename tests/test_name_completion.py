@@ -7,7 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_asynclm.name_completion import NameCompletionProcessor, NameIndex, check_complete_names
+from hf_asynclm.name_completion import (
+    NameCompletionProcessor,
+    NameIndex,
+    NumberIndex,
+    check_complete_names,
+    check_quote_numbers,
+)
 from hf_asynclm.testing import tiny_llama, tiny_tokenizer
 
 CONTEXT = (
@@ -117,11 +123,63 @@ def test_a_random_model_never_ends_a_name_of_its_prompt_early() -> None:
         assert text[:1].isalnum() or written.startswith("Kuala Lumpur") or "Kuala Lumpur".startswith(written), text
 
 
+RESULTS = '{"symbol": "FWT", "price": 579.5} {"events": 1, "free": "15:05", "date": "2027-04-06"} {"km": 4541} {"seat": "39A"} '
+
+
+@pytest.mark.parametrize(
+    "tail, piece, ok",
+    [
+        ("FWT: $", "579", True), ("FWT: $", "57", True), ("FWT: $", "6", False),  # each digit goes on with a number
+        ("FWT: $579", ".", True), ("FWT: $579.", "5", True), ("FWT: $579.", "0", False),  # 579.0 for 579.5
+        ("FWT: $579.", "5.", True), ("FWT: $579.5", "", True), ("FWT: $579.5", "3", False),
+        ("FWT: $57", ".", False), ("FWT: $57", " ", False), ("FWT: $57", "", False),  # 57 is no number of the text
+        ("Distance: ", "4541 km.", True), ("Distance: ", "4540 km.", False),
+        ("2027-", "04-06: ", True), ("2027-04-06: ", "1 events", True), ("Free at ", "15:05.", True),
+        ("Free at ", "15:07.", False), ("at 15", ":", True),
+        ("Gate F", "11", True), ("Seat ", "19B", True), ("PX", "999", True),  # codes: glued to letters, not numbers
+        ("Seat ", "3", True), ("Seat 3", "9A.", True), ("Seat 39", ".", False),  # a code's digits go on with it
+        ("Done", ".", True), ("Weather: ", "sunny", True),
+    ],
+)
+def test_numbers_in_the_text_are_the_conversations(tail: str, piece: str, ok: bool) -> None:
+    assert NumberIndex(RESULTS).may_write(tail, piece) is ok
+
+
+@settings(max_examples=150, deadline=None)
+@given(number=st.from_regex(r"[1-9][0-9]{0,5}(\.[0-9]{1,2})?", fullmatch=True),
+       lead=st.sampled_from(["$", "Price: ", "= ", "at "]), end=st.sampled_from([".", " USD", ", then", ""]))
+def test_writing_a_number_of_the_context_is_never_refused(number: str, lead: str, end: str) -> None:
+    """Character by character, every number of the context can be written out and ended."""
+    index = NumberIndex(f'{{"price": {number}}} ')
+    for k in range(len(number)):
+        assert index.may_write(lead + number[:k], number[k]), (number, k)
+    assert index.may_write(lead + number, end)
+
+
+def test_the_processor_holds_numbers_to_the_conversation_and_can_leave_them_alone() -> None:
+    tok = tiny_tokenizer()
+    ids = tok.encode('{"price": 579.5} FWT: $579.', add_special_tokens=False)
+    zero, five = tok.convert_tokens_to_ids("0"), tok.convert_tokens_to_ids("5")
+    proc = NameCompletionProcessor(tok, names=False, numbers=True)
+    assert not proc.allowed(ids, zero) and proc.allowed(ids, five)
+    scores = torch.zeros(1, len(tok))
+    scores[0, zero], scores[0, five] = 5.0, 4.0
+    out = proc(torch.tensor([ids]), scores.clone())
+    assert int(out[0].argmax()) == five and proc.steps_held == 1
+    assert NameCompletionProcessor(tok).allowed(ids, zero)  # names only (the default)
+    inside = tok.encode('{"price": 579.5} [CALL] x1 [HEAD] convert(amount=579.', add_special_tokens=False)
+    assert proc.allowed(inside, zero)  # inside a call block: the call constraint's business
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(TypeError, match="complete_names must be True or False"):
         check_complete_names("yes")
     with pytest.raises(ValueError, match="candidates"):
         NameCompletionProcessor(tiny_tokenizer(), candidates=0)
+    with pytest.raises(TypeError, match="quote_numbers must be True or False"):
+        check_quote_numbers(1)
+    with pytest.raises(ValueError, match="nothing to hold"):
+        NameCompletionProcessor(tiny_tokenizer(), names=False)
 
 
 def test_asynclm_takes_the_setting_from_the_caller_or_the_checkpoint(tmp_path) -> None:
@@ -170,3 +228,52 @@ def test_a_generation_with_the_setting_on_never_cuts_a_name_of_the_prompt() -> N
                 assert rest.startswith(" Lumpur" if m.group(1) == "Kuala" else " Kong") or \
                     (" Lumpur" if m.group(1) == "Kuala" else " Kong").startswith(rest), text
         assert index.names  # the prompt has names to hold
+
+
+def test_a_generation_with_quote_numbers_writes_only_the_conversations_numbers(tmp_path) -> None:
+    """Through AsyncLM's decode loop: a random model sampled hot (pushed to write digits) writes
+    numbers the prompt lacks without the setting and none with it (a number cut by the token limit
+    may stop early); the setting comes from the caller or the checkpoint's record like the others."""
+    import json
+    import re
+    import shutil
+
+    from transformers import LogitsProcessorList
+
+    from hf_asynclm import AsyncLM
+    from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok, seed=3)
+    with pytest.raises(TypeError, match="quote_numbers"):
+        AsyncLM(model, tok, quote_numbers="yes")  # type: ignore[arg-type]
+    prompt = "FWT is at 579.5, ADM at 42 and the hotel costs 1200 for 3 nights."
+    numbers = set(re.findall(r"[0-9]+(?:\.[0-9]+)?", prompt))
+    digits = [tok.convert_tokens_to_ids(d) for d in "0123456789."]
+
+    def more_digits(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, digits] += 4.0  # after the runtime's processors: a refused digit stays refused
+        return scores
+
+    def foreign_numbers(quote_numbers: bool) -> list[str]:
+        alm = AsyncLM(model, tok, quote_numbers=quote_numbers, system_prompt=False)
+        out = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            text = alm.generate(prompt, max_new_tokens=32, do_sample=True, temperature=3.0, top_k=0,
+                                logits_processor=LogitsProcessorList([more_digits])).text
+            for m in re.finditer(r"(?<![A-Za-z0-9.])[0-9]+(?:\.[0-9]+)?(?![A-Za-z0-9])", text):
+                at_end = m.end() >= len(text.rstrip(".")) - 1
+                if not (m.group(0) in numbers or (at_end and any(n.startswith(m.group(0)) for n in numbers))):
+                    out.append(m.group(0))
+        return out
+
+    assert foreign_numbers(False)  # the control: the raw model does write numbers of its own
+    assert foreign_numbers(True) == []
+    folder = tmp_path / "ckpt"
+    shutil.copytree(DEFAULT_CHECKPOINT, folder)
+    record = json.loads((folder / "cml_training.json").read_text())
+    record["runtime"]["quote_numbers"] = True
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    assert AsyncLM.from_pretrained(folder).quote_numbers is True
+    assert AsyncLM.from_pretrained(folder, quote_numbers=False).quote_numbers is False

@@ -353,7 +353,7 @@ def dispatch_latency(bm: Any, calls: int, generations: int, emulated_tpot_ms: fl
 #: What (d) feeds after the prompt: text, two calls of the demo tools, text.
 _CONSTRAINED_TEXT = (
     'Let me look. [CALL] w1 [HEAD] get_weather(city="Paris") [END] '
-    '[CALL] h1 [HEAD] find_hotel(city="Rio de Janeiro", max_price=250) [END] Both are on their way.'
+    '[CALL] h1 [HEAD] find_hotel(city="Rio de Janeiro", max_price=250) [END] Both are on their way: a room under $250.'
 )
 
 
@@ -364,7 +364,8 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
 
     Also a correctness check: every token of those valid calls must be allowed (``rejected``).
     The same for :class:`~hf_asynclm.name_completion.NameCompletionProcessor` (``complete_names``)
-    over the same steps: ``names_*`` (none of those tokens ends a name early: ``names_rejected``).
+    over the same steps: ``names_*`` (none of those tokens ends a name early: ``names_rejected``),
+    and with ``quote_numbers`` too (``numbers=True``): ``quoted_*`` (none of those numbers is refused).
     """
     from ..asynclm import AsyncLM
     from ..call_grammar import CallGrammarProcessor
@@ -422,6 +423,12 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
         "names_outside_median_ms": statistics.median(outside) * 1e3,
         "names_outside_p99_ms": _pct(outside, 0.99) * 1e3,
         "names_rejected": rejected,
+    })
+    inside, outside, rejected = timed(lambda: NameCompletionProcessor(tok, numbers=True))
+    report.update({
+        "quoted_outside_median_ms": statistics.median(outside) * 1e3,
+        "quoted_outside_p99_ms": _pct(outside, 0.99) * 1e3,
+        "quoted_rejected": rejected,
     })
     return report
 

@@ -444,9 +444,16 @@ def overhead_markdown(report: Mapping[str, Any]) -> str:
                 f"| inside call blocks, `complete_names` | {d['steps_inside']} | {d['names_inside_median_ms']:.3f} | "
                 f"{d['names_inside_median_ms'] / step:.2f} |",
             ]
+        if "quoted_outside_median_ms" in d:
+            lines.append(
+                f"| outside blocks, `complete_names` and `quote_numbers` | {d['steps_outside']} | "
+                f"{d['quoted_outside_median_ms']:.3f} (p99 {d['quoted_outside_p99_ms']:.3f}) | "
+                f"{d['quoted_outside_median_ms'] / step:.2f} |"
+            )
         lines += ["", f"Tokens of those valid calls the processor refused: {d['rejected']} (must be 0)"
                   + (f"; with `\"grounded\"`: {d['grounded_rejected']} (must be 0)" if "grounded_rejected" in d else "")
-                  + (f"; tokens `complete_names` refused: {d['names_rejected']} (must be 0)." if "names_rejected" in d else ".")]
+                  + (f"; tokens `complete_names` refused: {d['names_rejected']} (must be 0)" if "names_rejected" in d else "")
+                  + (f"; with `quote_numbers` too: {d['quoted_rejected']} (must be 0)." if "quoted_rejected" in d else ".")]
     elif "constrained" in report:
         lines += ["", "**(d) Constrained calls**: not measured (the CML markers are not single tokens in this tokenizer)."]
     return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..call_grammar import check_constrain_calls, check_no_repeat_calls
-from ..name_completion import check_complete_names
+from ..name_completion import check_complete_names, check_quote_numbers
 from ..generation import check_interrupt_at
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
 from ..prompting import CML_CHAT_TEMPLATE, CML_MAX_NEW_TOKENS, template_knows_cml
@@ -153,6 +153,7 @@ class TrainConfig:
     constrain_calls: str = RUNTIME_DEFAULTS["constrain_calls"]  # "off", "schema" or "grounded"
     no_repeat_calls: bool = False  # recorded only when True (needs constrain_calls on)
     complete_names: bool = False  # recorded only when True
+    quote_numbers: bool = False  # recorded only when True
 
     # bookkeeping
     logging_steps: int = 10
@@ -223,6 +224,7 @@ class TrainConfig:
         check_interrupt_at(self.interrupt_at)
         check_no_repeat_calls(self.no_repeat_calls)
         check_complete_names(self.complete_names)
+        check_quote_numbers(self.quote_numbers)
         if self.no_repeat_calls and self.constrain_calls == "off":
             raise ValueError("no_repeat_calls works through constrained calls: record constrain_calls 'schema' or 'grounded' too")
         if self.base_model is None and self.hidden_size % self.num_heads:
@@ -685,6 +687,7 @@ def train(config: TrainConfig) -> Path:
                 "constrain_calls": config.constrain_calls,
                 **({"no_repeat_calls": True} if config.no_repeat_calls else {}),
                 **({"complete_names": True} if config.complete_names else {}),
+                **({"quote_numbers": True} if config.quote_numbers else {}),
             },
             "simulator": summarize_meta(dataset.examples),
             "config": _jsonable({**dataclasses.asdict(config), "learning_rate": config.resolved_learning_rate()}),
