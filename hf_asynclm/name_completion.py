@@ -19,9 +19,10 @@ With ``numbers=True`` (the runtime's ``quote_numbers``) numbers are held too, an
 model that quotes its results has no number of its own to write (:class:`NumberIndex`): a number the model writes in its visible text
 (digits, perhaps a decimal part; not digits glued to a word before them, as in ``"PX409"``, nor
 ones a letter follows, as in ``"19B"``) must be one of the conversation's numbers: each digit has
-to go on with one of them (``"579.0"`` is refused where the result said ``579.5``) and the number
-may only end where one of them ends (``"57"`` may not stand for ``579.5``). A ``"."`` after
-digits may be a decimal point or end the sentence.
+to go on with one of them, or with a word of the conversation that starts with digits (the seat
+``"19B"``), so ``"579.0"`` is refused where the result said ``579.5``; and the number may only end
+where one of them ends (``"57"`` may not stand for ``579.5``). A ``"."`` after digits may be a
+decimal point or end the sentence.
 
 What counts as a name: a run of capitalised words in the conversation so far (prompt, tools,
 results, the model's own text), lower-case name particles allowed between them (``"Rio de
