@@ -450,10 +450,12 @@ def overhead_markdown(report: Mapping[str, Any]) -> str:
                 f"{d['quoted_outside_median_ms']:.3f} (p99 {d['quoted_outside_p99_ms']:.3f}) | "
                 f"{d['quoted_outside_median_ms'] / step:.2f} |"
             )
-        lines += ["", f"Tokens of those valid calls the processor refused: {d['rejected']} (must be 0)"
-                  + (f"; with `\"grounded\"`: {d['grounded_rejected']} (must be 0)" if "grounded_rejected" in d else "")
-                  + (f"; tokens `complete_names` refused: {d['names_rejected']} (must be 0)" if "names_rejected" in d else "")
-                  + (f"; with `quote_numbers` too: {d['quoted_rejected']} (must be 0)." if "quoted_rejected" in d else ".")]
+        refused = [f"Tokens of those valid calls the processor refused: {d['rejected']} (must be 0)"]
+        for key, what in (("grounded_rejected", 'with `"grounded"`'), ("names_rejected", "tokens `complete_names` refused"),
+                          ("quoted_rejected", "with `quote_numbers` too")):
+            if key in d:
+                refused.append(f"{what}: {d[key]} (must be 0)")
+        lines += ["", "; ".join(refused) + "."]
     elif "constrained" in report:
         lines += ["", "**(d) Constrained calls**: not measured (the CML markers are not single tokens in this tokenizer)."]
     return "\n".join(lines) + "\n"
