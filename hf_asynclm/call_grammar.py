@@ -137,11 +137,16 @@ def check_constrain_calls(value: str) -> str:
     return value
 
 
+def check_bool_setting(name: str, value: Any) -> bool:
+    """Return ``value`` when it is a valid on/off runtime setting ``name`` (a bool), else raise ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_no_repeat_calls(value: Any) -> bool:
     """Return ``value`` when it is a valid ``no_repeat_calls`` setting (a bool), else raise ``TypeError``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"no_repeat_calls must be True or False, got {value!r}")
-    return value
+    return check_bool_setting("no_repeat_calls", value)
 
 
 class Status(enum.Enum):

@@ -60,6 +60,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .call_grammar import _NAME_PARTICLES as _PARTICLES  # the grounded call rule's particles: one list
+from .call_grammar import check_bool_setting
 from .cml import CALL, END
 
 _WORD = r"[A-Z][A-Za-z0-9]*"
@@ -76,16 +77,12 @@ _WORDS = re.compile(r"[A-Za-z0-9]+")
 
 def check_complete_names(value: Any) -> bool:
     """Return ``value`` when it is a valid ``complete_names`` setting (a bool), else raise ``TypeError``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"complete_names must be True or False, got {value!r}")
-    return value
+    return check_bool_setting("complete_names", value)
 
 
 def check_quote_numbers(value: Any) -> bool:
     """Return ``value`` when it is a valid ``quote_numbers`` setting (a bool), else raise ``TypeError``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"quote_numbers must be True or False, got {value!r}")
-    return value
+    return check_bool_setting("quote_numbers", value)
 
 
 class NameIndex:
@@ -179,14 +176,12 @@ class NumberIndex:
             if m.end() < len(tail) or (m.start() == 0 and len(tail) >= NUMBER_TAIL_CHARS):
                 continue  # written before (and held then), or cut by the tail's start
             run = m.group(0)
-            if m.end() < len(text):
-                if text[m.end()].isalpha():
-                    continue  # a code or a unit ("19B", "780ms"): not a number
+            ends = m.end() < len(text) or not piece  # something follows, or a special token ends the text
+            if m.end() < len(text) and text[m.end()].isalpha():
+                continue  # a code or a unit ("19B", "780ms"): not a number
+            if ends:
                 if run.rstrip(".") not in self.numbers:
                     return False  # the number ends here
-            elif not piece:
-                if run.rstrip(".") not in self.numbers:
-                    return False  # ended by a special token
             elif not (self._starts(run) or (run.endswith(".") and run[:-1] in self.numbers)):
                 return False  # it goes on, but no number of the text starts so
         return True
@@ -294,8 +289,8 @@ class NameCompletionProcessor(LogitsProcessor):
     def _checks(self, ids: list[int]) -> list[Any] | None:
         """The checks a next token must pass (each ``piece -> bool``), or None inside a CML block."""
         if not self.numbers:  # names only: no name is open unless the text ends in a letter, digit or space
-            tail = self.tokenizer.decode(ids[-8:])
-            if not (tail[-1:].isalnum() or tail[-1:] == " "):
+            last = self.tokenizer.decode(ids[-8:])[-1:]
+            if not (last.isalnum() or last == " "):
                 return None
         text = self.tokenizer.decode(ids)
         if text.rfind(CALL) > text.rfind(END):
