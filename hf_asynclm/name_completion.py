@@ -24,9 +24,11 @@ to go on with one of them, or with a word of the conversation that starts with d
 where one of them ends (``"57"`` may not stand for ``579.5``). A ``"."`` after digits may be a
 decimal point or end the sentence.
 
-What counts as a name: a run of capitalised words in the conversation so far (prompt, tools,
-results, the model's own text), lower-case name particles allowed between them (``"Rio de
-Janeiro"``), digits allowed inside a word (``"PX409"``). A run that starts a sentence may also
+What counts as a name: a run of capitalised words in the conversation so far (the prompt with its
+tools, and the calls and results of the generation: :func:`quotable_text`; the model's own
+visible text is no source, so a word it made up or cut, ``"Donear"``, never becomes a name it has
+to spell again), lower-case name particles allowed between them (``"Rio de Janeiro"``), digits
+allowed inside a word (``"PX409"``). Numbers come from the same text. A run that starts a sentence may also
 be its first word alone (``"Book Nurun Traikre on a flight"``: ``"Book"`` is a whole word there),
 and every run is also a name from each of its later words on. The text being written is checked
 from a capitalised word start; words of one letter (``"A"``, ``"I"``) are never held.
@@ -61,7 +63,7 @@ from transformers import LogitsProcessor
 
 from .call_grammar import _NAME_PARTICLES as _PARTICLES  # the grounded call rule's particles: one list
 from .call_grammar import check_bool_setting
-from .cml import CALL, END
+from .cml import CALL, END, INTR
 
 _WORD = r"[A-Z][A-Za-z0-9]*"
 _RUN = re.compile(rf"(?<![A-Za-z0-9]){_WORD}(?: (?:(?:{'|'.join(_PARTICLES)}) )?{_WORD})*(?![A-Za-z0-9])")
@@ -197,6 +199,33 @@ def _open_number(text: str) -> int:
 
 
 _SEGMENT = re.compile(r"[A-Za-z0-9 ]*$")
+#: A CML block the generation holds: a call the model wrote (its values are checked by the call
+#: constraint) or an interrupt the runtime injected (a result).
+_BLOCK = re.compile(rf"(?:{re.escape(CALL)}|{re.escape(INTR)}).*?(?:{re.escape(END)}|\Z)", re.DOTALL)
+
+
+def quotable_text(text: str, prompt_chars: int = 0) -> str:
+    """What names and numbers may be quoted from: ``text`` up to ``prompt_chars`` (the prompt,
+    tools included) and, after it, only the CML call and interrupt blocks (the model's calls and
+    the results injected; one still open at the end as far as it goes), one per line. The model's own visible text is left out: a name it
+    wrote is the conversation's only where the conversation has it too, and a cut or a made-up
+    word it wrote (``"Donear"``) must not become a name it then has to go on spelling.
+
+    ```python
+    >>> from hf_asynclm.name_completion import quotable_text
+    >>> text = 'Weather in Rome? [CALL] w1 [HEAD] get_weather(city="Rome") [END] Rom [INTR] w1 [HEAD] 21 C [END] Ro'
+    >>> quotable_text(text, prompt_chars=17).splitlines()
+    ['Weather in Rome? ', '[CALL] w1 [HEAD] get_weather(city="Rome") [END]', '[INTR] w1 [HEAD] 21 C [END]']
+
+    ```
+    """
+    if prompt_chars >= len(text):
+        return text
+    opened = max(text.rfind(CALL, 0, prompt_chars), text.rfind(INTR, 0, prompt_chars))
+    if opened > text.rfind(END, 0, prompt_chars):
+        prompt_chars = opened  # a prompt that ends inside a block: the block is read whole below
+    blocks = _BLOCK.findall(text, prompt_chars)
+    return "\n".join([text[:prompt_chars], *blocks])
 
 
 def _name_starts(text: str) -> list[str]:
@@ -210,10 +239,13 @@ def _name_starts(text: str) -> list[str]:
 
 class NameCompletionProcessor(LogitsProcessor):
     """Refuse tokens that end a name from the conversation early (``names``), or write a number it
-    lacks (``numbers``), in the model's visible text (see the module docstring). Stateless: it reads the text from
+    lacks (``numbers``), in the model's visible text (see the module docstring). It reads the text from
     ``input_ids`` at every step, so it works in hf-asynclm's decode loop (with injected results)
     and in a plain ``model.generate``. Inside CML blocks it does nothing (the call constraint's
-    business).
+    business). The first ids it sees for a batch row are that row's prompt (ids that do not start
+    with them begin a new one): use one processor per generation, as ``AsyncLM`` does, or
+    :meth:`reset` it, since a next turn's prompt that extends the last one would otherwise be
+    taken for generated text.
 
     Args:
         tokenizer: the model's tokenizer.
@@ -256,6 +288,7 @@ class NameCompletionProcessor(LogitsProcessor):
         self.max_scan = max_scan
         self.numbers = numbers
         self._index: tuple[int, NameIndex] | None = None  # (hash of the text before, index)
+        self._prompts: dict[int, tuple[tuple[int, ...], int]] = {}  # row -> (prompt ids, its length in characters)
         self._pieces: dict[int, str] = {}
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         #: Steps at which a token was refused for ending a name early or misquoting a number.
@@ -268,7 +301,7 @@ class NameCompletionProcessor(LogitsProcessor):
             self._pieces[token] = piece
         return piece
 
-    def _name_state(self, text: str) -> tuple[str, NameIndex] | None:
+    def _name_state(self, text: str, prompt_chars: int) -> tuple[str, NameIndex] | None:
         """``(written, index)`` where the text ends in a cut name start, else None."""
         if not (text[-1:].isalnum() or text[-1:] == " "):
             return None
@@ -276,9 +309,9 @@ class NameCompletionProcessor(LogitsProcessor):
             if len(written.strip()) < 2:
                 continue
             before = text[: len(text) - len(written)]
-            key = hash(before)
+            key = hash((before, prompt_chars))
             if self._index is None or self._index[0] != key:
-                self._index = (key, NameIndex(before))
+                self._index = (key, NameIndex(quotable_text(before, prompt_chars)))
             index = self._index[1]
             if index.cut(written):
                 return written, index
@@ -286,34 +319,52 @@ class NameCompletionProcessor(LogitsProcessor):
                 return None  # it starts a name that may end here
         return None
 
-    def _checks(self, ids: list[int]) -> list[Any] | None:
+    def reset(self) -> None:
+        """Forget the prompts seen: the next ids of each row are a new generation's prompt."""
+        self._prompts.clear()
+        self._index = None
+
+    def _prompt_chars(self, row: int, ids: list[int], text: str) -> int:
+        """How many characters of ``text`` (the decoded ``ids``) the sequence's prompt has: the
+        first input seen for a row is its prompt; a row whose ids no longer start with it has
+        begun a new sequence."""
+        prompt = self._prompts.get(row)
+        if prompt is None or len(ids) < len(prompt[0]) or tuple(ids[: len(prompt[0])]) != prompt[0]:
+            prompt = (tuple(ids), len(text))
+            self._prompts[row] = prompt
+        return prompt[1]
+
+    def _checks(self, ids: list[int], row: int = 0) -> list[Any] | None:
         """The checks a next token must pass (each ``piece -> bool``), or None inside a CML block."""
-        if not self.numbers:  # names only: no name is open unless the text ends in a letter, digit or space
+        if not self.numbers and row in self._prompts:
+            # names only: no name is open unless the text ends in a letter, digit or space
             last = self.tokenizer.decode(ids[-8:])[-1:]
             if not (last.isalnum() or last == " "):
                 return None
         text = self.tokenizer.decode(ids)
+        prompt_chars = self._prompt_chars(row, ids, text)
         if text.rfind(CALL) > text.rfind(END):
             return None  # inside a call block
         checks: list[Any] = []
-        state = self._name_state(text) if self.names else None
+        state = self._name_state(text, prompt_chars) if self.names else None
         if state is not None:
             written, index = state
             checks.append(lambda piece: index.may_follow(written, piece))
         if self.numbers:
-            numbers = NumberIndex(text[: _open_number(text)])
+            numbers = NumberIndex(quotable_text(text[: _open_number(text)], prompt_chars))
             tail = text[-NUMBER_TAIL_CHARS:]
             checks.append(lambda piece: numbers.may_write(tail, piece))
         return checks
 
-    def allowed(self, ids: list[int], token: int) -> bool:
-        """Whether ``token`` may follow ``ids``."""
+    def allowed(self, ids: list[int], token: int, row: int = 0) -> bool:
+        """Whether ``token`` may follow ``ids`` (row ``row`` of the batch; the first ids seen for a
+        row are its prompt)."""
         piece = self._piece(token)
-        return all(check(piece) for check in self._checks(ids) or ())
+        return all(check(piece) for check in self._checks(ids, row) or ())
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row in range(input_ids.shape[0]):
-            checks = self._checks(input_ids[row].tolist())
+            checks = self._checks(input_ids[row].tolist(), row)
             if not checks:
                 continue
             order = torch.argsort(scores[row], descending=True)[: self.max_scan].tolist()

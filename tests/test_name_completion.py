@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from hf_asynclm.name_completion import (
     NameIndex,
     NumberIndex,
     check_complete_names,
+    quotable_text,
     check_quote_numbers,
 )
 from hf_asynclm.testing import tiny_llama, tiny_tokenizer
@@ -100,6 +103,73 @@ def test_inside_a_call_block_the_processor_does_nothing() -> None:
     assert proc.allowed(ids, tok.encode('"', add_special_tokens=False)[0])
     after = tok.encode('Hotel in Kuala Lumpur? [CALL] h1 [HEAD] find_hotel(city="Kuala Lumpur") [END] Kuala', add_special_tokens=False)
     assert not proc.allowed(after, tok.convert_tokens_to_ids(":"))
+
+
+@pytest.mark.parametrize(
+    "text, prompt_chars, expected",
+    [
+        # the prompt whole, then only the blocks: calls and results, not the model's own words
+        ('Rome? [CALL] w1 [HEAD] f(city="Rome") [END] Donear [INTR] w1 [HEAD] 21 [END] Don', 6,
+         'Rome? \n[CALL] w1 [HEAD] f(city="Rome") [END]\n[INTR] w1 [HEAD] 21 [END]'),
+        ("Rome? Donear. Don", 6, "Rome? "),
+        ("Rome? Donear", 0, ""),  # no prompt: only blocks count
+        ("Rome?", 10, "Rome?"),  # the prompt is all there is
+        # a prompt that ends inside a block: that block is read whole, and nothing after it
+        ('Rome? [CALL] w1 [HEAD] f(city="Ro', 20, 'Rome? \n[CALL] w1 [HEAD] f(city="Ro'),
+        ('Rome? [CALL] w1 [HEAD] f(city="Rome") [END] Mila', 20, 'Rome? \n[CALL] w1 [HEAD] f(city="Rome") [END]'),
+        # a trap is no source; a block still open at the end is read as far as it goes
+        ("Rome? [TRAP] [END] Zurich [INTR] w1 [HEAD] 2", 6, "Rome? \n[INTR] w1 [HEAD] 2"),
+    ],
+)
+def test_quotable_text_is_the_prompt_calls_and_results(text: str, prompt_chars: int, expected: str) -> None:
+    assert quotable_text(text, prompt_chars) == expected
+
+
+_PIECES = ["Kuala Lumpur. ", "Donear ", '[CALL] h1 [HEAD] f(c="Rome") [END]', " [TRAP] [END]",
+           "[INTR] h1 [HEAD] Hong Kong [END]", "Booked ", "Zurich "]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=6), st.lists(st.sampled_from(_PIECES), max_size=6))
+@settings(max_examples=150, deadline=None)
+def test_the_prompt_and_every_block_after_it_are_quotable_and_nothing_else(prompt: list[str], generated: list[str]) -> None:
+    head = "Weather in Auckland? " + "".join(prompt)
+    text = head + "".join(generated)
+    quotable = quotable_text(text, len(head))
+    assert quotable.split("\n")[0] == head
+    blocks = [p for p in generated if p.startswith(("[CALL]", "[INTR]"))]
+    assert quotable.split("\n")[1:] == blocks
+    for word in {w for p in generated if p not in blocks for w in re.findall(r"[A-Za-z]+", p)} - {"TRAP", "END"}:
+        assert (word in quotable) == (word in head or any(word in b for b in blocks))
+
+
+def test_a_name_the_model_made_up_itself_is_not_held() -> None:
+    """The model's own text is no source of names: a cut word it wrote ("Donear") does not make
+    it spell that word again ("Done." stays writable); names from the prompt and from results are held."""
+    tok = tiny_tokenizer()
+    prompt = tok.encode("Weather in Auckland? ", add_special_tokens=False)
+    colon, dot = tok.convert_tokens_to_ids(":"), tok.convert_tokens_to_ids(".")
+    e = tok.encode("e", add_special_tokens=False)
+    proc = NameCompletionProcessor(tok)
+    assert proc.allowed(prompt, colon)  # the first ids seen are the prompt
+    done = prompt + tok.encode("Donear. Don", add_special_tokens=False) + e
+    assert proc.allowed(done, dot)  # "Done." although the model wrote "Donear" before
+    # the same words in a prompt are the conversation's: "Donear" is a name there, "Done" a cut of it
+    assert not NameCompletionProcessor(tok).allowed(done, dot)
+    # a name from a result after the prompt is held
+    result = prompt + tok.encode('[INTR] h1 [HEAD] {"hotel": "Kuala Lumpur Inn"} [END] Kuala', add_special_tokens=False)
+    assert not proc.allowed(result, colon)
+    assert proc.allowed(result, tok.encode(" ", add_special_tokens=False)[0])
+    # ids that do not start with the prompt seen begin a new sequence: they are its prompt
+    other = tok.encode("Hotel in Kuala Lumpur? Kuala", add_special_tokens=False)
+    assert not proc.allowed(other, colon)
+    assert not NameCompletionProcessor(tok).allowed(other, colon)
+    # a next turn's prompt that extends the last one: reset() makes it the prompt
+    turn = prompt + tok.encode("Donear. User: Donear? Assistant: Done", add_special_tokens=False)
+    proc.reset()
+    assert proc.allowed(prompt, colon)
+    assert proc.allowed(turn, dot)  # the reset processor took the first turn's ids for the prompt
+    proc.reset()
+    assert not proc.allowed(turn, dot)  # the whole turn is the prompt now: "Donear" is its name
 
 
 def test_a_random_model_never_ends_a_name_of_its_prompt_early() -> None:
