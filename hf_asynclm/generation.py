@@ -452,6 +452,9 @@ def _output(generation_config: Any, sequences: torch.Tensor, scores: tuple | Non
     return GenerateDecoderOnlyOutput(**kwargs)
 
 
+_NO_CALL, _AFTER_CALL, _IN_BURST = "no call", "after a call", "in a burst"  # the decode loop's ``calls``
+
+
 def cml_decode_loop(
     session: GenerationSession,
     model: Any,
@@ -515,9 +518,11 @@ def cml_decode_loop(
     virtual_clock = getattr(session.executor, "virtual_clock", None)  # simulated time: tokens move it
     held = False  # word mode: at a safe point with interrupts held back until a word starts
     held_for = 0  # tokens the ready interrupts have been held back
-    in_burst = False  # sentence mode: the model is writing a burst of calls; results wait for its end
+    # where the model is among its calls: _NO_CALL (text or a trap since the last call block, or none
+    # yet), _AFTER_CALL (only whitespace since a call block's [END]: a [CALL] now goes on with its
+    # burst) or _IN_BURST (the same, and sentence mode holds the ready results for the burst's end)
+    calls = _NO_CALL
     held_after_call = False  # sentence mode: held right after a call block's [END]
-    since_call = False  # only whitespace written since a call block's [END]: a [CALL] now goes on with the burst
     call_token = monitor.markers.call
 
     try:
@@ -562,18 +567,18 @@ def cml_decode_loop(
                 and monitor.starts_word(token)
                 and (not sentences or held_for >= wait_max or (may_deliver and not sentence_open))
             ):
-                if in_burst and token == call_token:
+                if calls == _IN_BURST and token == call_token:
                     interrupts = []  # the burst goes on: the results wait for its end
-                elif hold_bursts and since_call and token == call_token:
+                elif hold_bursts and calls == _AFTER_CALL and token == call_token:
                     # a result that became ready while the whitespace after [END] was written waits too
                     interrupts = []
-                    in_burst = True
+                    calls = _IN_BURST
                     stats.burst_holds += 1
                 elif hold_bursts and held_after_call and session.executor.has_ready() and _continues_with_call(
                     driver, input_ids, token, logits_processor, call_token, tokenizer
                 ):
                     interrupts = []  # results that came while [END] was written wait for the burst too
-                    in_burst = True
+                    calls = _IN_BURST
                     stats.burst_holds += 1
                 else:
                     interrupts = session.take_interrupts(per_delivery)
@@ -600,10 +605,9 @@ def cml_decode_loop(
                 streamer.put(token_t[0].cpu())
             for event in cml_events:
                 if (isinstance(event, Block) and event.kind != "call") or (isinstance(event, TextEvent) and event.text.strip()):
-                    in_burst = False  # text or a trap ends a burst of calls
-                    since_call = False
-                elif isinstance(event, Block):
-                    since_call = True
+                    calls = _NO_CALL  # text or a trap ends a burst of calls
+                elif isinstance(event, Block) and calls == _NO_CALL:
+                    calls = _AFTER_CALL  # a call block (within a burst, the burst goes on)
                 if isinstance(event, Block):
                     session.handle_block(event, driver)
                     sentence_open = False
@@ -646,7 +650,7 @@ def cml_decode_loop(
                         if _continues_with_call(
                             driver, input_ids, int(torch.argmax(ahead, dim=-1)[0]), logits_processor, call_token, tokenizer
                         ):
-                            in_burst = True
+                            calls = _IN_BURST
                             stats.burst_holds += 1
                             continue
                         feed = None  # fed: the interrupts go in right after it
