@@ -287,7 +287,9 @@ class NameCompletionProcessor(LogitsProcessor):
         self.candidates = candidates
         self.max_scan = max_scan
         self.numbers = numbers
-        self._index: tuple[int, NameIndex] | None = None  # (hash of the text before, index)
+        # the last index of each kind and the quotable text it was built from: that text only
+        # changes where a block ends (the model's own text is no part of it), so most steps reuse it
+        self._indexes: dict[type, tuple[str, Any]] = {}
         self._prompts: dict[int, tuple[tuple[int, ...], int]] = {}  # row -> (prompt ids, its length in characters)
         self._pieces: dict[int, str] = {}
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -309,10 +311,7 @@ class NameCompletionProcessor(LogitsProcessor):
             if len(written.strip()) < 2:
                 continue
             before = text[: len(text) - len(written)]
-            key = hash((before, prompt_chars))
-            if self._index is None or self._index[0] != key:
-                self._index = (key, NameIndex(quotable_text(before, prompt_chars)))
-            index = self._index[1]
+            index = self._index(NameIndex, quotable_text(before, prompt_chars))
             if index.cut(written):
                 return written, index
             if any(n.startswith(written) for n in index.names):
@@ -322,7 +321,14 @@ class NameCompletionProcessor(LogitsProcessor):
     def reset(self) -> None:
         """Forget the prompts seen: the next ids of each row are a new generation's prompt."""
         self._prompts.clear()
-        self._index = None
+        self._indexes.clear()
+
+    def _index(self, kind: type, quotable: str) -> Any:
+        """The ``kind`` index (:class:`NameIndex` or :class:`NumberIndex`) of ``quotable``, cached."""
+        cached = self._indexes.get(kind)
+        if cached is None or cached[0] != quotable:
+            cached = self._indexes[kind] = (quotable, kind(quotable))
+        return cached[1]
 
     def _prompt_chars(self, row: int, ids: list[int], text: str) -> int:
         """How many characters of ``text`` (the decoded ``ids``) the sequence's prompt has: the
@@ -351,7 +357,7 @@ class NameCompletionProcessor(LogitsProcessor):
             written, index = state
             checks.append(lambda piece: index.may_follow(written, piece))
         if self.numbers:
-            numbers = NumberIndex(quotable_text(text[: _open_number(text)], prompt_chars))
+            numbers = self._index(NumberIndex, quotable_text(text[: _open_number(text)], prompt_chars))
             tail = text[-NUMBER_TAIL_CHARS:]
             checks.append(lambda piece: numbers.may_write(tail, piece))
         return checks
