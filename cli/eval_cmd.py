@@ -63,6 +63,11 @@ from .common import DEFAULT_MAX_NEW_TOKENS
     help="BFCL: leave out tasks a checkpoint trained on: training traces (JSONL with task_id) or a JSON list of "
     "task ids. Repeatable.",
 )
+@click.option(
+    "--bfcl-results", "bfcl_results", type=click.Choice(["status", "trace"]), default="status", show_default=True,
+    help="What the BFCL calls return: status, {\"status\": \"ok\", \"id\": \"r12345\"} (a shape no training trace holds), "
+    "or trace, {\"result\": \"<code>\"} (the shape the simulator gives such calls in the training traces).",
+)
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="BFCL data folder.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
 def eval_command(
@@ -81,6 +86,7 @@ def eval_command(
     no_repeat_calls: bool | None,
     complete_names: bool | None,
     quote_numbers: bool | None,
+    bfcl_results: str,
     exclude_files: tuple[Path, ...],
     data_dir: Path | None,
     out: Path | None,
@@ -170,7 +176,7 @@ def eval_command(
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
                         no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
-                        quote_numbers=alm.quote_numbers, **clocked,
+                        quote_numbers=alm.quote_numbers, result_format=bfcl_results, **clocked,
                     )
                 )
     for report in reports:

@@ -389,7 +389,34 @@ def _clock_settings(clock: str, latency_scale: float, tpot_range_ms: Sequence[fl
     return {"clock": "wall", "latency_scale": f"{latency_scale:g}"}
 
 
-def _generic_result(name: str, arguments: dict) -> Any:
+#: What BFCL tools return in :func:`evaluate_bfcl` (they have no implementation): ``"status"``,
+#: ``{"status": "ok", "id": "r12345"}``, a shape no training trace holds (what every reported
+#: BFCL number used unless it says otherwise), or ``"trace"``, ``{"result": "<code>"}``, the shape
+#: the simulator gives such calls in the traces (:func:`hf_asynclm.data.simulate.generic_result`).
+BFCL_RESULT_FORMATS: tuple[str, ...] = ("status", "trace")
+
+
+def check_bfcl_result_format(value: str) -> str:
+    """Return ``value`` when it is one of :data:`BFCL_RESULT_FORMATS`, else raise ``ValueError``."""
+    if value not in BFCL_RESULT_FORMATS:
+        raise ValueError(f"unknown BFCL result format {value!r}: use one of {', '.join(BFCL_RESULT_FORMATS)}")
+    return value
+
+
+def bfcl_result(name: str, arguments: dict, result_format: str = "status") -> Any:
+    """The result of a BFCL call in the evaluation (deterministic in the call), in ``result_format``.
+
+    ```python
+    >>> from hf_asynclm.evaluation import bfcl_result
+    >>> sorted(bfcl_result("f", {"a": 1})), sorted(bfcl_result("f", {"a": 1}, "trace"))
+    (['id', 'status'], ['result'])
+
+    ```
+    """
+    if check_bfcl_result_format(result_format) == "trace":
+        from .data.simulate import generic_result
+
+        return generic_result(name, arguments)
     import zlib
 
     h = zlib.crc32(repr((name, sorted(arguments.items(), key=lambda kv: kv[0]))).encode())
@@ -412,18 +439,21 @@ def evaluate_bfcl(
     tpot_range_ms: Sequence[float] = (5.0, 30.0),
     complete_names: bool = False,
     quote_numbers: bool = False,
+    result_format: str = "status",
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
     ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls``, ``complete_names`` and ``quote_numbers`` are the runtime's settings (``AsyncLM``);
-    ``clock`` as in :func:`evaluate_synthetic` (virtual: each call takes its cheat-sheet latency)."""
+    ``clock`` as in :func:`evaluate_synthetic` (virtual: each call takes its cheat-sheet latency);
+    ``result_format`` what the calls return (:data:`BFCL_RESULT_FORMATS`)."""
     from .bench.ast_match import match_task
 
     check_clock(clock)
+    check_bfcl_result_format(result_format)
     scores = []
     for task in tasks:
         scale, virtual_clock = _timing_of(task, clock, latency_scale, tpot_range_ms)
-        tools = task_tools(task, scale, _generic_result)
+        tools = task_tools(task, scale, lambda name, arguments: bfcl_result(name, arguments, result_format))
         result, wall, error = _run_task(
             model, tokenizer, task, tools, mode, max_new_tokens, processors_for, interrupt_at, constrain_calls,
             no_repeat_calls, virtual_clock, complete_names, quote_numbers,
@@ -473,6 +503,7 @@ def evaluate_bfcl(
         "complete_names": complete_names,
         "quote_numbers": quote_numbers,
         "max_new_tokens": max_new_tokens,
+        "result_format": result_format,
         **_clock_settings(clock, latency_scale, tpot_range_ms),
     }
     return _aggregate("bfcl", mode, scores, extra)

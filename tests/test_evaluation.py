@@ -111,6 +111,8 @@ def test_eval_cli_bad_input():
         assert r.exit_code == 2 and "--tpot-ms" in r.output, r.output
     r = runner.invoke(eval_command, ["--clock", "sundial"])
     assert r.exit_code == 2 and "sundial" in r.output
+    r = runner.invoke(eval_command, ["--bfcl-results", "xml"])
+    assert r.exit_code == 2 and "--bfcl-results" in r.output
 
 
 def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):
@@ -193,3 +195,31 @@ def test_a_report_counts_the_tasks_that_ran_out_of_tokens():
     enough = evaluate_synthetic(model, tok, tasks, max_new_tokens=400, processors_for=_scripted(tok), clock="virtual")
     assert enough.extra["cut_by_token_limit"] == 0.0 and enough.success_rate == 1.0
     assert all(t.stop_reason == "eos" and 0 < t.new_tokens < 400 for t in enough.tasks)
+
+
+@pytest.mark.parametrize("result_format, keys", [("status", {"status", "id"}), ("trace", {"result"})])
+def test_bfcl_calls_return_the_result_format_asked_for(result_format, keys):
+    """``evaluate_bfcl(result_format=...)``: the results injected have that shape ("trace": the
+    simulator's own, as in the training traces), the scores do not depend on it, and the report
+    says which was used; an unknown format is refused."""
+    from pathlib import Path
+
+    from hf_asynclm.data import bfcl
+    from hf_asynclm.data.simulate import generic_result
+    from hf_asynclm.evaluation import bfcl_result, evaluate_bfcl
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    model = tiny_llama(tok)
+    mini = Path(__file__).parent / "data" / "bfcl_mini"
+    tasks = [bfcl.with_cheat_sheet(t, {c.call_id: 50 for c in t.calls}) for t in bfcl.load_tasks("parallel", data_dir=mini)[:2]]
+    report = evaluate_bfcl(model, tok, tasks, max_new_tokens=300, processors_for=_scripted(tok), clock="virtual",
+                           result_format=result_format)
+    assert report.success_rate == 1.0 and report.extra["result_format"] == result_format
+    for task, score in zip(tasks, report.tasks):
+        injected = [json.loads(m) for m in __import__("re").findall(r"\[INTR\] \w+ \[HEAD\] (\{.*?\}) \[END\]", score.transcript)]
+        assert len(injected) == len(task.calls) and all(set(r) == keys for r in injected), score.transcript
+    call = tasks[0].calls[0]
+    assert bfcl_result(call.name, dict(call.arguments), "trace") == generic_result(call.name, call.arguments)
+    with pytest.raises(ValueError, match="unknown BFCL result format"):
+        evaluate_bfcl(model, tok, tasks, result_format="xml")

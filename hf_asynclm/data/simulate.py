@@ -266,10 +266,24 @@ def _timing(
     }
 
 
-def _generic_result(call: PlannedCall) -> dict[str, Any]:
+def generic_result(name: str, arguments: Any) -> dict[str, Any]:
+    """The result a call of a tool without a simulated implementation (BFCL's) gets in the
+    traces: ``{"result": "<code>"}``, the code seeded by the call's name and arguments.
+
+    ```python
+    >>> from hf_asynclm.data.simulate import generic_result
+    >>> generic_result("f", {"a": 1}) == generic_result("f", {"a": 1}), sorted(generic_result("f", {"a": 1}))
+    (True, ['result'])
+
+    ```
+    """
     from ..demo_tools import random_code, seeded_rng
 
-    return {"result": random_code(seeded_rng("generic", call.name, call.arguments))}
+    return {"result": random_code(seeded_rng("generic", name, arguments))}
+
+
+def _generic_result(call: PlannedCall) -> dict[str, Any]:
+    return generic_result(call.name, call.arguments)
 
 
 def default_result(task: Task, call: PlannedCall) -> Any:
