@@ -206,6 +206,12 @@ task gives one trace per mode.
     "before the next (the runtime's interrupt_at='sentence'); sentence-eager: paced, but a result may also "
     "go in between two calls (traces written before 2026-12-02).",
 )
+@click.option(
+    "--generic-results", type=click.Choice(["code", "varied"]), default="code", show_default=True,
+    help="Results of tools the simulator has no implementation of (BFCL's): code, always {\"result\": \"<code>\"}; "
+    "varied, one of several shapes per call (hf_asynclm.data.simulate.VARIED_RESULT_SHAPES), so that a model goes on "
+    "after results of any shape. Neither uses the keys of the evaluation's default BFCL result.",
+)
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")
 def build(
@@ -226,6 +232,7 @@ def build(
     tpot_ms: tuple[float, float],
     split_seed: int,
     interrupt_at: str,
+    generic_results: str,
     data_dir: str | None,
     stats_path: Path | None,
 ) -> None:
@@ -292,6 +299,7 @@ def build(
                 progress=lambda k: bar.advance(job, k),
                 tpot_range_ms=tpot_ms,
                 interrupt_at=interrupt_at,
+                generic_results=generic_results,
             )
         except OSError as exc:
             raise click.ClickException(f"cannot write {out}: {exc}") from exc

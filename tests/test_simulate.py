@@ -531,6 +531,65 @@ def test_cli_bfcl_source(tmp_path):
     assert {json.loads(line)["source"] for line in (tmp_path / "d.jsonl").read_text().splitlines()} == {"synthetic"}
 
 
+def _loads(body: str):
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        return body  # a plain string result goes in as it is
+
+
+def _keys(value) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()
+
+
+def test_generic_results_code_or_varied_and_never_the_evaluations_shape():
+    """``generic_results``: "code" is the one shape of every earlier trace; "varied" draws every
+    shape of VARIED_RESULT_SHAPES, deterministically per call, never with the keys of the
+    evaluation's default BFCL result (that shape stays unseen in training); bad values are refused."""
+    from hf_asynclm.evaluation import bfcl_result
+
+    calls = [("f", {"a": i}) for i in range(300)]
+    assert all(sim.generic_result(n, a) == {"result": sim.generic_result(n, a)["result"]} for n, a in calls)
+    varied = [sim.generic_result(n, a, "varied") for n, a in calls]
+    assert varied == [sim.generic_result(n, a, "varied") for n, a in calls]
+    shapes = {json.dumps(v if not isinstance(v, str) else "S", sort_keys=True).split(":")[0] for v in varied}
+    assert len(shapes) >= 6
+    seen = {k for v in varied for k in _keys(v)}
+    assert not seen & _keys(bfcl_result("f", {"a": 1})), seen
+    assert any(isinstance(v, str) for v in varied) and any(v == {"done": True} for v in varied)
+    for bad in ("random", ""):
+        with pytest.raises(ValueError, match="generic_results"):
+            sim.generic_result("f", {}, bad)
+
+
+def test_cli_bfcl_varied_results(tmp_path):
+    out = tmp_path / "v.jsonl"
+    r = CliRunner().invoke(_data_cli(), ["build", "--out", str(out), "--n", "12", "--source", "bfcl", "--data-dir", str(MINI_BFCL),
+                                          "--max-tokens", "0", "--modes", "async", "--generic-results", "varied"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines and all(sim.check_trace(ex) == [] for ex in lines)
+    bodies = [_loads(b.body) for ex in lines for s in ex["segments"] if s["role"] == "inject" for b in parse_blocks(s["text"])]
+    assert len({type(b).__name__ + str(sorted(_keys(b))) for b in bodies}) >= 2, bodies
+    # each result is the one generic_result gives that call
+    from hf_asynclm.data import bfcl
+
+    task = bfcl.load_tasks("parallel", data_dir=MINI_BFCL)[0]
+    ex = sim.simulate(task, "async", generic_results="varied")
+    by_id = {c.call_id: c for c in task.calls}
+    injected = [b for s in ex["segments"] if s["role"] == "inject" for b in parse_blocks(s["text"])]
+    assert len(injected) == len(task.calls)
+    for b in injected:
+        call = by_id[b.call_id]
+        assert b.body == serialize_result(sim.generic_result(call.name, call.arguments, "varied"))
+    r = CliRunner().invoke(_data_cli(), ["build", "--out", str(tmp_path / "w.jsonl"), "--generic-results", "xml"])
+    assert r.exit_code == 2 and "--generic-results" in r.output
+
+
 # ---------------------------------------------------------------------------------------------
 # Time per token: the range is a setting (a slow decoder sees results between its calls)
 # ---------------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ from ..cml import (
 from .tasks import PlannedCall, Task
 
 __all__ = [
+    "GENERIC_RESULTS",
     "MODES",
     "SIM_INTERRUPT_AT",
     "TokenCounter",
@@ -111,6 +112,7 @@ __all__ = [
     "default_result",
     "ends_sentence",
     "example_length",
+    "generic_result",
     "sample_latency_ms",
     "simulate",
     "simulate_task",
@@ -266,30 +268,67 @@ def _timing(
     }
 
 
-def generic_result(name: str, arguments: Any) -> dict[str, Any]:
+#: How the simulator shapes the results of tools it has no implementation of (BFCL's):
+#: ``"code"``, always ``{"result": "<code>"}``; ``"varied"``, one of :data:`VARIED_RESULT_SHAPES`
+#: per call, so that a model learns to go on after results of any shape. Neither uses the keys
+#: ``"status"`` or ``"id"``: the evaluation's default BFCL result (``{"status": "ok", "id":
+#: "r12345"}``, :func:`hf_asynclm.evaluation.bfcl_result`) stays a shape no trace holds.
+GENERIC_RESULTS: tuple[str, ...] = ("code", "varied")
+
+#: The shapes ``generic_results="varied"`` draws from (``{code}`` stands for the call's code).
+VARIED_RESULT_SHAPES: tuple[str, ...] = (
+    '{"result": "{code}"}',
+    '{"ok": true, "ref": "{code}"}',
+    '{"output": "{code}"}',
+    '{"success": true, "data": {"code": "{code}"}}',
+    '{"message": "done", "code": "{code}"}',
+    '{"value": "{code}", "ok": true}',
+    '"{code}"',
+    '{"results": ["{code}"]}',
+    '{"done": true}',
+)
+
+
+def check_generic_results(value: str) -> str:
+    """Return ``value`` when it is one of :data:`GENERIC_RESULTS`, else raise ``ValueError``."""
+    if value not in GENERIC_RESULTS:
+        raise ValueError(f"unknown generic_results {value!r}: use one of {', '.join(GENERIC_RESULTS)}")
+    return value
+
+
+def generic_result(name: str, arguments: Any, shape: str = "code") -> Any:
     """The result a call of a tool without a simulated implementation (BFCL's) gets in the
-    traces: ``{"result": "<code>"}``, the code seeded by the call's name and arguments.
+    traces: ``{"result": "<code>"}`` (``shape="code"``), or with ``shape="varied"`` one of
+    :data:`VARIED_RESULT_SHAPES`; the code and the shape are seeded by the call's name and arguments.
 
     ```python
     >>> from hf_asynclm.data.simulate import generic_result
     >>> generic_result("f", {"a": 1}) == generic_result("f", {"a": 1}), sorted(generic_result("f", {"a": 1}))
     (True, ['result'])
+    >>> shapes = {str(type(generic_result("f", {"a": i}, "varied"))) for i in range(40)}
+    >>> sorted(shapes)
+    ["<class 'dict'>", "<class 'str'>"]
 
     ```
     """
     from ..demo_tools import random_code, seeded_rng
 
-    return {"result": random_code(seeded_rng("generic", name, arguments))}
+    code = random_code(seeded_rng("generic", name, arguments))
+    if check_generic_results(shape) == "code":
+        return {"result": code}
+    template = seeded_rng("generic-shape", name, arguments).choice(VARIED_RESULT_SHAPES)
+    return json.loads(template.replace("{code}", code))
 
 
-def _generic_result(call: PlannedCall) -> dict[str, Any]:
-    return generic_result(call.name, call.arguments)
+def _generic_result(call: PlannedCall, shape: str = "code") -> Any:
+    return generic_result(call.name, call.arguments, shape)
 
 
-def default_result(task: Task, call: PlannedCall) -> Any:
+def default_result(task: Task, call: PlannedCall, generic_results: str = "code") -> Any:
     """The result a call gets in the simulation: ``task.meta["results"][id]`` when the task
     provides one, the synthetic catalogue's tool when it has that tool (and accepts the
-    arguments), else a hash-seeded ``{"result": "<code>"}``."""
+    arguments), else a hash-seeded generic result (:func:`generic_result`, shaped as
+    ``generic_results`` says)."""
     given = (task.meta or {}).get("results") or {}
     if call.call_id in given:
         return given[call.call_id]
@@ -300,7 +339,7 @@ def default_result(task: Task, call: PlannedCall) -> Any:
             return tool_result(call)
         except (TypeError, ValueError):
             pass
-    return _generic_result(call)
+    return _generic_result(call, generic_results)
 
 
 def _answer_parts(task: Task) -> list[dict[str, Any]]:
@@ -362,6 +401,7 @@ def simulate(
     counter: TokenCounter | None = None,
     tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
     interrupt_at: str = "word",
+    generic_results: str = "code",
 ) -> dict[str, Any]:
     """Simulate ``task`` in ``mode`` and return one trace (a JSON-ready dict)::
 
@@ -385,6 +425,9 @@ def simulate(
     the result a sentence quotes is the nearest one; no result goes in between two calls of a
     burst. ``"sentence-eager"`` is the same without that last rule (the paced traces written
     before 2026-12-02). ``meta["interrupt_at"]`` records it.
+
+    ``generic_results`` shapes the results of tools the simulator has no implementation of
+    (:data:`GENERIC_RESULTS`; ignored where ``result_fn`` is given).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
@@ -393,7 +436,10 @@ def simulate(
     hold_bursts = paced and interrupt_at == "sentence"
     timing = _timing(task, seed, jitter, tpot_range_ms)
     counter = counter or TokenCounter(tokenizer)
-    result_fn = result_fn or default_result
+    check_generic_results(generic_results)
+    if result_fn is None:
+        def result_fn(task: Task, call: PlannedCall) -> Any:
+            return default_result(task, call, generic_results)
     tr = _Trace(counter, timing["tpot"])
     expected, exec_ms = timing["expected"], timing["exec"]
     task.topological_order()  # raises on a cycle or an unknown dependency
@@ -1091,6 +1137,7 @@ def build_dataset(
     progress: Callable[[int], None] | None = None,
     tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
     interrupt_at: str = "word",
+    generic_results: str = "code",
 ) -> dict[str, Any]:
     """Simulate every task in every mode and write the traces to ``out_path`` (JSONL).
 
@@ -1099,9 +1146,11 @@ def build_dataset(
     :func:`example_length`). ``progress`` is called with 1 after each task. Returns stats:
     counts per mode, source and category, mean simulated latency per mode, the mean
     sync/async latency ratio, model tokens and the longest trace. ``interrupt_at`` is where
-    async traces put results (:func:`simulate`).
+    async traces put results and ``generic_results`` how the results of tools without an
+    implementation look (:func:`simulate`).
     """
     _check_interrupt_at(interrupt_at)
+    check_generic_results(generic_results)
     modes = tuple(modes)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -1126,7 +1175,7 @@ def build_dataset(
             for mode in modes:
                 ex = simulate(
                     task, mode, seed=seed, user_interrupt_rate=user_interrupt_rate, jitter=jitter, counter=counter,
-                    tpot_range_ms=tpot_range_ms, interrupt_at=interrupt_at,
+                    tpot_range_ms=tpot_range_ms, interrupt_at=interrupt_at, generic_results=generic_results,
                 )
                 if check:
                     problems = check_trace(ex, tokenizer=tokenizer)
