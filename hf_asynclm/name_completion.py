@@ -207,9 +207,10 @@ _BLOCK = re.compile(rf"(?:{re.escape(CALL)}|{re.escape(INTR)}).*?(?:{re.escape(E
 def quotable_text(text: str, prompt_chars: int = 0) -> str:
     """What names and numbers may be quoted from: ``text`` up to ``prompt_chars`` (the prompt,
     tools included) and, after it, only the CML call and interrupt blocks (the model's calls and
-    the results injected; one still open at the end as far as it goes), one per line. The model's own visible text is left out: a name it
-    wrote is the conversation's only where the conversation has it too, and a cut or a made-up
-    word it wrote (``"Donear"``) must not become a name it then has to go on spelling.
+    the results injected; one still open at the end as far as it goes), one per line. The
+    model's own visible text is left out: a name it wrote is the conversation's only where the
+    conversation has it too, and a cut or a made-up word it wrote (``"Donear"``) must not become
+    a name it then has to go on spelling.
 
     ```python
     >>> from hf_asynclm.name_completion import quotable_text
@@ -290,7 +291,7 @@ class NameCompletionProcessor(LogitsProcessor):
         # the last index of each kind and the quotable text it was built from: that text only
         # changes where a block ends (the model's own text is no part of it), so most steps reuse it
         self._indexes: dict[type, tuple[str, Any]] = {}
-        self._prompts: dict[int, tuple[tuple[int, ...], int]] = {}  # row -> (prompt ids, its length in characters)
+        self._prompts: dict[int, tuple[tuple[int, ...], int | None]] = {}  # row -> (prompt ids, their length in characters)
         self._pieces: dict[int, str] = {}
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         #: Steps at which a token was refused for ending a name early or misquoting a number.
@@ -330,25 +331,26 @@ class NameCompletionProcessor(LogitsProcessor):
             cached = self._indexes[kind] = (quotable, kind(quotable))
         return cached[1]
 
-    def _prompt_chars(self, row: int, ids: list[int], text: str) -> int:
-        """How many characters of ``text`` (the decoded ``ids``) the sequence's prompt has: the
-        first input seen for a row is its prompt; a row whose ids no longer start with it has
-        begun a new sequence."""
+    def _prompt(self, row: int, ids: list[int]) -> tuple[tuple[int, ...], int | None]:
+        """``(prompt ids, their length in characters or None before it is needed)`` of the
+        sequence ``ids`` goes on: the first input seen for a row is its prompt; ids that do not
+        start with it begin a new sequence, whose prompt they are."""
         prompt = self._prompts.get(row)
         if prompt is None or len(ids) < len(prompt[0]) or tuple(ids[: len(prompt[0])]) != prompt[0]:
-            prompt = (tuple(ids), len(text))
-            self._prompts[row] = prompt
-        return prompt[1]
+            prompt = self._prompts[row] = (tuple(ids), None)
+        return prompt
 
     def _checks(self, ids: list[int], row: int = 0) -> list[Any] | None:
         """The checks a next token must pass (each ``piece -> bool``), or None inside a CML block."""
-        if not self.numbers and row in self._prompts:
-            # names only: no name is open unless the text ends in a letter, digit or space
+        prompt_ids, prompt_chars = self._prompt(row, ids)
+        if not self.numbers:  # names only: no name is open unless the text ends in a letter, digit or space
             last = self.tokenizer.decode(ids[-8:])[-1:]
             if not (last.isalnum() or last == " "):
                 return None
         text = self.tokenizer.decode(ids)
-        prompt_chars = self._prompt_chars(row, ids, text)
+        if prompt_chars is None:
+            prompt_chars = len(self.tokenizer.decode(list(prompt_ids)))
+            self._prompts[row] = (prompt_ids, prompt_chars)
         if text.rfind(CALL) > text.rfind(END):
             return None  # inside a call block
         checks: list[Any] = []

@@ -320,10 +320,6 @@ def generic_result(name: str, arguments: Any, shape: str = "code") -> Any:
     return json.loads(template.replace("{code}", code))
 
 
-def _generic_result(call: PlannedCall, shape: str = "code") -> Any:
-    return generic_result(call.name, call.arguments, shape)
-
-
 def default_result(task: Task, call: PlannedCall, generic_results: str = "code") -> Any:
     """The result a call gets in the simulation: ``task.meta["results"][id]`` when the task
     provides one, the synthetic catalogue's tool when it has that tool (and accepts the
@@ -339,7 +335,7 @@ def default_result(task: Task, call: PlannedCall, generic_results: str = "code")
             return tool_result(call)
         except (TypeError, ValueError):
             pass
-    return _generic_result(call, generic_results)
+    return generic_result(call.name, call.arguments, generic_results)
 
 
 def _answer_parts(task: Task) -> list[dict[str, Any]]:
