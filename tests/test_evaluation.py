@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -217,9 +218,24 @@ def test_bfcl_calls_return_the_result_format_asked_for(result_format, keys):
                            result_format=result_format)
     assert report.success_rate == 1.0 and report.extra["result_format"] == result_format
     for task, score in zip(tasks, report.tasks):
-        injected = [json.loads(m) for m in __import__("re").findall(r"\[INTR\] \w+ \[HEAD\] (\{.*?\}) \[END\]", score.transcript)]
+        injected = [json.loads(m) for m in re.findall(r"\[INTR\] \w+ \[HEAD\] (\{.*?\}) \[END\]", score.transcript)]
         assert len(injected) == len(task.calls) and all(set(r) == keys for r in injected), score.transcript
     call = tasks[0].calls[0]
     assert bfcl_result(call.name, dict(call.arguments), "trace") == generic_result(call.name, call.arguments)
     with pytest.raises(ValueError, match="unknown BFCL result format"):
         evaluate_bfcl(model, tok, tasks, result_format="xml")
+
+
+def test_the_cli_choices_are_the_librarys_settings():
+    """The CLI spells its choices out (it imports no library module at start-up): they must be the
+    library's own lists."""
+    from hf_asynclm.data.simulate import GENERIC_RESULTS
+    from hf_asynclm.evaluation import BFCL_RESULT_FORMATS
+    from hf_asynclm_cli.data_cmd import build
+    from hf_asynclm_cli.eval_cmd import eval_command
+
+    def choices(command, name):
+        return tuple(next(p for p in command.params if p.name == name).type.choices)
+
+    assert choices(eval_command, "bfcl_results") == BFCL_RESULT_FORMATS
+    assert choices(build, "generic_results") == GENERIC_RESULTS
