@@ -14,6 +14,11 @@ from .common import DEFAULT_MAX_NEW_TOKENS
 @click.option("--model", "model_path", default=None, help="Checkpoint folder or Hub repo id (default: the shipped cml-tiny).")
 @click.option("--synthetic", "n_synthetic", type=click.IntRange(min=0), default=100, show_default=True, help="Held-out synthetic tasks.")
 @click.option("--bfcl", "n_bfcl", type=click.IntRange(min=0), default=0, show_default=True, help="BFCL tasks (eval split, cheat sheet in the prompt).")
+@click.option(
+    "--plan-drills", "n_plan", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Held-out plan drills: cheat-sheet tasks over made-up tools with 2-4 independent calls each, scored like "
+    "--bfcl (calls right, LPT order per number of calls, traps): a direct measure of writing the longest call first.",
+)
 @click.option("--bfcl-categories", default="simple_python,multiple,parallel,parallel_multiple", show_default=True)
 @click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
 @click.option("--seed", type=int, default=1, show_default=True)
@@ -74,6 +79,7 @@ def eval_command(
     model_path: str | None,
     n_synthetic: int,
     n_bfcl: int,
+    n_plan: int,
     bfcl_categories: str,
     modes: str,
     seed: int,
@@ -98,6 +104,7 @@ def eval_command(
       hf-asynclm eval --synthetic 200
       hf-asynclm eval --synthetic 200 --clock virtual      # the same report on every run
       hf-asynclm eval --model out/gemma-3-270m-cml --synthetic 0 --bfcl 200 --modes sync,async
+      hf-asynclm eval --synthetic 0 --plan-drills 200 --clock virtual   # LPT order on made-up tools
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -107,8 +114,8 @@ def eval_command(
     bad = [m for m in mode_list if m not in ("async", "sync", "sync-parallel")]
     if bad or not mode_list:
         raise click.UsageError(f"unknown mode(s) {bad}: use async, sync, sync-parallel")
-    if n_synthetic == 0 and n_bfcl == 0:
-        raise click.UsageError("nothing to evaluate: give --synthetic N and/or --bfcl N")
+    if n_synthetic == 0 and n_bfcl == 0 and n_plan == 0:
+        raise click.UsageError("nothing to evaluate: give --synthetic N, --bfcl N and/or --plan-drills N")
     from hf_asynclm.data.simulate import check_tpot_range
 
     try:
@@ -177,6 +184,21 @@ def eval_command(
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
                         no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
                         quote_numbers=alm.quote_numbers, result_format=bfcl_results, **clocked,
+                    )
+                )
+        if n_plan:
+            from hf_asynclm.data.drills import plan_tasks
+
+            plans = plan_tasks(n_plan, seed=seed, split="eval")
+            for mode in mode_list:
+                bar = progress.add_task(f"plan drills ({mode})", total=len(plans))
+                reports.append(
+                    evaluate_bfcl(
+                        alm.model, alm.tokenizer, plans, mode=mode, max_new_tokens=max_new_tokens,
+                        latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
+                        interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
+                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
+                        quote_numbers=alm.quote_numbers, result_format=bfcl_results, name="plan-drills", **clocked,
                     )
                 )
     for report in reports:

@@ -440,9 +440,14 @@ def evaluate_bfcl(
     complete_names: bool = False,
     quote_numbers: bool = False,
     result_format: str = "status",
+    name: str = "bfcl",
 ) -> EvalReport:
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
+    Any cheat-sheet :class:`Task` works (e.g. :func:`hf_asynclm.data.drills.plan_tasks`; ``name``
+    names the report). The LPT order rate counts the tasks with two or more planned calls whose
+    independent calls were written longest expected time first, overall and per number of
+    planned calls (``lpt_order_rate_N_calls``).
     ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls``, ``complete_names`` and ``quote_numbers`` are the runtime's settings (``AsyncLM``);
     ``clock`` as in :func:`evaluate_synthetic` (virtual: each call takes its cheat-sheet latency);
     ``result_format`` what the calls return (:data:`BFCL_RESULT_FORMATS`)."""
@@ -493,9 +498,14 @@ def evaluate_bfcl(
         if progress is not None:
             progress(1)
     lpt = [s.lpt_ok for s in scores if s.lpt_ok is not None and len(s.expected) > 1]
+    by_calls: dict[int, list[bool]] = {}
+    for s in scores:
+        if s.lpt_ok is not None and len(s.expected) > 1:
+            by_calls.setdefault(len(s.expected), []).append(s.lpt_ok)
     traps = [s.trapped for s in scores if s.trapped is not None and len(s.expected) > 0]
     extra = {
         "lpt_order_rate": float(statistics.mean(lpt)) if lpt else math.nan,
+        **{f"lpt_order_rate_{k}_calls": float(statistics.mean(v)) for k, v in sorted(by_calls.items())},
         "trap_rate": float(statistics.mean(traps)) if traps else math.nan,
         "interrupt_at": interrupt_at,
         "constrain_calls": constrain_calls,
@@ -506,7 +516,7 @@ def evaluate_bfcl(
         "result_format": result_format,
         **_clock_settings(clock, latency_scale, tpot_range_ms),
     }
-    return _aggregate("bfcl", mode, scores, extra)
+    return _aggregate(name, mode, scores, extra)
 
 
 def _written_blocks(result: Any) -> list[Any]:

@@ -232,3 +232,24 @@ def test_order_drills_are_opt_in_and_render_the_times_in_the_prompt():
     prompt = tok.apply_chat_template(d["messages"], tools=d["tools"], tokenize=False, add_generation_prompt=True)
     for t in d["tools"]:
         assert f'{t["function"]["name"]}(' in prompt and f'~{t["function"]["x-latency-ms"]}ms' in prompt
+
+
+def test_plan_tasks_are_held_out_cheat_sheet_tasks_with_the_calls_asked_for():
+    from hf_asynclm.data.drills import plan_tasks
+
+    tasks = plan_tasks(40, seed=1, calls=(2, 3))
+    assert [t.task_id for t in tasks] == [f"plan-eval-1-{i}" for i in range(40)]
+    assert {len(t.calls) for t in tasks} == {2, 3}
+    for t in tasks:
+        plan = t.messages[-1]["content"].split("\nPlan: ", 1)[1]
+        assert plan == "; ".join(f"{c.call_id} {c.body()} ~{round(c.latency_s * 1000)}ms" for c in t.calls)
+        assert all(0.02 <= c.latency_s <= 0.9 and not c.depends_on for c in t.calls)
+        assert t.category == ("parallel_multiple" if len({c.name for c in t.calls}) > 1 else "parallel")
+        assert {c.name for c in t.calls} <= {tool["function"]["name"] for tool in t.tools}
+    again = plan_tasks(40, seed=1, calls=(2, 3))
+    assert [t.messages for t in again] == [t.messages for t in tasks]  # the same on every run
+    assert [t.messages for t in plan_tasks(5, seed=2)] != [t.messages for t in plan_tasks(5, seed=1)]
+    with pytest.raises(ValueError, match="n must be"):
+        plan_tasks(-1)
+    with pytest.raises(ValueError, match="calls must be"):
+        plan_tasks(3, calls=(3, 2))

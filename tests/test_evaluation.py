@@ -239,3 +239,36 @@ def test_the_cli_choices_are_the_librarys_settings():
 
     assert choices(eval_command, "bfcl_results") == BFCL_RESULT_FORMATS
     assert choices(build, "generic_results") == GENERIC_RESULTS
+
+
+def test_plan_drill_tasks_score_the_lpt_order_per_number_of_calls():
+    """``plan_tasks`` are cheat-sheet tasks ``evaluate_bfcl`` scores: a policy writing the
+    simulator's trace (longest expected time first) keeps the LPT order in every task; one writing
+    the plan's order keeps it exactly where the plan's times do not rise, counted per number of calls."""
+    from hf_asynclm.cml import format_call, format_trap
+    from hf_asynclm.data.drills import plan_tasks
+    from hf_asynclm.evaluation import evaluate_bfcl
+    from hf_asynclm.testing import ScriptedPolicy
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CML_CHAT_TEMPLATE
+    model = tiny_llama(tok)
+    tasks = plan_tasks(8, seed=3)
+    lpt = evaluate_bfcl(model, tok, tasks, max_new_tokens=400, processors_for=_scripted(tok), clock="virtual", name="plan-drills")
+    assert lpt.name == "plan-drills" and lpt.success_rate == 1.0, [t for t in lpt.tasks if not t.success]
+    assert lpt.extra["lpt_order_rate"] == 1.0 and lpt.extra["trap_rate"] == 1.0
+
+    def in_plan_order(task):
+        calls = " ".join(format_call(c.body(), call_id=c.call_id) for c in task.calls)
+        return [ScriptedPolicy(tok, [calls + " " + format_trap()] + [" " + format_trap()] * (len(task.calls) - 1) + [" Done."])]
+
+    plain = evaluate_bfcl(model, tok, tasks, max_new_tokens=400, processors_for=in_plan_order, clock="virtual")
+    falling = {t.task_id: all(a.latency_s >= b.latency_s for a, b in zip(t.calls, t.calls[1:])) for t in tasks}
+    assert plain.success_rate == 1.0  # the calls are right in any order
+    assert [s.lpt_ok for s in plain.tasks] == [falling[t.task_id] for t in tasks]
+    assert 0.0 < plain.extra["lpt_order_rate"] < 1.0
+    for k in {len(t.calls) for t in tasks}:
+        same = [falling[t.task_id] for t in tasks if len(t.calls) == k]
+        assert plain.extra[f"lpt_order_rate_{k}_calls"] == sum(same) / len(same)
+    k = len(tasks[0].calls)
+    assert f"| lpt order rate {k} calls | {plain.extra[f'lpt_order_rate_{k}_calls']:.1%} |" in format_report(plain)

@@ -236,20 +236,39 @@ def _literal(p: Pools, type_: str) -> Any:
     return _value(p, r.choice(("city", "name", "date", "title", "symbol")))
 
 
-def _plan(p: Pools) -> _Drill:
+def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> Task:
+    """A cheat-sheet task over 1-3 made-up tools: ``n_calls`` calls (default 1-4) with 20-900 ms each;
+    ``distinct``: no call repeats an earlier one (same tool and arguments), as the runtime's
+    ``no_repeat_calls`` demands (the drills keep the draws they always had)."""
     r = p.rng
     signatures: list[tuple[str, dict[str, str]]] = []
     for _ in range(r.randint(1, 3)):
         signatures.append((_made_up_name(p), {a: r.choice(_TYPES) for a in r.sample(_ARG_NAMES, r.randint(1, 3))}))
     calls: list[PlannedCall] = []
-    for i in range(r.randint(1, 4)):
+    for i in range(r.randint(1, 4) if n_calls is None else n_calls):
         name, args = signatures[i] if i < len(signatures) else r.choice(signatures)
-        calls.append(PlannedCall(f"c{i + 1}", name, {a: _literal(p, t) for a, t in args.items()},
-                                 latency_s=r.randint(20, 900) / 1000.0))
+        values = {a: _literal(p, t) for a, t in args.items()}
+        for _ in range(50 if distinct else 0):
+            if all(c.name != name or c.arguments != values for c in calls):
+                break
+            values = {a: _literal(p, t) for a, t in args.items()}  # e.g. the one boolean drawn again
+        else:
+            if distinct:
+                name, args = _made_up_name(p), {"value": "integer"}  # every value of the signature taken
+                signatures.append((name, args))
+                values = {"value": r.randint(10, 5000)}
+        calls.append(PlannedCall(f"c{i + 1}", name, values, latency_s=r.randint(20, 900) / 1000.0))
     tools = [_made_up_tool(name, args) for name, args in signatures]
-    ms = {c.call_id: round(c.latency_s * 1000) for c in calls}
     ask = r.choice(("Please help with this.", "Run these.", "Handle my request.", "Do the following."))
-    task = with_cheat_sheet(Task("drill", "drill", "plan", [{"role": "user", "content": ask}], tools, calls))
+    used = len({c.name for c in calls})
+    category = ("parallel_multiple" if used > 1 else "parallel") if len(calls) > 1 else ("multiple" if len(tools) > 1 else "simple")
+    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
+
+
+def _plan(p: Pools) -> _Drill:
+    task = _plan_task(p)
+    calls, tools = task.calls, task.tools
+    ms = {c.call_id: round(c.latency_s * 1000) for c in calls}
     lpt = sorted(calls, key=lambda c: (-ms[c.call_id], c.call_id))
     segs: list[dict[str, str]] = [{
         "role": "model", "text": " ".join(format_call(c.body(), call_id=c.call_id) for c in lpt) + " " + format_trap()}]
@@ -358,4 +377,40 @@ def copy_drills(
     return out
 
 
-__all__ = ["DRILL_KINDS", "EXTRA_DRILL_KINDS", "LOOKUP_TOOL", "copy_drills"]
+def plan_tasks(n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int] = (2, 4)) -> list[Task]:
+    """``n`` plan-drill tasks to *evaluate* on: the ``plan`` drill's prompt as a :class:`Task`.
+
+    Each holds 1-3 made-up tools and ``calls[0]``-``calls[1]`` independent, distinct calls with
+    20-900 ms each, listed in a cheat-sheet plan (:func:`hf_asynclm.data.bfcl.with_cheat_sheet`), so
+    :func:`hf_asynclm.evaluation.evaluate_bfcl` scores them like BFCL tasks: calls copied right,
+    the LPT order (longest expected time first) and traps. Unlike BFCL the tool names and
+    values are new in every task and the format is the one the drills train, so the LPT order
+    rate measures the one skill of comparing expected times. Tasks of one ``seed`` are the same
+    on every run; the default seed stream is not the drills' (``copy_drills`` uses
+    ``drills-{seed}-{split}``, these ``plan-tasks-{seed}-{split}``).
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.data.drills import plan_tasks
+    >>> ts = plan_tasks(3, seed=0)
+    >>> [len(t.calls) >= 2 for t in ts], ts[0].task_id, ts[0].meta["cheat_sheet"]
+    ([True, True, True], 'plan-eval-0-0', True)
+
+    ```
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    lo, hi = calls
+    if not 1 <= lo <= hi:
+        raise ValueError(f"calls must be (low, high) with 1 <= low <= high, got {calls}")
+    pools = Pools(random.Random(f"plan-tasks-{seed}-{split}"), split=split)
+    out = []
+    for i in range(n):
+        task = _plan_task(pools, n_calls=pools.rng.randint(lo, hi), distinct=True)
+        task.task_id = f"plan-{split}-{seed}-{i}"
+        out.append(task)
+    return out
+
+
+__all__ = ["DRILL_KINDS", "EXTRA_DRILL_KINDS", "LOOKUP_TOOL", "copy_drills", "plan_tasks"]
