@@ -19,6 +19,11 @@ from .common import DEFAULT_MAX_NEW_TOKENS
     help="Held-out plan drills: cheat-sheet tasks over made-up tools with 2-4 independent calls each, scored like "
     "--bfcl (calls right, LPT order per number of calls, traps): a direct measure of writing the longest call first.",
 )
+@click.option(
+    "--plan-arguments/--no-plan-arguments", "plan_arguments", default=True, show_default=True,
+    help="--plan-drills: calls with arguments (as the 'plan' drills), or tools without parameters (the 'rank' drills: "
+    "only the expected times tell the order).",
+)
 @click.option("--bfcl-categories", default="simple_python,multiple,parallel,parallel_multiple", show_default=True)
 @click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
 @click.option("--seed", type=int, default=1, show_default=True)
@@ -80,6 +85,7 @@ def eval_command(
     n_synthetic: int,
     n_bfcl: int,
     n_plan: int,
+    plan_arguments: bool,
     bfcl_categories: str,
     modes: str,
     seed: int,
@@ -189,7 +195,7 @@ def eval_command(
         if n_plan:
             from hf_asynclm.data.drills import plan_tasks
 
-            plans = plan_tasks(n_plan, seed=seed, split="eval")
+            plans = plan_tasks(n_plan, seed=seed, split="eval", arguments=plan_arguments)
             for mode in mode_list:
                 bar = progress.add_task(f"plan drills ({mode})", total=len(plans))
                 reports.append(
@@ -198,7 +204,8 @@ def eval_command(
                         latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                         interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
                         no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
-                        quote_numbers=alm.quote_numbers, result_format=bfcl_results, name="plan-drills", **clocked,
+                        quote_numbers=alm.quote_numbers, result_format=bfcl_results,
+                        name="plan-drills" if plan_arguments else "rank-drills", **clocked,
                     )
                 )
     for report in reports:

@@ -138,10 +138,11 @@ def test_calls_drills_call_once_per_listed_key_in_order_and_report_each_result()
         assert "[TRAP]" not in d["segments"][-1]["text"]
 
 
-def test_plan_drills_copy_the_cheat_sheet_verbatim_in_lpt_order():
+@pytest.mark.parametrize("kind", ["plan", "rank"])
+def test_plan_drills_copy_the_cheat_sheet_verbatim_in_lpt_order(kind):
     from hf_asynclm.executor.parsing import parse_call
 
-    for d in copy_drills(120, seed=5, kinds=["plan"]):
+    for d in copy_drills(120, seed=5, kinds=[kind]):
         request = d["messages"][0]["content"]
         plan = re.findall(r"(c\d) (.+?) ~(\d+)ms", request.split("\nPlan: ", 1)[1])
         bodies = {cid: body for cid, body, _ in plan}
@@ -160,6 +161,10 @@ def test_plan_drills_copy_the_cheat_sheet_verbatim_in_lpt_order():
         assert [ms[c] for c in injected] == sorted(ms.values())
         replies = [s["text"] for s in d["segments"][2::2]]
         assert replies[:-1] == [" [TRAP] [END]"] * (len(replies) - 1) and replies[-1] == " Done."
+        if kind == "rank":  # tools without parameters, one per call, times apart: only the times tell the order
+            assert 2 <= len(blocks) <= 4 and all(b.body.endswith("()") for b in blocks)
+            assert len(declared) == len(blocks) and not any(declared.values())
+            assert min(abs(a - b) for a in ms.values() for b in ms.values() if a != b) >= 5 and len(set(ms.values())) == len(ms)
 
 
 def test_drill_kinds_are_chosen_and_the_original_three_are_unchanged():
@@ -249,6 +254,8 @@ def test_plan_tasks_are_held_out_cheat_sheet_tasks_with_the_calls_asked_for():
     again = plan_tasks(40, seed=1, calls=(2, 3))
     assert [t.messages for t in again] == [t.messages for t in tasks]  # the same on every run
     assert [t.messages for t in plan_tasks(5, seed=2)] != [t.messages for t in plan_tasks(5, seed=1)]
+    bare = plan_tasks(10, seed=1, arguments=False)
+    assert all(c.arguments == {} for t in bare for c in t.calls) and {len(t.calls) for t in bare} <= {2, 3, 4}
     with pytest.raises(ValueError, match="n must be"):
         plan_tasks(-1)
     with pytest.raises(ValueError, match="calls must be"):

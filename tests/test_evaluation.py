@@ -226,6 +226,22 @@ def test_bfcl_calls_return_the_result_format_asked_for(result_format, keys):
         evaluate_bfcl(model, tok, tasks, result_format="xml")
 
 
+def test_eval_cli_plan_drills(tmp_path):
+    """``hf-asynclm eval --plan-drills N``: a report per mode named for the kind of plan, with the
+    LPT order rate (the shipped model, a few tokens per task)."""
+    from hf_asynclm_cli.eval_cmd import eval_command
+
+    for flag, name in (("--plan-arguments", "plan-drills"), ("--no-plan-arguments", "rank-drills")):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(eval_command, ["--synthetic", "0", "--plan-drills", "3", flag,
+                                     "--clock", "virtual", "--max-new-tokens", "20", "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        (report,) = json.loads(out.read_text())
+        assert report["name"] == name and report["n"] == 3 and "lpt_order_rate" in report["extra"]
+        assert all("[CALL]" in t["transcript"] for t in report["tasks"])
+        assert f"### {name} (async, n=3)" in r.output
+
+
 def test_the_cli_choices_are_the_librarys_settings():
     """The CLI spells its choices out (it imports no library module at start-up): they must be the
     library's own lists."""

@@ -32,6 +32,12 @@ curriculum: drills alone first (batch 32: the held-out digit loss fell from 2.0 
   One retrain with 3,000 of them (README, "Earlier tries") doubled cml-tiny's LPT order on
   BFCL but taught it to report results after BFCL calls too (BFCL traces end with ``Done.``),
   so it is not in the shipped recipe.
+* ``rank`` (only when asked for): a ``plan`` drill whose 2-4 made-up tools take no arguments
+  (``Plan: c1 find_stock() ~230ms; c2 geo_rate() ~755ms``), so the only skill left is the LPT
+  order. On 2026-12-03 2,000 steps (batch 16) of them took cml-tiny's LPT order on held-out
+  ``rank`` tasks from chance to ~80 %, while on ``plan`` tasks with arguments it stayed near
+  chance (docs/CML_TINY_HISTORY.md): comparing the times is learnable, tying a time to its call
+  across the call's arguments is the hard part.
 
 The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan`` were added
 for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
@@ -69,7 +75,7 @@ from .tasks import PlannedCall, Task
 DRILL_KINDS: tuple[str, ...] = ("echo", "pick", "result", "calls", "plan")
 #: Kinds generated only when asked for (``kinds=`` / ``--drill-kinds``), so that the default
 #: output (and every recipe that relies on it) stays what it was.
-EXTRA_DRILL_KINDS: tuple[str, ...] = ("order",)
+EXTRA_DRILL_KINDS: tuple[str, ...] = ("order", "rank")
 
 _KEYS = ("a", "b", "c", "d", "e", "f")
 _FIELDS = ("city", "code", "date", "time", "name", "price", "ref", "gate", "symbol", "title")
@@ -265,9 +271,30 @@ def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> 
     return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
 
 
-def _plan(p: Pools) -> _Drill:
-    task = _plan_task(p)
-    calls, tools = task.calls, task.tools
+def _rank_task(p: Pools, n_calls: int) -> Task:
+    """A cheat-sheet task of ``n_calls`` made-up tools without parameters (``c1 name() ~300ms``),
+    their times 20-900 ms and at least 5 ms apart: only the times tell the calls' order."""
+    r = p.rng
+    names: list[str] = []
+    while len(names) < n_calls:
+        name = _made_up_name(p)
+        if name not in names:
+            names.append(name)
+    times: list[int] = []
+    while len(times) < n_calls:
+        ms = r.randint(20, 900)
+        if all(abs(ms - t) >= 5 for t in times):
+            times.append(ms)
+    calls = [PlannedCall(f"c{i + 1}", n, {}, latency_s=t / 1000.0) for i, (n, t) in enumerate(zip(names, times))]
+    tools = [_made_up_tool(n, {}) for n in names]
+    ask = r.choice(("Please help with this.", "Run these.", "Handle my request.", "Do the following."))
+    category = "parallel_multiple" if n_calls > 1 else "simple"
+    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
+
+
+def _plan_segments(task: Task) -> list[dict[str, str]]:
+    """Every planned call verbatim, longest expected time first, a trap; results shortest first, then ``Done.``"""
+    calls = task.calls
     ms = {c.call_id: round(c.latency_s * 1000) for c in calls}
     lpt = sorted(calls, key=lambda c: (-ms[c.call_id], c.call_id))
     segs: list[dict[str, str]] = [{
@@ -276,7 +303,17 @@ def _plan(p: Pools) -> _Drill:
     for i, c in enumerate(sorted(calls, key=lambda c: (ms[c.call_id], c.call_id))):
         segs.append({"role": "inject", "text": format_interrupt(c.call_id, json.dumps({"result": "ok"}))})
         segs.append({"role": "model", "text": " " + format_trap() if i < len(calls) - 1 else " Done."})
-    return task.messages, segs, tools
+    return segs
+
+
+def _plan(p: Pools) -> _Drill:
+    task = _plan_task(p)
+    return task.messages, _plan_segments(task), task.tools
+
+
+def _rank(p: Pools) -> _Drill:
+    task = _rank_task(p, p.rng.randint(2, 4))
+    return task.messages, _plan_segments(task), task.tools
 
 
 def _order(p: Pools) -> _Drill:
@@ -333,6 +370,7 @@ _MAKERS: dict[str, Callable[[Pools], _Drill]] = {
     "calls": _calls,
     "plan": _plan,
     "order": _order,
+    "rank": _rank,
 }
 
 
@@ -377,7 +415,9 @@ def copy_drills(
     return out
 
 
-def plan_tasks(n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int] = (2, 4)) -> list[Task]:
+def plan_tasks(
+    n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int] = (2, 4), arguments: bool = True
+) -> list[Task]:
     """``n`` plan-drill tasks to *evaluate* on: the ``plan`` drill's prompt as a :class:`Task`.
 
     Each holds 1-3 made-up tools and ``calls[0]``-``calls[1]`` independent, distinct calls with
@@ -385,7 +425,8 @@ def plan_tasks(n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int
     :func:`hf_asynclm.evaluation.evaluate_bfcl` scores them like BFCL tasks: calls copied right,
     the LPT order (longest expected time first) and traps. Unlike BFCL the tool names and
     values are new in every task and the format is the one the drills train, so the LPT order
-    rate measures the one skill of comparing expected times. Tasks of one ``seed`` are the same
+    rate measures the one skill of comparing expected times. ``arguments=False``: the ``rank``
+    drills' tasks instead (tools without parameters, one per call). Tasks of one ``seed`` are the same
     on every run; the default seed stream is not the drills' (``copy_drills`` uses
     ``drills-{seed}-{split}``, these ``plan-tasks-{seed}-{split}``).
 
@@ -407,7 +448,8 @@ def plan_tasks(n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int
     pools = Pools(random.Random(f"plan-tasks-{seed}-{split}"), split=split)
     out = []
     for i in range(n):
-        task = _plan_task(pools, n_calls=pools.rng.randint(lo, hi), distinct=True)
+        k = pools.rng.randint(lo, hi)
+        task = _plan_task(pools, n_calls=k, distinct=True) if arguments else _rank_task(pools, k)
         task.task_id = f"plan-{split}-{seed}-{i}"
         out.append(task)
     return out
