@@ -445,9 +445,10 @@ def evaluate_bfcl(
     """Run BFCL tasks that carry a cheat sheet; score AST accuracy, LPT order and traps.
 
     Any cheat-sheet :class:`Task` works (e.g. :func:`hf_asynclm.data.drills.plan_tasks`; ``name``
-    names the report). The LPT order rate counts the tasks with two or more planned calls whose
-    independent calls were written longest expected time first, overall and per number of
-    planned calls (``lpt_order_rate_N_calls``).
+    names the report). ``lpt_order_rate``: of the tasks with two or more planned calls, those whose
+    independent calls were written longest expected time first (a task that leaves calls out
+    can keep the order vacuously); ``lpt_order_rate_calls_right``: the same over the tasks whose
+    calls are right, also per number of planned calls (``lpt_order_rate_calls_right_N_calls``).
     ``interrupt_at``, ``constrain_calls``, ``no_repeat_calls``, ``complete_names`` and ``quote_numbers`` are the runtime's settings (``AsyncLM``);
     ``clock`` as in :func:`evaluate_synthetic` (virtual: each call takes its cheat-sheet latency);
     ``result_format`` what the calls return (:data:`BFCL_RESULT_FORMATS`)."""
@@ -498,14 +499,17 @@ def evaluate_bfcl(
         if progress is not None:
             progress(1)
     lpt = [s.lpt_ok for s in scores if s.lpt_ok is not None and len(s.expected) > 1]
-    by_calls: dict[int, list[bool]] = {}
+    # a task with a call left out can keep the order vacuously: also count only the tasks whose calls are right
+    right: dict[int, list[bool]] = {}
     for s in scores:
-        if s.lpt_ok is not None and len(s.expected) > 1:
-            by_calls.setdefault(len(s.expected), []).append(s.lpt_ok)
+        if s.lpt_ok is not None and len(s.expected) > 1 and s.calls_right:
+            right.setdefault(len(s.expected), []).append(s.lpt_ok)
+    lpt_right = [ok for v in right.values() for ok in v]
     traps = [s.trapped for s in scores if s.trapped is not None and len(s.expected) > 0]
     extra = {
         "lpt_order_rate": float(statistics.mean(lpt)) if lpt else math.nan,
-        **{f"lpt_order_rate_{k}_calls": float(statistics.mean(v)) for k, v in sorted(by_calls.items())},
+        "lpt_order_rate_calls_right": float(statistics.mean(lpt_right)) if lpt_right else math.nan,
+        **{f"lpt_order_rate_calls_right_{k}_calls": float(statistics.mean(v)) for k, v in sorted(right.items())},
         "trap_rate": float(statistics.mean(traps)) if traps else math.nan,
         "interrupt_at": interrupt_at,
         "constrain_calls": constrain_calls,

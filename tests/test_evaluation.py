@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -283,8 +284,19 @@ def test_plan_drill_tasks_score_the_lpt_order_per_number_of_calls():
     assert plain.success_rate == 1.0  # the calls are right in any order
     assert [s.lpt_ok for s in plain.tasks] == [falling[t.task_id] for t in tasks]
     assert 0.0 < plain.extra["lpt_order_rate"] < 1.0
+    assert plain.extra["lpt_order_rate_calls_right"] == plain.extra["lpt_order_rate"]  # every task's calls are right
     for k in {len(t.calls) for t in tasks}:
         same = [falling[t.task_id] for t in tasks if len(t.calls) == k]
-        assert plain.extra[f"lpt_order_rate_{k}_calls"] == sum(same) / len(same)
+        assert plain.extra[f"lpt_order_rate_calls_right_{k}_calls"] == sum(same) / len(same)
     k = len(tasks[0].calls)
-    assert f"| lpt order rate {k} calls | {plain.extra[f'lpt_order_rate_{k}_calls']:.1%} |" in format_report(plain)
+    rate = plain.extra[f"lpt_order_rate_calls_right_{k}_calls"]
+    assert f"| lpt order rate calls right {k} calls | {rate:.1%} |" in format_report(plain)
+
+    def only_the_longest(task):  # leaves calls out: keeps the order vacuously, its calls are not right
+        c = max(task.calls, key=lambda c: c.latency_s)
+        return [ScriptedPolicy(tok, [format_call(c.body(), call_id=c.call_id) + " " + format_trap(), " Done."])]
+
+    short = evaluate_bfcl(model, tok, tasks, max_new_tokens=400, processors_for=only_the_longest, clock="virtual")
+    assert short.success_rate == 0.0 and short.extra["lpt_order_rate"] == 1.0
+    assert math.isnan(short.extra["lpt_order_rate_calls_right"])
+    assert not any(k.startswith("lpt_order_rate_calls_right_") for k in short.extra)

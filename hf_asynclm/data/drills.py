@@ -34,10 +34,11 @@ curriculum: drills alone first (batch 32: the held-out digit loss fell from 2.0 
   so it is not in the shipped recipe.
 * ``rank`` (only when asked for): a ``plan`` drill whose 2-4 made-up tools take no arguments
   (``Plan: c1 find_stock() ~230ms; c2 geo_rate() ~755ms``), so the only skill left is the LPT
-  order. On 2026-12-03 2,000 steps (batch 16) of them took cml-tiny's LPT order on held-out
-  ``rank`` tasks from chance to ~80 %, while on ``plan`` tasks with arguments it stayed near
-  chance (docs/CML_TINY_HISTORY.md): comparing the times is learnable, tying a time to its call
-  across the call's arguments is the hard part.
+  order. On 2026-12-03, 2,000 steps (batch 16) of them from the shipped cml-tiny kept the LPT
+  order in 84 % of the held-out ``rank`` tasks whose calls were right, while 1,000 steps of
+  ``plan`` drills left 3- and 4-call plans with arguments near chance (docs/CML_TINY_HISTORY.md):
+  comparing the times is learnable, tying a time to its call across the call's arguments is the
+  hard part. Alone they make the model forget how to copy arguments; not in a shipped recipe.
 
 The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan`` were added
 for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
