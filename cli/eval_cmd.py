@@ -142,6 +142,21 @@ def eval_command(
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
 
     reports = []
+
+    def run_cheat_sheet_tasks(tasks: list, name: str) -> None:
+        """BFCL-style scoring (calls right, LPT order, traps) of cheat-sheet tasks, once per mode."""
+        for mode in mode_list:
+            bar = progress.add_task(f"{name} ({mode})", total=len(tasks))
+            reports.append(
+                evaluate_bfcl(
+                    alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
+                    latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
+                    interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
+                    no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
+                    quote_numbers=alm.quote_numbers, result_format=bfcl_results, name=name, **clocked,
+                )
+            )
+
     with Progress(console=console, transient=True) as progress:
         if n_synthetic:
             from hf_asynclm.data.synthetic import generate_tasks
@@ -181,33 +196,12 @@ def eval_command(
             for t in eval_tasks[:n_bfcl]:
                 lat = {c.call_id: rng.randint(30, 500) for c in t.calls}
                 chosen.append(bfcl.with_cheat_sheet(t, lat))
-            for mode in mode_list:
-                bar = progress.add_task(f"bfcl ({mode})", total=len(chosen))
-                reports.append(
-                    evaluate_bfcl(
-                        alm.model, alm.tokenizer, chosen, mode=mode, max_new_tokens=max_new_tokens,
-                        latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
-                        interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
-                        quote_numbers=alm.quote_numbers, result_format=bfcl_results, **clocked,
-                    )
-                )
+            run_cheat_sheet_tasks(chosen, "bfcl")
         if n_plan:
             from hf_asynclm.data.drills import plan_tasks
 
             plans = plan_tasks(n_plan, seed=seed, split="eval", arguments=plan_arguments)
-            for mode in mode_list:
-                bar = progress.add_task(f"plan drills ({mode})", total=len(plans))
-                reports.append(
-                    evaluate_bfcl(
-                        alm.model, alm.tokenizer, plans, mode=mode, max_new_tokens=max_new_tokens,
-                        latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
-                        interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
-                        quote_numbers=alm.quote_numbers, result_format=bfcl_results,
-                        name="plan-drills" if plan_arguments else "rank-drills", **clocked,
-                    )
-                )
+            run_cheat_sheet_tasks(plans, "plan-drills" if plan_arguments else "rank-drills")
     for report in reports:
         console.print(format_report(report))
         console.print()

@@ -243,6 +243,26 @@ def _literal(p: Pools, type_: str) -> Any:
     return _value(p, r.choice(("city", "name", "date", "title", "symbol")))
 
 
+def _distinct_names(p: Pools, k: int) -> list[str]:
+    """``k`` different made-up tool names."""
+    names: list[str] = []
+    while len(names) < k:
+        name = _made_up_name(p)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _spaced_times(p: Pools, k: int, gap_ms: int) -> list[int]:
+    """``k`` expected times of 20-900 ms, each at least ``gap_ms`` from the others."""
+    times: list[int] = []
+    while len(times) < k:
+        ms = p.rng.randint(20, 900)
+        if all(abs(ms - t) >= gap_ms for t in times):
+            times.append(ms)
+    return times
+
+
 def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> Task:
     """A cheat-sheet task over 1-3 made-up tools: ``n_calls`` calls (default 1-4) with 20-900 ms each;
     ``distinct``: no call repeats an earlier one (same tool and arguments), as the runtime's
@@ -255,13 +275,13 @@ def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> 
     for i in range(r.randint(1, 4) if n_calls is None else n_calls):
         name, args = signatures[i] if i < len(signatures) else r.choice(signatures)
         values = {a: _literal(p, t) for a, t in args.items()}
-        for _ in range(50 if distinct else 0):
-            if all(c.name != name or c.arguments != values for c in calls):
-                break
-            values = {a: _literal(p, t) for a, t in args.items()}  # e.g. the one boolean drawn again
-        else:
-            if distinct:
-                name, args = _made_up_name(p), {"value": "integer"}  # every value of the signature taken
+        if distinct:
+            for _ in range(50):
+                if all(c.name != name or c.arguments != values for c in calls):
+                    break
+                values = {a: _literal(p, t) for a, t in args.items()}  # e.g. the one boolean drawn again
+            else:  # every value of the signature taken: a tool of its own
+                name, args = _made_up_name(p), {"value": "integer"}
                 signatures.append((name, args))
                 values = {"value": r.randint(10, 5000)}
         calls.append(PlannedCall(f"c{i + 1}", name, values, latency_s=r.randint(20, 900) / 1000.0))
@@ -276,16 +296,8 @@ def _rank_task(p: Pools, n_calls: int) -> Task:
     """A cheat-sheet task of ``n_calls`` made-up tools without parameters (``c1 name() ~300ms``),
     their times 20-900 ms and at least 5 ms apart: only the times tell the calls' order."""
     r = p.rng
-    names: list[str] = []
-    while len(names) < n_calls:
-        name = _made_up_name(p)
-        if name not in names:
-            names.append(name)
-    times: list[int] = []
-    while len(times) < n_calls:
-        ms = r.randint(20, 900)
-        if all(abs(ms - t) >= 5 for t in times):
-            times.append(ms)
+    names = _distinct_names(p, n_calls)
+    times = _spaced_times(p, n_calls, gap_ms=5)
     calls = [PlannedCall(f"c{i + 1}", n, {}, latency_s=t / 1000.0) for i, (n, t) in enumerate(zip(names, times))]
     tools = [_made_up_tool(n, {}) for n in names]
     ask = r.choice(("Please help with this.", "Run these.", "Handle my request.", "Do the following."))
@@ -321,17 +333,8 @@ def _order(p: Pools) -> _Drill:
     r = p.rng
     k = r.randint(2, 4)
     n_tools = k + r.randint(0, 3)
-    names: list[str] = []
-    while len(names) < n_tools:
-        name = _made_up_name(p)
-        if name not in names:
-            names.append(name)
-    # distinct times, at least 25 ms apart, so that the longest-first order is never a tie
-    times: list[int] = []
-    while len(times) < len(names):
-        ms = r.randint(20, 900)
-        if all(abs(ms - t) >= 25 for t in times):
-            times.append(ms)
+    names = _distinct_names(p, n_tools)
+    times = _spaced_times(p, len(names), gap_ms=25)  # the longest-first order is never a tie
     arg = {n: r.choice(_ARG_NAMES) for n in names}
     tools = [_made_up_tool(n, {arg[n]: "string"}, latency_ms=ms) for n, ms in zip(names, times)]
     latency = dict(zip(names, times))
