@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -143,17 +144,17 @@ def eval_command(
 
     reports = []
 
-    def run_cheat_sheet_tasks(tasks: list, name: str) -> None:
-        """BFCL-style scoring (calls right, LPT order, traps) of cheat-sheet tasks, once per mode."""
+    def run_tasks(evaluate: Any, tasks: list, label: str, **settings: Any) -> None:
+        """``evaluate`` the tasks once per mode with the runtime's settings, a progress bar each."""
         for mode in mode_list:
-            bar = progress.add_task(f"{name} ({mode})", total=len(tasks))
+            bar = progress.add_task(f"{label} ({mode})", total=len(tasks))
             reports.append(
-                evaluate_bfcl(
+                evaluate(
                     alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
                     latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
                     interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
                     no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
-                    quote_numbers=alm.quote_numbers, result_format=bfcl_results, name=name, **clocked,
+                    quote_numbers=alm.quote_numbers, **settings, **clocked,
                 )
             )
 
@@ -161,18 +162,7 @@ def eval_command(
         if n_synthetic:
             from hf_asynclm.data.synthetic import generate_tasks
 
-            tasks = generate_tasks(n_synthetic, seed=seed, split="eval")
-            for mode in mode_list:
-                bar = progress.add_task(f"synthetic ({mode})", total=len(tasks))
-                reports.append(
-                    evaluate_synthetic(
-                        alm.model, alm.tokenizer, tasks, mode=mode, max_new_tokens=max_new_tokens,
-                        latency_scale=latency_scale, progress=lambda k, b=bar: progress.advance(b, k),
-                        interrupt_at=alm.interrupt_at, constrain_calls=alm.constrain_calls,
-                        no_repeat_calls=alm.no_repeat_calls, complete_names=alm.complete_names,
-                        quote_numbers=alm.quote_numbers, **clocked,
-                    )
-                )
+            run_tasks(evaluate_synthetic, generate_tasks(n_synthetic, seed=seed, split="eval"), "synthetic")
         if n_bfcl:
             from hf_asynclm.data import bfcl
 
@@ -196,12 +186,13 @@ def eval_command(
             for t in eval_tasks[:n_bfcl]:
                 lat = {c.call_id: rng.randint(30, 500) for c in t.calls}
                 chosen.append(bfcl.with_cheat_sheet(t, lat))
-            run_cheat_sheet_tasks(chosen, "bfcl")
+            run_tasks(evaluate_bfcl, chosen, "bfcl", result_format=bfcl_results)
         if n_plan:
             from hf_asynclm.data.drills import plan_tasks
 
             plans = plan_tasks(n_plan, seed=seed, split="eval", arguments=plan_arguments)
-            run_cheat_sheet_tasks(plans, "plan-drills" if plan_arguments else "rank-drills")
+            name = "plan-drills" if plan_arguments else "rank-drills"
+            run_tasks(evaluate_bfcl, plans, name, result_format=bfcl_results, name=name)
     for report in reports:
         console.print(format_report(report))
         console.print()
