@@ -164,7 +164,7 @@ task gives one trace per mode.
 @click.option("--shapes", default=None, callback=_comma_choices("shape", _shapes), help="Synthetic task shapes, comma-separated (default: all).")
 @click.option(
     "--drill-kinds", default=None, callback=_comma_choices("drill kind", _drill_kinds),
-    help="Drills: kinds to generate in turn, comma-separated (default: the five of DRILL_KINDS; 'order' and 'rank' only when named; see hf_asynclm.data.drills).",
+    help="Drills: kinds to generate in turn, comma-separated (default: the five of DRILL_KINDS; 'order', 'rank' and 'variants' only when named; see hf_asynclm.data.drills).",
 )
 @click.option(
     "--tokenizer", "tokenizer_path", default=None, metavar="PATH",

@@ -138,7 +138,7 @@ def test_calls_drills_call_once_per_listed_key_in_order_and_report_each_result()
         assert "[TRAP]" not in d["segments"][-1]["text"]
 
 
-@pytest.mark.parametrize("kind", ["plan", "rank"])
+@pytest.mark.parametrize("kind", ["plan", "rank", "variants"])
 def test_plan_drills_copy_the_cheat_sheet_verbatim_in_lpt_order(kind):
     from hf_asynclm.executor.parsing import parse_call
 
@@ -165,6 +165,15 @@ def test_plan_drills_copy_the_cheat_sheet_verbatim_in_lpt_order(kind):
             assert 2 <= len(blocks) <= 4 and all(b.body.endswith("()") for b in blocks)
             assert len(declared) == len(blocks) and not any(declared.values())
             assert min(abs(a - b) for a in ms.values() for b in ms.values() if a != b) >= 5 and len(set(ms.values())) == len(ms)
+        if kind == "variants":  # calls to one tool that differ in the value of one argument, as BFCL's parallel requests
+            calls = [parse_call(bodies[cid]) for cid in sorted(bodies)]
+            main = [c for c in calls if c.name == calls[0].name]
+            assert 2 <= len(calls) <= 4 and len(main) >= len(calls) - 1 and len({c.name for c in calls}) <= 2
+            differ = {a for c in main[1:] for a in c.kwargs if c.kwargs[a] != main[0].kwargs[a]}
+            assert len(differ) == 1
+            (varied,) = differ
+            assert len({json.dumps(c.kwargs[varied]) for c in main}) == len(main)
+            assert len(set(ms.values())) == len(ms)
 
 
 def test_drill_kinds_are_chosen_and_the_original_three_are_unchanged():

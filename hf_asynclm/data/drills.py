@@ -41,7 +41,17 @@ curriculum: drills alone first (batch 32: the held-out digit loss fell from 2.0 
   hard part. Alone they make the model forget how to copy arguments. Mixed into stages 2 and 3 of
   a retrain from scratch (docs/CML_TINY_HISTORY.md, "A retrain with rank drills") they taught that
   tie too (the LPT order on held-out plan drills: 27 % -> 70 % of the tasks whose calls are right),
-  but not the order on BFCL, and cost held-out synthetic tasks (426-437 of 500); not in a shipped recipe.
+  and on BFCL's parallel requests too (33 % -> 56-63 % of 94 held-out tasks), but the calls on those
+  were right less often (58 % -> 26-34 %), and held-out synthetic tasks fell to 426-437 of 500; not in a
+  shipped recipe.
+* ``variants`` (only when asked for): a ``plan`` drill whose 2-4 calls go to one made-up tool and
+  share every argument's value but one (sometimes a second tool takes the last call), as BFCL's
+  parallel requests do (``c1 f(temp=300, gas="air") ~90ms; c2 f(temp=350, gas="air") ~420ms``);
+  half of the requests name the varied values. Written longest first, such calls can only be told
+  apart by the one value, which is where the models that learnt the LPT order from ``rank`` drills
+  lost BFCL calls (a value from the wrong call, a call twice, one left out). 700 steps of a stage 3
+  with 1,500 of them raised the calls right on BFCL's parallel requests from 26 % to 37 %
+  (docs/CML_TINY_HISTORY.md).
 
 The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan`` were added
 for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
@@ -79,7 +89,7 @@ from .tasks import PlannedCall, Task
 DRILL_KINDS: tuple[str, ...] = ("echo", "pick", "result", "calls", "plan")
 #: Kinds generated only when asked for (``kinds=`` / ``--drill-kinds``), so that the default
 #: output (and every recipe that relies on it) stays what it was.
-EXTRA_DRILL_KINDS: tuple[str, ...] = ("order", "rank")
+EXTRA_DRILL_KINDS: tuple[str, ...] = ("order", "rank", "variants")
 
 #: The request line of ``plan`` and ``rank`` drills (the plan follows it).
 _PLAN_ASKS = ("Please help with this.", "Run these.", "Handle my request.", "Do the following.")
@@ -310,6 +320,48 @@ def _rank_task(p: Pools, n_calls: int) -> Task:
     return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
 
 
+def _variants_task(p: Pools, n_calls: int) -> Task:
+    """A cheat-sheet task of ``n_calls`` calls to one made-up tool (sometimes a second tool takes
+    the last call) whose arguments share their values but one, as BFCL's parallel requests do
+    (``c1 f(temp=300, gas="air") ~90ms; c2 f(temp=350, gas="air") ~420ms``); times 20-900 ms, at
+    least 5 ms apart. The request names the varied values half of the time, as BFCL's questions do."""
+    r = p.rng
+    names = _distinct_names(p, 2)
+    arg_names = r.sample(_ARG_NAMES, r.randint(2, 4))
+    types = {a: r.choice(_TYPES) for a in arg_names}
+    varied = r.choice([a for a in arg_names if types[a] != "boolean"] or arg_names)
+    if types[varied] == "boolean":
+        types[varied] = "string"  # two booleans cannot tell more than two calls apart
+    base = {a: _literal(p, t) for a, t in types.items()}
+    second_args = {a: r.choice(_TYPES) for a in r.sample(_ARG_NAMES, r.randint(1, 2))}
+    with_second = n_calls > 2 and r.random() < 0.3
+    times = _spaced_times(p, n_calls, gap_ms=5)
+    calls: list[PlannedCall] = []
+    seen: list[Any] = []
+    for i in range(n_calls):
+        if with_second and i == n_calls - 1:
+            name, values = names[1], {a: _literal(p, t) for a, t in second_args.items()}
+        else:
+            values = dict(base)
+            if i:
+                for _ in range(50):  # a value no earlier call has
+                    values[varied] = _literal(p, types[varied])
+                    if values[varied] not in seen:
+                        break
+            name = names[0]
+            seen.append(values[varied])
+        calls.append(PlannedCall(f"c{i + 1}", name, values, latency_s=times[i] / 1000.0))
+    tools = [_made_up_tool(names[0], types)] + ([_made_up_tool(names[1], second_args)] if with_second else [])
+    if r.random() < 0.5:
+        shown = [json.dumps(v) if not isinstance(v, str) else v for v in seen]
+        ask = r.choice(("Run {} with {} {}.", "I need {} for {} {}.", "Please check {} for each {}: {}.")).format(
+            names[0].split(".")[-1].replace("_", " "), varied, ", ".join(shown[:-1]) + " and " + shown[-1])
+    else:
+        ask = r.choice(_PLAN_ASKS)
+    category = "parallel_multiple" if with_second else "parallel"
+    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
+
+
 def _plan_segments(task: Task) -> list[dict[str, str]]:
     """Every planned call verbatim, longest expected time first, a trap; results shortest first, then ``Done.``"""
     calls = task.calls
@@ -331,6 +383,11 @@ def _plan(p: Pools) -> _Drill:
 
 def _rank(p: Pools) -> _Drill:
     task = _rank_task(p, p.rng.randint(2, 4))
+    return task.messages, _plan_segments(task), task.tools
+
+
+def _variants(p: Pools) -> _Drill:
+    task = _variants_task(p, p.rng.randint(2, 4))
     return task.messages, _plan_segments(task), task.tools
 
 
@@ -380,6 +437,7 @@ _MAKERS: dict[str, Callable[[Pools], _Drill]] = {
     "plan": _plan,
     "order": _order,
     "rank": _rank,
+    "variants": _variants,
 }
 
 
