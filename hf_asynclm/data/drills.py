@@ -381,19 +381,21 @@ def _plan_segments(task: Task) -> list[dict[str, str]]:
     return segs
 
 
-def _plan(p: Pools) -> _Drill:
-    task = _plan_task(p)
+def _plan_drill(task: Task) -> _Drill:
+    """A cheat-sheet task as a drill: its request and tools, the model's part by :func:`_plan_segments`."""
     return task.messages, _plan_segments(task), task.tools
+
+
+def _plan(p: Pools) -> _Drill:
+    return _plan_drill(_plan_task(p))
 
 
 def _rank(p: Pools) -> _Drill:
-    task = _rank_task(p, p.rng.randint(2, 4))
-    return task.messages, _plan_segments(task), task.tools
+    return _plan_drill(_rank_task(p, p.rng.randint(2, 4)))
 
 
 def _variants(p: Pools) -> _Drill:
-    task = _variants_task(p, p.rng.randint(2, 4))
-    return task.messages, _plan_segments(task), task.tools
+    return _plan_drill(_variants_task(p, p.rng.randint(2, 4)))
 
 
 def _order(p: Pools) -> _Drill:
