@@ -92,7 +92,7 @@ DRILL_KINDS: tuple[str, ...] = ("echo", "pick", "result", "calls", "plan")
 #: output (and every recipe that relies on it) stays what it was.
 EXTRA_DRILL_KINDS: tuple[str, ...] = ("order", "rank", "variants")
 
-#: The request line of ``plan`` and ``rank`` drills (the plan follows it).
+#: The request line of ``plan``, ``rank`` and (half of the) ``variants`` drills (the plan follows it).
 _PLAN_ASKS = ("Please help with this.", "Run these.", "Handle my request.", "Do the following.")
 _KEYS = ("a", "b", "c", "d", "e", "f")
 _FIELDS = ("city", "code", "date", "time", "name", "price", "ref", "gate", "symbol", "title")
