@@ -45,6 +45,9 @@ Examples:
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Gradient accumulation steps [1].")
 @click.option("--max-length", type=click.IntRange(min=8), default=None, help="Longest example in tokens; longer ones are skipped [1024].")
 @click.option("--truncate", is_flag=True, default=None, help="Truncate over-long examples instead of skipping them.")
+@click.option("--pad-to-multiple-of", type=click.IntRange(min=1), default=None,
+              help="Pad each batch to a multiple of this many tokens. Fewer distinct shapes keep CPU kernel caches small "
+              "(a long bf16 run on CPU slowed down over time without it) [no extra padding].")
 @click.option("--warmup", type=click.FloatRange(min=0), default=None, help="Warmup: fraction of the steps (<1) or steps (>=1) [0.05].")
 @click.option("--schedule", "lr_scheduler", type=click.Choice(["cosine", "linear", "constant_with_warmup", "cosine_with_min_lr"]), default=None, help="Learning-rate schedule [cosine].")
 @click.option("--num-layers", type=click.IntRange(min=1), default=None, help="From scratch: decoder layers [tiny: 4].")

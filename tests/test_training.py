@@ -207,6 +207,17 @@ def test_collator_pads_right_with_masked_labels(tok):
         assert batch["attention_mask"][row].sum() == k
 
 
+def test_collator_pads_to_a_multiple_without_changing_the_examples(tok):
+    items = [tokenize_example(tok, e) for e in EXAMPLES[:3]]
+    plain = CMLCollator(tok.pad_token_id)(items)
+    padded = CMLCollator(tok.pad_token_id, pad_to_multiple_of=32)(items)
+    n = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] % 32 == 0 and n <= padded["input_ids"].shape[1] < n + 32
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(padded[key][:, :n], plain[key])
+    assert (padded["labels"][:, n:] == IGNORE_INDEX).all() and (padded["attention_mask"][:, n:] == 0).all()
+
+
 def test_meta_summary():
     s = summarize_meta(EXAMPLES)
     assert s["mode"] == {"async": 6}
@@ -446,6 +457,8 @@ def test_config_errors_are_clear(data_file, tmp_path):
         TrainConfig(data=str(data_file), constrain_calls="off", no_repeat_calls=True).validate()
     with pytest.raises(ValueError, match="interrupt_at"):
         TrainConfig(data=str(data_file), interrupt_at="comma").validate()
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        TrainConfig(data=str(data_file), pad_to_multiple_of=0).validate()
     cfg = TrainConfig.from_preset("tiny", data="x", learning_rate=1e-3)
     assert (cfg.hidden_size, cfg.num_layers, cfg.learning_rate, cfg.preset) == (256, 4, 1e-3, "tiny")
     # tiny has as many kv heads as heads, so another head count needs nothing else

@@ -132,6 +132,7 @@ class TrainConfig:
     max_length: int = 1024
     truncate: bool = False
     group_by_length: bool = True
+    pad_to_multiple_of: int | None = None  # pad each batch to a multiple of this many tokens (fewer tensor shapes)
 
     # optimisation
     learning_rate: float | None = None  # None: 2e-3 from scratch, 2e-4 LoRA, 2e-5 full fine-tuning
@@ -216,6 +217,8 @@ class TrainConfig:
             )
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive number of tokens, got {self.pad_to_multiple_of}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.max_steps <= 0 and self.num_epochs <= 0:
@@ -649,7 +652,7 @@ def train(config: TrainConfig) -> Path:
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=CMLCollator(tokenizer.pad_token_id),
+        data_collator=CMLCollator(tokenizer.pad_token_id, pad_to_multiple_of=config.pad_to_multiple_of),
         processing_class=tokenizer,
         selective_loss=config.selective_loss,
     )
