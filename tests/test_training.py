@@ -291,6 +291,7 @@ def test_scratch_training_lowers_loss_and_saves_a_loadable_checkpoint(scratch_ru
     assert record["steps"] == 30 and record["mode"] == "scratch" and record["base_model"] is None
     assert losses[-1] < losses[0] - 1.0
     assert record["final_train_loss"] == losses[-1]
+    assert 0 < record["train_loop_s"] <= record["train_time_s"]  # the steps alone, within the whole run
     assert record["examples"] == len(EXAMPLES) and record["data_files"] == [str(data_file)]
     assert record["simulator"]["meta"]["category"]["parallel"] == 2
     assert (scratch_run / "model.safetensors").is_file()

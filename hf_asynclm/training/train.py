@@ -678,6 +678,7 @@ def train(config: TrainConfig) -> Path:
             "final_train_loss": losses[-1] if losses else None,
             "mean_train_loss": result.training_loss,
             "train_time_s": round(elapsed, 2),
+            "train_loop_s": round(float(result.metrics.get("train_runtime", 0.0)), 2),  # the steps alone
             "resumed_from": str(last_checkpoint) if last_checkpoint else None,
             "parameters": n_params,
             "trainable_parameters": n_trainable,
