@@ -216,6 +216,11 @@ def test_collator_pads_to_a_multiple_without_changing_the_examples(tok):
     for key in ("input_ids", "labels", "attention_mask"):
         assert torch.equal(padded[key][:, :n], plain[key])
     assert (padded["labels"][:, n:] == IGNORE_INDEX).all() and (padded["attention_mask"][:, n:] == 0).all()
+    # never past max_length (the model's limit), unless an example is already longer
+    assert CMLCollator(tok.pad_token_id, pad_to_multiple_of=32, max_length=n)(items)["input_ids"].shape[1] == n
+    assert CMLCollator(tok.pad_token_id, pad_to_multiple_of=32, max_length=n - 1)(items)["input_ids"].shape[1] == n
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        CMLCollator(tok.pad_token_id, pad_to_multiple_of=0)
 
 
 def test_meta_summary():

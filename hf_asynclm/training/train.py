@@ -652,7 +652,7 @@ def train(config: TrainConfig) -> Path:
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=CMLCollator(tokenizer.pad_token_id, pad_to_multiple_of=config.pad_to_multiple_of),
+        data_collator=CMLCollator(tokenizer.pad_token_id, pad_to_multiple_of=config.pad_to_multiple_of, max_length=config.max_length),
         processing_class=tokenizer,
         selective_loss=config.selective_loss,
     )
