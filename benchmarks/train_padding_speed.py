@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
 
 CLI = [sys.executable, "-m", "hf_asynclm_cli.main"]  # `hf-asynclm`, with this interpreter
@@ -54,13 +56,9 @@ def main() -> None:
             subprocess.run([*CLI, "data", "build", "--out", data, "--n", "2000",
                             "--seed", "6000", "--shapes", "parallel,mixed", "--modes", "async", "--max-tokens", "0",
                             "--interrupt-at", "sentence"], check=True, capture_output=True)
-        sides = {}
-        for name, multiple in (("unpadded", None), (f"padded to x{args.multiple}", args.multiple)):
-            record = run_side(data, args.base, Path(tmp) / name.replace(" ", "_"), args.steps, multiple, args.bf16)
-            sides[name] = record
+        sides = {name: run_side(data, args.base, Path(tmp) / name.replace(" ", "_"), args.steps, multiple, args.bf16)
+                 for name, multiple in (("unpadded", None), (f"padded to x{args.multiple}", args.multiple))}
         first = next(iter(sides.values()))
-        import torch
-
         print(f"{args.steps} steps x 8 of {first['examples']} examples, {first['parameters'] / 1e6:.2f} M parameters, "
               f"{'bf16' if args.bf16 else 'fp32'}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         for name, record in sides.items():
