@@ -31,6 +31,7 @@ COMMAND_MODULES: dict[str, str] = {
     "chat": "hf_asynclm_cli.chat_cmd",
     "data": "hf_asynclm_cli.data_cmd",
     "train": "hf_asynclm_cli.train_cmd",
+    "average": "hf_asynclm_cli.average_cmd",
     "eval": "hf_asynclm_cli.eval_cmd",
     "bench": "hf_asynclm_cli.bench_cmd",
     "publish": "hf_asynclm_cli.publish_cmd",

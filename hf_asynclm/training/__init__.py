@@ -6,6 +6,8 @@
   models trained from scratch.
 * :mod:`~hf_asynclm.training.train` -- ``TrainConfig`` and ``train``: a tiny Llama from scratch,
   or full / LoRA fine-tuning of a pretrained base; ``load_trained``; ``convert_gguf_base``.
+* :mod:`~hf_asynclm.training.average` -- ``average_checkpoints``: the weighted average
+  ("model soup") of checkpoints fine-tuned from one base.
 
 Heavy imports (torch, transformers, peft) happen when the functions run, not on import.
 """
@@ -22,6 +24,7 @@ from .dataset import (
     render_prompt,
     tokenize_example,
 )
+from .average import average_checkpoints
 from .tokenizer import build_cml_tokenizer
 from .train import PRESETS, TrainConfig, convert_gguf_base, load_trained, train
 
@@ -33,6 +36,7 @@ __all__ = [
     "ExampleTooLong",
     "PRESETS",
     "TrainConfig",
+    "average_checkpoints",
     "build_cml_tokenizer",
     "convert_gguf_base",
     "encode_prompt",
