@@ -81,7 +81,8 @@ def _drill_kinds() -> Iterable[str]:
 
 
 def bfcl_tasks(
-    n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5, split_seed: int = 0
+    n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5, split_seed: int = 0,
+    plan_latencies: str = "rounded",
 ) -> list[Any]:
     """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
     first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
@@ -91,8 +92,9 @@ def bfcl_tasks(
     built with any ``seed`` never holds an evaluation task.
 
     A share ``cheat_sheet`` of them get the plan with per-call latencies in the prompt
-    (``bfcl.with_cheat_sheet``); the latencies (1-1000 ms) become the calls' ``latency_s``,
-    which the simulator then uses as both expected and execution time.
+    (``bfcl.with_cheat_sheet``); the latencies (1-1000 ms; ``plan_latencies="rounded"``: to
+    10 ms above 100 ms, ``"exact"``: to the millisecond) become the calls' ``latency_s``, which
+    the simulator then uses as both expected and execution time.
 
     Raises ``ImportError`` when ``hf_asynclm.data.bfcl`` is missing and ``FileNotFoundError``
     when the BFCL data is.
@@ -100,6 +102,9 @@ def bfcl_tasks(
     from hf_asynclm.data import bfcl
     from hf_asynclm.data.simulate import sample_latency_ms
 
+    if plan_latencies not in ("rounded", "exact"):
+        raise ValueError(f"plan_latencies must be 'rounded' or 'exact', got {plan_latencies!r}")
+    exact = plan_latencies == "exact"
     rng = random.Random(f"bfcl:{seed}:{split}")
     available = set(bfcl.available_categories(data_dir))
     if not available & set(_BFCL_CATEGORIES):
@@ -123,7 +128,7 @@ def bfcl_tasks(
     out = []
     for t in pool[:n]:
         if rng.random() < cheat_sheet:
-            t = bfcl.with_cheat_sheet(t, {c.call_id: sample_latency_ms(rng) for c in t.calls})
+            t = bfcl.with_cheat_sheet(t, {c.call_id: sample_latency_ms(rng, exact=exact) for c in t.calls})
         out.append(t)
     return out
 
@@ -191,6 +196,11 @@ task gives one trace per mode.
     help="BFCL: share of tasks with the plan and per-call latencies in the prompt.",
 )
 @click.option(
+    "--plan-latencies", type=click.Choice(["rounded", "exact"]), default="rounded", show_default=True,
+    help="BFCL: the cheat sheet's per-call latencies rounded to 10 ms above 100 ms (~380ms), or exact to the "
+    "millisecond (~387ms, as measured latencies and `hf-asynclm eval`'s cheat sheets are).",
+)
+@click.option(
     "--tpot-ms", "tpot_ms", default="5,30", show_default=True, callback=_parse_tpot, metavar="LOW,HIGH",
     help="Simulated time per output token, drawn per task from U(LOW, HIGH) ms. Raise it for a slow "
     "decoder (a 270M model on a CPU writes ~90 ms per token), so results also arrive between calls.",
@@ -229,6 +239,7 @@ def build(
     jitter: float,
     demo_prompt: float,
     cheat_sheet: float,
+    plan_latencies: str,
     tpot_ms: tuple[float, float],
     split_seed: int,
     interrupt_at: str,
@@ -272,7 +283,8 @@ def build(
         tasks += generate_tasks(n, seed=seed, shapes=shapes, split=split, demo_prompt_p=demo_prompt)
     if source in ("bfcl", "both"):
         try:
-            found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet, split_seed=split_seed)
+            found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet, split_seed=split_seed,
+                               plan_latencies=plan_latencies)
         except (ImportError, FileNotFoundError, ValueError) as exc:
             if source == "bfcl":
                 raise click.ClickException(f"BFCL tasks unavailable: {exc}") from exc

@@ -372,6 +372,38 @@ def test_data_built_with_any_seed_holds_no_evaluation_task(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_plan_latencies_rounded_or_exact(tmp_path):
+    """`--plan-latencies exact` writes the cheat sheet's latencies to the millisecond (as
+    `hf-asynclm eval` draws them), `rounded` (the default) to 10 ms above 100 ms; same tasks."""
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from hf_asynclm_cli.data_cmd import data
+
+    def build(*extra):
+        out = tmp_path / f"p{len(extra)}.jsonl"
+        r = CliRunner().invoke(data, ["build", "--out", str(out), "--n", "200", "--seed", "3", "--source", "bfcl",
+                                      "--data-dir", str(MINI), "--modes", "async", "--max-tokens", "0",
+                                      "--cheat-sheet", "1.0", "--split", "eval", *extra])  # the mini fixture's larger side
+        assert r.exit_code == 0, r.output
+        examples = [json.loads(line) for line in out.read_text().splitlines()]
+        plans = [[m["content"] for m in ex["messages"] if m["role"] == "user"][-1].split("\nPlan: ")[1] for ex in examples]
+        return [ex["task_id"] for ex in examples], [int(x) for p in plans for x in re.findall(r"~(\d+)ms", p)]
+
+    ids_r, rounded = build()
+    ids_e, exact = build("--plan-latencies", "exact")
+    assert ids_r == ids_e and len(rounded) == len(exact) > 100
+    assert all(1 <= x <= 1000 for x in rounded + exact)
+    assert all(x % 10 == 0 for x in rounded if x >= 100)
+    assert sum(x % 10 != 0 for x in exact if x >= 100) > len(exact) // 2
+    assert all(abs(a - b) <= 5 for a, b in zip(rounded, exact))  # the same draws, rounded or not
+    bad = CliRunner().invoke(data, ["build", "--out", str(tmp_path / "x.jsonl"), "--source", "bfcl", "--data-dir", str(MINI),
+                                    "--plan-latencies", "approx"])
+    assert bad.exit_code != 0 and "approx" in bad.output
+
+
 # --------------------------------------------------------------------------- real data
 
 
