@@ -61,6 +61,8 @@ Examples:
 @click.option("--bf16/--no-bf16", "bf16", default=None,
               help="bfloat16 mixed precision (fp32 master weights) [on where the GPU supports it]. On CPUs with "
               "avx512_bf16 or AMX it also speeds training up (about 2x on a 2-core EPYC: benchmarks/train_step_speed.py).")
+@click.option("--call-id-weight", "call_id_loss_weight", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Weight of the loss on the call ids written after [CALL] (where the model picks which planned call starts next) [1].")
 @click.option("--save-steps", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [500].")
 @click.option("--logging-steps", type=click.IntRange(min=1), default=None, help="Log the loss every N steps [10].")
 @click.option("--seed", type=int, default=None, help="Random seed [0].")

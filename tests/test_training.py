@@ -332,6 +332,56 @@ def test_selective_loss_equals_the_full_loss(scratch_run):
         assert torch.allclose(trainer.compute_loss(model, batch), reference, atol=1e-5)
 
 
+def test_call_id_mask_covers_exactly_the_ids_the_model_writes(tok):
+    from hf_asynclm.training.train import call_id_token_mask
+
+    ids = marker_token_ids(tok)
+    item = tokenize_example(tok, EXAMPLES[4])  # two calls (f1, w1) and an interrupt for each
+    input_ids = torch.tensor([item["input_ids"]])
+    mask = call_id_token_mask(input_ids, ids.call, ids.head)[0]
+    runs, current = [], []
+    for tid, m in zip(item["input_ids"], mask.tolist()):
+        if m:
+            current.append(tid)
+        elif current:
+            runs.append(tok.decode(current).strip()); current = []
+    assert runs == ["f1", "w1"]  # the interrupts' ids ([INTR] w1 [HEAD]) are not the model's choice
+    labels = torch.tensor(item["labels"])
+    assert (labels[mask] != IGNORE_INDEX).all()  # every masked token is one the model writes
+
+
+def test_call_id_loss_weight_scales_the_loss_on_call_ids_only(scratch_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hf_asynclm.training.train import call_id_token_mask
+
+    tok = AutoTokenizer.from_pretrained(scratch_run)
+    model = AutoModelForCausalLM.from_pretrained(scratch_run)
+    batch = CMLCollator(tok.pad_token_id)([tokenize_example(tok, e) for e in EXAMPLES])
+    ids = marker_token_ids(tok)
+    cfg = TrainConfig(data="unused", output_dir=str(scratch_run / "tmp"))
+    args = _training_arguments(cfg, scratch_run / "tmp")
+    plain = _make_trainer_class()(model=model, args=args, train_dataset=[0])
+    weighted = _make_trainer_class()(model=model, args=args, train_dataset=[0], call_id_loss_weight=5.0,
+                                     call_head_ids=(ids.call, ids.head))
+    labels = batch["labels"][:, 1:]
+    n = (labels != IGNORE_INDEX).sum()
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX)
+        on_ids = call_id_token_mask(batch["input_ids"], ids.call, ids.head)[:, 1:]
+        expected = (ce.sum() + 4.0 * ce[on_ids].sum()) / n
+        got = weighted.compute_loss(model, batch, num_items_in_batch=n)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert got > plain.compute_loss(model, batch, num_items_in_batch=n) + 1e-4
+    with pytest.raises(ValueError, match="single tokens"):
+        _make_trainer_class()(model=model, args=args, train_dataset=[0], call_id_loss_weight=2.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="call_id_loss_weight"):
+            TrainConfig(data=str(scratch_run / "cml_training.json"), call_id_loss_weight=bad).validate()
+    with pytest.raises(ValueError, match="selective"):
+        TrainConfig(data=str(scratch_run / "cml_training.json"), call_id_loss_weight=2.0, selective_loss=False).validate()
+
+
 def test_resume_continues_from_the_last_checkpoint(data_file, tmp_path):
     out = tmp_path / "ckpt"
     train(_micro(data_file, out, max_steps=4, save_steps=2))

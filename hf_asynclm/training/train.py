@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,9 @@ class TrainConfig:
     bf16: bool | None = None  # None: on when the GPU supports it
     gradient_checkpointing: bool = False
     selective_loss: bool = True  # LM head only at labelled positions
+    # weight of the loss on the call ids the model writes ([CALL] <id> [HEAD]): where it picks which
+    # planned call starts next (the LPT order); 1.0 = every token alike
+    call_id_loss_weight: float = 1.0
 
     # what the checkpoint records for the runtime (cml_training.json -> "runtime")
     interrupt_at: str = RUNTIME_DEFAULTS["interrupt_at"]  # "word", or "sentence" for paced traces
@@ -219,6 +223,10 @@ class TrainConfig:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive number of tokens, got {self.pad_to_multiple_of}")
+        if not (self.call_id_loss_weight > 0 and math.isfinite(self.call_id_loss_weight)):
+            raise ValueError(f"call_id_loss_weight must be a positive number, got {self.call_id_loss_weight}")
+        if self.call_id_loss_weight != 1.0 and not self.selective_loss:
+            raise ValueError("call_id_loss_weight works through the selective loss: keep selective_loss=True")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.max_steps <= 0 and self.num_epochs <= 0:
@@ -412,6 +420,30 @@ def is_peft_model(model: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def call_id_token_mask(input_ids: Any, call_id: int, head_id: int) -> Any:
+    """A bool tensor shaped like ``input_ids`` (batch, length): True at the tokens of call ids,
+    those after a ``[CALL]`` token and before the next ``[HEAD]`` (``[CALL] c2 [HEAD] f(...)``:
+    the tokens of `` c2 ``), where the model decides which planned call it starts next.
+
+    >>> import torch
+    >>> call_id_token_mask(torch.tensor([[5, 1, 7, 8, 2, 9, 1, 6, 2]]), call_id=1, head_id=2).int().tolist()
+    [[0, 0, 1, 1, 0, 0, 0, 1, 0]]
+    """
+    import torch
+
+    n = input_ids.shape[-1]
+    pos = torch.arange(n, device=input_ids.device).expand_as(input_ids)
+    last_call = torch.where(input_ids == call_id, pos, -1).cummax(dim=-1).values
+    last_head = torch.where(input_ids == head_id, pos, -1).cummax(dim=-1).values
+    # strictly after the last [CALL] (not the marker itself) and no [HEAD] since
+    return (last_call > last_head) & (pos > last_call)
+
+
+def _call_head_ids(tokenizer: Any) -> tuple[int, int] | None:
+    ids = marker_token_ids(tokenizer)
+    return (ids.call, ids.head) if ids.call is not None and ids.head is not None else None
+
+
 def _make_trainer_class():
     import torch
     import torch.nn.functional as F
@@ -426,9 +458,16 @@ def _make_trainer_class():
         and a prompt-heavy batch this skips most of the head's cost and memory.
         """
 
-        def __init__(self, *args: Any, selective_loss: bool = True, **kwargs: Any):
+        def __init__(
+            self, *args: Any, selective_loss: bool = True, call_id_loss_weight: float = 1.0,
+            call_head_ids: tuple[int, int] | None = None, **kwargs: Any,
+        ):
             super().__init__(*args, **kwargs)
             self.selective_loss = selective_loss
+            self.call_id_loss_weight = float(call_id_loss_weight)
+            self.call_head_ids = call_head_ids
+            if self.call_id_loss_weight != 1.0 and call_head_ids is None:
+                raise ValueError("call_id_loss_weight needs [CALL] and [HEAD] as single tokens of the tokenizer")
             if selective_loss:
                 # make Trainer count the labelled tokens of the whole accumulated batch
                 self.model_accepts_loss_kwargs = True
@@ -459,7 +498,12 @@ def _make_trainer_class():
             cap = getattr(getattr(core, "config", None), "final_logit_softcapping", None)
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+            if self.call_id_loss_weight != 1.0:
+                weights = call_id_token_mask(inputs["input_ids"], *self.call_head_ids)[:, 1:][selected]
+                weights = 1.0 + (self.call_id_loss_weight - 1.0) * weights.to(logits.dtype)
+                loss_sum = (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+            else:
+                loss_sum = F.cross_entropy(logits, targets, reduction="sum")
             count = num_items_in_batch
             if torch.is_tensor(count) and count.numel() > 1:  # DataParallel bookkeeping
                 count = None
@@ -655,6 +699,8 @@ def train(config: TrainConfig) -> Path:
         data_collator=CMLCollator(tokenizer.pad_token_id, pad_to_multiple_of=config.pad_to_multiple_of, max_length=config.max_length),
         processing_class=tokenizer,
         selective_loss=config.selective_loss,
+        call_id_loss_weight=config.call_id_loss_weight,
+        call_head_ids=_call_head_ids(tokenizer),
     )
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     elapsed = time.time() - started
