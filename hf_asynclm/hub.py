@@ -394,6 +394,12 @@ def _training_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     if isinstance(record.get("training"), Mapping):
         return _rows(record["training"])
     table = {k: record[k] for k in _RUN_KEYS if record.get(k) is not None}
+    averaged = record.get("averaged_from")
+    if isinstance(averaged, Sequence) and not isinstance(averaged, str) and averaged:  # hf-asynclm average
+        table["averaged from"] = ", ".join(
+            f"{Path(str(a.get('path', '?'))).name} (weight {_fmt(round(float(a.get('weight', 0)), 4))})"
+            for a in averaged if isinstance(a, Mapping)
+        )
     config = record.get("config") if isinstance(record.get("config"), Mapping) else {}
     lora = bool(config.get("lora"))
     table.update({

@@ -33,7 +33,7 @@ RUNTIME = {"interrupt_at": "sentence", "constrain_calls": "grounded"}
 def _record(steps, base="stage2", data=("a.jsonl",), runtime=RUNTIME):
     return {"format": "hf-asynclm/cml-training/1", "mode": "full", "base_model": base, "steps": steps,
             "data_files": list(data), "train_time_s": 100.0 + steps, "runtime": dict(runtime),
-            "loss_history": [[1, 2.0]], "vocab_size": 400}
+            "loss_history": [[1, 2.0]], "vocab_size": 400, "config": {"learning_rate": 2e-4}}
 
 
 def test_weighted_average_of_every_tensor_and_the_record(tmp_path, tok):
@@ -52,9 +52,10 @@ def test_weighted_average_of_every_tensor_and_the_record(tmp_path, tok):
     assert record["mode"] == "average" and record["runtime"] == RUNTIME
     assert [x["weight"] for x in record["averaged_from"]] == [0.25, 0.75]
     assert [x["steps"] for x in record["averaged_from"]] == [700, 1000]
+    assert [x["learning_rate"] for x in record["averaged_from"]] == [2e-4, 2e-4]
     assert record["data_files"] == ["a.jsonl", "b.jsonl", "c.jsonl"]
     assert record["train_time_s"] == 800 + 1100
-    assert "loss_history" not in record and "steps" not in record
+    assert "loss_history" not in record and "steps" not in record and "config" not in record
 
 
 def test_the_average_loads_and_generates_like_a_checkpoint(tmp_path, tok):
@@ -166,3 +167,14 @@ def test_cli_average(tmp_path, tok):
     assert result.exit_code != 0 and "comma-separated numbers" in result.output
     result = runner.invoke(app, ["average", str(tmp_path / "x"), str(tmp_path / "a")])
     assert result.exit_code != 0 and "at least two" in result.output
+
+
+def test_the_model_card_of_an_average_names_what_was_averaged(tmp_path, tok):
+    from hf_asynclm.hub import render_model_card
+
+    _save(tok, tmp_path / "stage3-a", 0, _record(700))
+    _save(tok, tmp_path / "stage3-c", 1, _record(1000))
+    out = average_checkpoints([tmp_path / "stage3-a", tmp_path / "stage3-c"], tmp_path / "soup", weights=[1, 1])
+    text = str(render_model_card(out, "org/soup", card_data={"license": "apache-2.0"}))
+    assert "| averaged from | stage3-a (weight 0.5), stage3-c (weight 0.5) |" in text
+    assert "| mode | average |" in text

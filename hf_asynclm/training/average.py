@@ -131,7 +131,9 @@ def average_checkpoints(
     Returns:
         ``output_dir``. Its ``cml_training.json`` is the first input's record (runtime,
         tokenizer facts) with ``mode: "average"``, ``averaged_from`` (each input's path, weight,
-        base, steps, data files and training time) and ``train_time_s`` the inputs' sum.
+        base, steps, learning rate, data files and training time), ``data_files`` the inputs' union
+        and ``train_time_s`` the inputs' sum; the first input's own run (its settings, loss and
+        trace statistics) is left out.
 
     Raises:
         ValueError: fewer than two inputs, bad weights or dtype, an adapter folder, or inputs
@@ -242,6 +244,7 @@ def average_checkpoints(
                 "steps": r.get("steps"),
                 "data_files": r.get("data_files"),
                 "train_time_s": r.get("train_time_s"),
+                "learning_rate": (r.get("config") or {}).get("learning_rate") if isinstance(r.get("config"), dict) else None,
             }
             for f, wi, r in zip(folders, w, records)
         ],
@@ -249,8 +252,9 @@ def average_checkpoints(
     })
     times = [r.get("train_time_s") for r in records]
     record["train_time_s"] = round(sum(times), 2) if all(isinstance(t, (int, float)) for t in times) else None
-    for key in ("steps", "epochs", "final_train_loss", "mean_train_loss", "train_loop_s", "resumed_from", "examples", "dataset"):
-        record.pop(key, None)  # facts of one training run, not of the average
+    for key in ("steps", "epochs", "final_train_loss", "mean_train_loss", "train_loop_s", "resumed_from", "examples",
+                "dataset", "config", "simulator"):
+        record.pop(key, None)  # facts of one training run (its settings, its traces), not of the average
     (out / _RECORD).write_text(json.dumps(record, indent=2) + "\n")
     logger.info(
         "averaged %d checkpoints (weights %s) into %s in %.1f s",
