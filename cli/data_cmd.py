@@ -68,6 +68,20 @@ def _parse_tpot(ctx: click.Context, param: click.Parameter, value: str) -> tuple
         raise click.BadParameter(f"expected LOW,HIGH in ms with 0 < LOW <= HIGH (e.g. 5,30), got {value!r}") from exc
 
 
+def _parse_latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
+    from hf_asynclm.data.simulate import check_latency_range
+
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) == 1:
+        parts = parts * 2  # one number: every drawn latency the same
+    try:
+        return check_latency_range([float(p) for p in parts])
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"expected LOW,HIGH in ms with 1 <= LOW <= HIGH <= 60000 (e.g. 1,1000), got {value!r}"
+        ) from exc
+
+
 def _shapes() -> Iterable[str]:
     from hf_asynclm.data.synthetic import SHAPES
 
@@ -83,6 +97,7 @@ def _drill_kinds() -> Iterable[str]:
 def bfcl_tasks(
     n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5, split_seed: int = 0,
     plan_latencies: str = "rounded",
+    latency_range_ms: tuple[float, float] = (1.0, 1000.0),
 ) -> list[Any]:
     """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
     first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
@@ -92,7 +107,7 @@ def bfcl_tasks(
     built with any ``seed`` never holds an evaluation task.
 
     A share ``cheat_sheet`` of them get the plan with per-call latencies in the prompt
-    (``bfcl.with_cheat_sheet``); the latencies (1-1000 ms; ``plan_latencies="rounded"``: to
+    (``bfcl.with_cheat_sheet``); the latencies (``latency_range_ms``, default 1-1000 ms; ``plan_latencies="rounded"``: to
     10 ms above 100 ms, ``"exact"``: to the millisecond) become the calls' ``latency_s``, which
     the simulator then uses as both expected and execution time.
 
@@ -100,8 +115,9 @@ def bfcl_tasks(
     when the BFCL data is.
     """
     from hf_asynclm.data import bfcl
-    from hf_asynclm.data.simulate import sample_latency_ms
+    from hf_asynclm.data.simulate import check_latency_range, sample_latency_ms
 
+    low, high = check_latency_range(latency_range_ms)
     if plan_latencies not in ("rounded", "exact"):
         raise ValueError(f"plan_latencies must be 'rounded' or 'exact', got {plan_latencies!r}")
     exact = plan_latencies == "exact"
@@ -128,7 +144,7 @@ def bfcl_tasks(
     out = []
     for t in pool[:n]:
         if rng.random() < cheat_sheet:
-            t = bfcl.with_cheat_sheet(t, {c.call_id: sample_latency_ms(rng, exact=exact) for c in t.calls})
+            t = bfcl.with_cheat_sheet(t, {c.call_id: sample_latency_ms(rng, low, high, exact=exact) for c in t.calls})
         out.append(t)
     return out
 
@@ -201,6 +217,11 @@ task gives one trace per mode.
     "millisecond (~387ms, as measured latencies and `hf-asynclm eval`'s cheat sheets are).",
 )
 @click.option(
+    "--latency-ms", "latency_ms", default="1,1000", show_default=True, callback=_parse_latency, metavar="LOW,HIGH",
+    help="Expected call latencies, drawn from U(LOW, HIGH) ms: BFCL cheat sheets, synthetic tools outside the "
+    "demo catalogue (whose latencies are its own) and any tool without one.",
+)
+@click.option(
     "--tpot-ms", "tpot_ms", default="5,30", show_default=True, callback=_parse_tpot, metavar="LOW,HIGH",
     help="Simulated time per output token, drawn per task from U(LOW, HIGH) ms. Raise it for a slow "
     "decoder (a 270M model on a CPU writes ~90 ms per token), so results also arrive between calls.",
@@ -240,6 +261,7 @@ def build(
     demo_prompt: float,
     cheat_sheet: float,
     plan_latencies: str,
+    latency_ms: tuple[float, float],
     tpot_ms: tuple[float, float],
     split_seed: int,
     interrupt_at: str,
@@ -280,11 +302,13 @@ def build(
 
     tasks: list[Any] = []
     if source in ("synthetic", "both"):
-        tasks += generate_tasks(n, seed=seed, shapes=shapes, split=split, demo_prompt_p=demo_prompt)
+        tasks += generate_tasks(
+            n, seed=seed, shapes=shapes, split=split, demo_prompt_p=demo_prompt, latency_range_ms=latency_ms
+        )
     if source in ("bfcl", "both"):
         try:
             found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet, split_seed=split_seed,
-                               plan_latencies=plan_latencies)
+                               plan_latencies=plan_latencies, latency_range_ms=latency_ms)
         except (ImportError, FileNotFoundError, ValueError) as exc:
             if source == "bfcl":
                 raise click.ClickException(f"BFCL tasks unavailable: {exc}") from exc
@@ -310,6 +334,7 @@ def build(
                 max_tokens=max_tokens or None,
                 progress=lambda k: bar.advance(job, k),
                 tpot_range_ms=tpot_ms,
+                latency_range_ms=latency_ms,
                 interrupt_at=interrupt_at,
                 generic_results=generic_results,
             )

@@ -404,6 +404,64 @@ def test_plan_latencies_rounded_or_exact(tmp_path):
     assert bad.exit_code != 0 and "approx" in bad.output
 
 
+def test_latency_range_option(tmp_path):
+    """`--latency-ms LOW,HIGH` draws the cheat sheet's latencies, the tools' and the execution
+    times from that range (the same tasks, the same draws scaled); bad ranges are refused."""
+    import json
+    import re
+
+    from click.testing import CliRunner
+
+    from hf_asynclm_cli.data_cmd import data
+
+    def build(*extra):
+        out = tmp_path / f"l{len(extra)}.jsonl"
+        r = CliRunner().invoke(data, ["build", "--out", str(out), "--n", "200", "--seed", "3", "--source", "bfcl",
+                                      "--data-dir", str(MINI), "--modes", "async", "--max-tokens", "0",
+                                      "--cheat-sheet", "1.0", "--split", "eval", "--plan-latencies", "exact", *extra])
+        assert r.exit_code == 0, r.output
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    def plan_ms(ex):
+        plan = [m["content"] for m in ex["messages"] if m["role"] == "user"][-1].split("\nPlan: ")[1]
+        return [int(x) for x in re.findall(r"~(\d+)ms", plan)]
+
+    default, narrow = build(), build("--latency-ms", "30,500")
+    assert [e["task_id"] for e in default] == [e["task_id"] for e in narrow]
+    d_ms = [x for e in default for x in plan_ms(e)]
+    n_ms = [x for e in narrow for x in plan_ms(e)]
+    assert len(d_ms) == len(n_ms) > 100
+    assert all(30 <= x <= 500 for x in n_ms) and max(d_ms) > 600
+    # one uniform draw per latency, mapped onto the new range: the order of the draws is kept
+    assert all(abs((a - 1) / 999 * 470 + 30 - b) <= 1 for a, b in zip(d_ms, n_ms))
+    for ex in narrow:
+        expected = ex["meta"]["expected_ms"]
+        assert all(30 <= v <= 500 for v in expected.values())
+        assert sorted(round(v) for v in expected.values()) == sorted(plan_ms(ex))  # the prompt shows what runs
+        tool_ms = [f["function"]["x-latency-ms"] for f in ex["tools"]]
+        assert tool_ms and all(30 <= x <= 500 for x in tool_ms)
+    for bad in ("0,10", "500,30", "abc", "1,70000"):
+        r = CliRunner().invoke(data, ["build", "--out", str(tmp_path / "x.jsonl"), "--source", "bfcl",
+                                      "--data-dir", str(MINI), "--latency-ms", bad])
+        assert r.exit_code != 0 and "LOW,HIGH" in r.output, (bad, r.output)
+
+
+def test_latency_range_synthetic_tools():
+    """Synthetic tasks outside the demo prompt get tool latencies from ``latency_range_ms``;
+    the default range keeps the tasks exactly as before."""
+    from hf_asynclm.data.synthetic import generate_tasks
+
+    base = generate_tasks(40, seed=5, demo_prompt_p=0.0)
+    again = generate_tasks(40, seed=5, demo_prompt_p=0.0, latency_range_ms=(1, 1000))
+    narrow = generate_tasks(40, seed=5, demo_prompt_p=0.0, latency_range_ms=(200, 250))
+    assert [t.tools for t in base] == [t.tools for t in again]
+    assert [t.messages for t in base] == [t.messages for t in narrow]
+    lat = [f["function"]["x-latency-ms"] for t in narrow for f in t.tools]
+    assert lat and all(200 <= x <= 250 for x in lat)
+    with pytest.raises(ValueError, match="latency_range_ms"):
+        generate_tasks(1, latency_range_ms=(5, 1))
+
+
 # --------------------------------------------------------------------------- real data
 
 

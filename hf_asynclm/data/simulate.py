@@ -41,8 +41,8 @@ Timing, per task (seeded by ``seed`` and the task id; shared by the three modes)
   the next decode step, the "ride-along").
 * **Expected** time of a call: the per-call time the source put in the prompt
   (``PlannedCall.latency_s``, e.g. BFCL's cheat sheet), else its tool's ``"x-latency-ms"``
-  (the prompt shows it), else a random 1-1000 ms that is then written into the tool schema,
-  so the prompt always shows it. **The LPT rule uses the expected time: what the model can
+  (the prompt shows it), else a random 1-1000 ms (``latency_range_ms`` changes the range) that
+  is then written into the tool schema, so the prompt always shows it. **The LPT rule uses the expected time: what the model can
   read in its prompt, never the hidden sampled time.**
 * **Execution** time: the per-call time itself when the source gave one (the cheat sheet
   is exact); otherwise the expected time times U(1 - jitter, 1 + jitter) (default 0.25),
@@ -114,6 +114,7 @@ __all__ = [
     "example_length",
     "generic_result",
     "sample_latency_ms",
+    "check_latency_range",
     "simulate",
     "simulate_task",
     "split_atoms",
@@ -225,6 +226,26 @@ def _tool_map(tools: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 DEFAULT_TPOT_RANGE_MS: tuple[float, float] = (5.0, 30.0)
+DEFAULT_LATENCY_RANGE_MS: tuple[float, float] = (1.0, 1000.0)
+MAX_LATENCY_MS = 60_000.0
+
+
+def check_latency_range(latency_range_ms: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` expected call latency in ms as floats; ``ValueError`` unless
+    ``1 <= low <= high <= 60000``.
+
+    >>> check_latency_range((30, 500))
+    (30.0, 500.0)
+    """
+    try:
+        low, high = (float(v) for v in latency_range_ms)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"latency_range_ms must be two numbers (low, high), got {latency_range_ms!r}") from exc
+    if not 1.0 <= low <= high <= MAX_LATENCY_MS:
+        raise ValueError(
+            f"latency_range_ms must satisfy 1 <= low <= high <= {MAX_LATENCY_MS:.0f}, got ({low}, {high})"
+        )
+    return low, high
 
 
 def check_tpot_range(tpot_range_ms: Sequence[float]) -> tuple[float, float]:
@@ -239,17 +260,23 @@ def check_tpot_range(tpot_range_ms: Sequence[float]) -> tuple[float, float]:
 
 
 def _timing(
-    task: Task, seed: int, jitter: float, tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS
+    task: Task,
+    seed: int,
+    jitter: float,
+    tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
+    latency_range_ms: Sequence[float] = DEFAULT_LATENCY_RANGE_MS,
 ) -> dict[str, Any]:
     """Sampled timing of a task: tools with latencies, expected and execution time per call."""
     low, high = check_tpot_range(tpot_range_ms)
+    lat_low, lat_high = check_latency_range(latency_range_ms)
+    exec_cap = max(DEFAULT_LATENCY_RANGE_MS[1], lat_high)
     rng = random.Random(f"sim:{seed}:{task.task_id}")
     tpot = round(rng.uniform(low, high), 2)  # one draw whatever the range: the rest is unchanged
     tools = copy.deepcopy(task.tools)
     fmap = _tool_map(tools)
     for f in fmap.values():
         if f.get("x-latency-ms") is None:
-            f["x-latency-ms"] = sample_latency_ms(rng)
+            f["x-latency-ms"] = sample_latency_ms(rng, lat_low, lat_high)
     followup = (task.meta or {}).get("followup") or {}
     calls = list(task.calls) + [PlannedCall(**c) for c in followup.get("calls", [])]
     expected: dict[str, float] = {}
@@ -261,10 +288,10 @@ def _timing(
             continue
         f = fmap.get(c.name)
         if f is None:  # a call to a tool the prompt does not list: invent a latency
-            f = {"name": c.name, "x-latency-ms": sample_latency_ms(rng)}
+            f = {"name": c.name, "x-latency-ms": sample_latency_ms(rng, lat_low, lat_high)}
             fmap[c.name] = f
         expected[c.call_id] = float(f["x-latency-ms"])
-        exec_ms[c.call_id] = round(min(1000.0, max(1.0, expected[c.call_id] * jit)), 1)
+        exec_ms[c.call_id] = round(min(exec_cap, max(1.0, expected[c.call_id] * jit)), 1)
     return {
         "rng": rng,
         "tpot": tpot,
@@ -406,6 +433,7 @@ def simulate(
     tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
     interrupt_at: str = "word",
     generic_results: str = "code",
+    latency_range_ms: Sequence[float] = DEFAULT_LATENCY_RANGE_MS,
 ) -> dict[str, Any]:
     """Simulate ``task`` in ``mode`` and return one trace (a JSON-ready dict)::
 
@@ -419,7 +447,9 @@ def simulate(
     ``expected_ms``, ``exec_ms``, ``start_ms``, ``done_ms``, ``inject_ms``,
     ``sim_latency_ms``), the plan (``depends_on``, ``answer_parts``), ``n_model_tokens`` and
     how tokens were counted (``token_count``). ``tpot_range_ms`` is the range the time per
-    output token is drawn from (default 5-30 ms, the paper's).
+    output token is drawn from (default 5-30 ms, the paper's); ``latency_range_ms`` the range
+    of the expected time of a call whose tool has no ``x-latency-ms`` and whose plan gives none
+    (default 1-1000 ms, the paper's).
 
     ``interrupt_at`` (async) is where results go in: ``"word"`` (every ready result at the
     first safe point, see the module docstring) or ``"sentence"`` (paced, :data:`SIM_INTERRUPT_AT`):
@@ -438,7 +468,7 @@ def simulate(
     _check_interrupt_at(interrupt_at)
     paced = mode == "async" and interrupt_at in PACED_INTERRUPT_AT
     hold_bursts = paced and interrupt_at == "sentence"
-    timing = _timing(task, seed, jitter, tpot_range_ms)
+    timing = _timing(task, seed, jitter, tpot_range_ms, latency_range_ms)
     counter = counter or TokenCounter(tokenizer)
     check_generic_results(generic_results)
     if result_fn is None:
@@ -1142,6 +1172,7 @@ def build_dataset(
     tpot_range_ms: Sequence[float] = DEFAULT_TPOT_RANGE_MS,
     interrupt_at: str = "word",
     generic_results: str = "code",
+    latency_range_ms: Sequence[float] = DEFAULT_LATENCY_RANGE_MS,
 ) -> dict[str, Any]:
     """Simulate every task in every mode and write the traces to ``out_path`` (JSONL).
 
@@ -1151,7 +1182,8 @@ def build_dataset(
     counts per mode, source and category, mean simulated latency per mode, the mean
     sync/async latency ratio, model tokens and the longest trace. ``interrupt_at`` is where
     async traces put results and ``generic_results`` how the results of tools without an
-    implementation look (:func:`simulate`).
+    implementation look, ``latency_range_ms`` where latencies no task gives are drawn from
+    (:func:`simulate`).
     """
     _check_interrupt_at(interrupt_at)
     check_generic_results(generic_results)
@@ -1160,6 +1192,7 @@ def build_dataset(
     if bad or not modes:
         raise ValueError(f"unknown modes {bad}; choose from {MODES}")
     tpot_range_ms = check_tpot_range(tpot_range_ms)
+    latency_range_ms = check_latency_range(latency_range_ms)
     counter = TokenCounter(tokenizer)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1180,6 +1213,7 @@ def build_dataset(
                 ex = simulate(
                     task, mode, seed=seed, user_interrupt_rate=user_interrupt_rate, jitter=jitter, counter=counter,
                     tpot_range_ms=tpot_range_ms, interrupt_at=interrupt_at, generic_results=generic_results,
+                    latency_range_ms=latency_range_ms,
                 )
                 if check:
                     problems = check_trace(ex, tokenizer=tokenizer)

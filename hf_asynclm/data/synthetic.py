@@ -701,7 +701,13 @@ def _ask_mixed(b: _Builder) -> str:
     return f"{first} {second}"
 
 
-def _tool_schemas(b: _Builder, names: Sequence[str], demo_prompt_p: float, max_distractors: int) -> list[dict[str, Any]]:
+def _tool_schemas(
+    b: _Builder,
+    names: Sequence[str],
+    demo_prompt_p: float,
+    max_distractors: int,
+    latency_range_ms: Sequence[float] = (1.0, 1000.0),
+) -> list[dict[str, Any]]:
     """The task's tools: the demo catalogue with its real latencies (the CLI's prompt), or the
     needed tools plus a few distractors, shuffled, each with a fresh random latency."""
     from .simulate import sample_latency_ms
@@ -720,7 +726,7 @@ def _tool_schemas(b: _Builder, names: Sequence[str], demo_prompt_p: float, max_d
     tools = []
     for name in chosen:
         schema = copy.deepcopy(schemas[name])
-        schema["function"]["x-latency-ms"] = sample_latency_ms(rng)
+        schema["function"]["x-latency-ms"] = sample_latency_ms(rng, *latency_range_ms)
         tools.append(schema)
     return tools
 
@@ -749,6 +755,7 @@ def generate_tasks(
     split: str = "train",
     demo_prompt_p: float = 0.3,
     max_distractors: int = 3,
+    latency_range_ms: Sequence[float] = (1.0, 1000.0),
 ) -> list[Task]:
     """``n`` seeded synthetic tasks.
 
@@ -756,8 +763,12 @@ def generate_tasks(
     (default :data:`SHAPES`). ``split``: ``train``, ``eval`` or ``all``: which values may
     appear (see :func:`value_split`). ``demo_prompt_p``: share of tasks whose prompt lists the
     whole demo catalogue with its real latencies; the others list the needed tools and up to
-    ``max_distractors`` others, each with a random ``x-latency-ms``.
+    ``max_distractors`` others, each with a random ``x-latency-ms`` drawn from
+    ``latency_range_ms`` (default 1-1000 ms).
     """
+    from .simulate import check_latency_range
+
+    latency_range_ms = check_latency_range(latency_range_ms)
     if n < 0:
         raise ValueError("n must be >= 0")
     if shapes is None:
@@ -784,7 +795,7 @@ def generate_tasks(
             request = _ask_chain(b)
         else:
             request = _ask_mixed(b)
-        tools = _tool_schemas(b, [c.name for c in b.calls], demo_prompt_p, max_distractors)
+        tools = _tool_schemas(b, [c.name for c in b.calls], demo_prompt_p, max_distractors, latency_range_ms)
         meta: dict[str, Any] = {
             "answer_parts": b.parts,
             "split": split,
