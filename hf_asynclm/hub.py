@@ -441,6 +441,37 @@ def _simulator_rows(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _stage_rows(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One row per stage of a multi-stage run (``record["stages"]``, each a dict with ``name``
+    and, where recorded, ``steps``, ``examples``, ``train_time_s``, ``data_files``)."""
+    stages = record.get("stages")
+    if not isinstance(stages, Sequence) or isinstance(stages, str):
+        return []
+    rows = []
+    for i, st in enumerate(stages, 1):
+        if not isinstance(st, Mapping):
+            continue
+        files = st.get("data_files")
+        if not isinstance(files, Sequence) or isinstance(files, str):
+            files = [files] if files else []
+        rows.append({
+            "name": _fmt(st.get("name", f"stage {i}")),
+            "steps": _fmt(st.get("steps", "")),
+            "examples": _fmt(st.get("examples", "")),
+            "time": _fmt(st.get("train_time_s", "")),
+            "files": _fmt(", ".join(Path(str(f)).name for f in files)),
+        })
+    return rows
+
+
+def _total_train_time(record: Mapping[str, Any]) -> str | None:
+    """``"7167.5 s (119.5 min)"`` from ``train_time_s_total`` (multi-stage runs), else None."""
+    total = record.get("train_time_s_total")
+    if isinstance(total, bool) or not isinstance(total, (int, float)):
+        return None
+    return f"{float(total):.1f} s ({float(total) / 60:.1f} min)"
+
+
 def _metric_rows(metrics: Any) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     if isinstance(metrics, Mapping):
@@ -588,6 +619,8 @@ def render_model_card(
         dataset_ids=list(record.get("datasets") or []),
         simulator_rows=_simulator_rows(record),
         training_rows=_training_rows(record),
+        stage_rows=_stage_rows(record),
+        total_train_time=_total_train_time(record),
         metric_rows=_metric_rows(record.get("metrics")),
         cml_example=_cml_example(),
         limitations=limitations,

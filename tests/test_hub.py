@@ -283,6 +283,44 @@ def test_adapter_card(tmp_path: Path) -> None:
     assert "Interrupts: this checkpoint" not in card.text  # no training record: no recorded rule to tell
 
 
+def test_card_lists_the_stages_of_a_multi_stage_run(tmp_path: Path) -> None:
+    """A record with ``stages`` (the shipped cml-tiny's) gets a table of them and the total training
+    time; a one-stage record gets neither."""
+    folder = _tiny_folder(tmp_path / "staged")
+    record = {
+        "format": "hf-asynclm/cml-training/1", "mode": "scratch (2 stages)", "steps": 30, "train_time_s": 12.5,
+        "data_files": ["/d/b.jsonl"],
+        "stages": [
+            {"name": "1: drills", "steps": 100, "examples": 4000, "train_time_s": 60.25, "data_files": ["/d/a.jsonl"]},
+            {"name": "2: traces | BFCL", "steps": 30, "examples": 900, "train_time_s": 12.5,
+             "data_files": ["/d/b.jsonl", "/d/c.jsonl"]},
+            "not a stage",
+        ],
+        "train_time_s_total": 72.75,
+    }
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    text = render_model_card(folder, "org/staged").text
+    assert "Trained in 2 stages" in text and "training time in all: 72.8 s (1.2 min)" in text
+    assert "| 1: drills | 100 | 4000 | 60.25 | a.jsonl |" in text
+    assert "| 2: traces \\| BFCL | 30 | 900 | 12.5 | b.jsonl, c.jsonl |" in text  # a | in a name is escaped
+    assert text.index("### Stages") < text.index("### Training data")
+    del record["stages"], record["train_time_s_total"]
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    text = render_model_card(folder, "org/staged").text
+    assert "### Stages" not in text and "training time in all" not in text
+
+
+def test_card_of_the_shipped_cml_tiny_lists_its_stages() -> None:
+    import hf_asynclm
+
+    folder = Path(hf_asynclm.__file__).parent / "checkpoints" / "cml-tiny"
+    record = json.loads((folder / "cml_training.json").read_text())
+    text = render_model_card(folder, "org/cml-tiny").text
+    assert f"Trained in {len(record['stages'])} stages" in text
+    minutes = record["train_time_s_total"] / 60
+    assert f"({minutes:.1f} min)" in text and minutes < 120  # issue 3: trains in under two hours
+
+
 def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The record hf_asynclm.training.train writes (format hf-asynclm/cml-training/1) fills the card."""
     folder = _tiny_folder(tmp_path / "trained")
