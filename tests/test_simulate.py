@@ -829,3 +829,16 @@ def test_sentence_eager_traces_are_the_paced_rule_without_the_burst_hold(tasks):
             # judged by the newer rule, the eager trace breaks a burst
             assert any(v.startswith("burst:") for v in sim.check_trace(dict(eager, meta={**eager["meta"], "interrupt_at": "sentence"})))
     assert differ > 5
+
+
+@pytest.mark.parametrize("low,high", [(1, 1000), (30, 503), (95, 107), (250, 250), (1, 5)])
+def test_sampled_latencies_stay_in_their_range(low, high):
+    """Rounding to 10 ms (shown as in a prompt) never steps outside the range it was drawn from."""
+    import random
+
+    rng = random.Random(7)
+    for exact in (False, True):
+        values = [sim.sample_latency_ms(rng, low, high, exact=exact) for _ in range(3000)]
+        assert all(low <= v <= high for v in values), (low, high, exact, min(values), max(values))
+    with pytest.raises(ValueError, match="latency_range_ms"):
+        sim.check_latency_range((0.5, 10))

@@ -144,16 +144,17 @@ _OPENERS = (CALL, TRAP, INTR)
 def sample_latency_ms(rng: random.Random, low: float = 1.0, high: float = 1000.0, exact: bool = False) -> int:
     """A random expected latency in ``[low, high]`` ms, rounded the way a prompt shows it
     (to 10 ms above 100 ms), or with ``exact=True`` to the millisecond (``~387ms``: measured
-    latencies, and the BFCL cheat sheets of ``hf-asynclm eval``, are not round).
+    latencies, and the BFCL cheat sheets of ``hf-asynclm eval``, are not round). The value
+    stays within the range (and at least 1 ms).
 
     >>> import random
     >>> sample_latency_ms(random.Random(0)), sample_latency_ms(random.Random(0), exact=True)
     (840, 845)
     """
     v = rng.uniform(low, high)
-    if exact:
-        return max(1, int(round(v)))
-    return int(round(v, -1)) if v >= 100 else max(1, int(round(v)))
+    shown = round(v) if exact or v < 100 else round(v, -1)
+    # rounding to 10 ms may step past an end of the range (505 in 30-503): keep it inside
+    return int(max(1, min(max(shown, math.ceil(low)), math.floor(high))))
 
 
 # ---------------------------------------------------------------------------------------------
