@@ -56,30 +56,27 @@ def _comma_choices(what: str, load_allowed: Callable[[], Iterable[str]]) -> Call
     return parse
 
 
+def _parse_ms_range(value: str, check: Any, rule: str, example: str) -> tuple[float, float]:
+    """``LOW,HIGH`` (or one number for a fixed value) checked by ``check``; a usage error otherwise."""
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) == 1:
+        parts = parts * 2  # one number: LOW = HIGH
+    try:
+        return check([float(p) for p in parts])
+    except ValueError as exc:
+        raise click.BadParameter(f"expected LOW,HIGH in ms with {rule} (e.g. {example}), got {value!r}") from exc
+
+
 def _parse_tpot(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
     from hf_asynclm.data.simulate import check_tpot_range
 
-    parts = [p.strip() for p in str(value).split(",")]
-    if len(parts) == 1:
-        parts = parts * 2  # one number: a fixed time per token
-    try:
-        return check_tpot_range([float(p) for p in parts])
-    except ValueError as exc:
-        raise click.BadParameter(f"expected LOW,HIGH in ms with 0 < LOW <= HIGH (e.g. 5,30), got {value!r}") from exc
+    return _parse_ms_range(value, check_tpot_range, "0 < LOW <= HIGH", "5,30")
 
 
 def _parse_latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
     from hf_asynclm.data.simulate import check_latency_range
 
-    parts = [p.strip() for p in str(value).split(",")]
-    if len(parts) == 1:
-        parts = parts * 2  # one number: every drawn latency the same
-    try:
-        return check_latency_range([float(p) for p in parts])
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"expected LOW,HIGH in ms with 1 <= LOW <= HIGH <= 60000 (e.g. 1,1000), got {value!r}"
-        ) from exc
+    return _parse_ms_range(value, check_latency_range, "1 <= LOW <= HIGH <= 60000", "1,1000")
 
 
 def _shapes() -> Iterable[str]:
