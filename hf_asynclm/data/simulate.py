@@ -41,9 +41,10 @@ Timing, per task (seeded by ``seed`` and the task id; shared by the three modes)
   the next decode step, the "ride-along").
 * **Expected** time of a call: the per-call time the source put in the prompt
   (``PlannedCall.latency_s``, e.g. BFCL's cheat sheet), else its tool's ``"x-latency-ms"``
-  (the prompt shows it), else a random 1-1000 ms (``latency_range_ms`` changes the range) that
-  is then written into the tool schema, so the prompt always shows it. **The LPT rule uses the expected time: what the model can
-  read in its prompt, never the hidden sampled time.**
+  (the prompt shows it), else a random 1-1000 ms (``latency_range_ms`` changes the range)
+  that is then written into the tool schema, so the prompt always shows it. **The LPT rule
+  uses the expected time: what the model can read in its prompt, never the hidden sampled
+  time.**
 * **Execution** time: the per-call time itself when the source gave one (the cheat sheet
   is exact); otherwise the expected time times U(1 - jitter, 1 + jitter) (default 0.25),
   clipped to 1-1000 ms, so results do not always arrive in expected order.
@@ -153,7 +154,7 @@ def sample_latency_ms(rng: random.Random, low: float = 1.0, high: float = 1000.0
     """
     v = rng.uniform(low, high)
     shown = round(v) if exact or v < 100 else round(v, -1)
-    # rounding to 10 ms may step past an end of the range (505 in 30-503): keep it inside
+    # rounding to 10 ms may step past an end of the range (110 from 95-107): keep it inside
     return int(max(1, min(max(shown, math.ceil(low)), math.floor(high))))
 
 
