@@ -94,7 +94,7 @@ def _drill_kinds() -> Iterable[str]:
 def bfcl_tasks(
     n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5, split_seed: int = 0,
     plan_latencies: str = "rounded",
-    latency_range_ms: tuple[float, float] = (1.0, 1000.0),
+    latency_range_ms: tuple[float, float] | None = None,
 ) -> list[Any]:
     """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
     first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
@@ -104,17 +104,18 @@ def bfcl_tasks(
     built with any ``seed`` never holds an evaluation task.
 
     A share ``cheat_sheet`` of them get the plan with per-call latencies in the prompt
-    (``bfcl.with_cheat_sheet``); the latencies (``latency_range_ms``, default 1-1000 ms; ``plan_latencies="rounded"``: to
-    10 ms above 100 ms, ``"exact"``: to the millisecond) become the calls' ``latency_s``, which
-    the simulator then uses as both expected and execution time.
+    (``bfcl.with_cheat_sheet``); the latencies (drawn from ``latency_range_ms``, default
+    1-1000 ms; ``plan_latencies="rounded"``: to 10 ms above 100 ms, ``"exact"``: to the
+    millisecond) become the calls' ``latency_s``, which the simulator then uses as both
+    expected and execution time.
 
     Raises ``ImportError`` when ``hf_asynclm.data.bfcl`` is missing and ``FileNotFoundError``
     when the BFCL data is.
     """
     from hf_asynclm.data import bfcl
-    from hf_asynclm.data.simulate import check_latency_range, sample_latency_ms
+    from hf_asynclm.data.simulate import DEFAULT_LATENCY_RANGE_MS, check_latency_range, sample_latency_ms
 
-    low, high = check_latency_range(latency_range_ms)
+    low, high = check_latency_range(DEFAULT_LATENCY_RANGE_MS if latency_range_ms is None else latency_range_ms)
     if plan_latencies not in ("rounded", "exact"):
         raise ValueError(f"plan_latencies must be 'rounded' or 'exact', got {plan_latencies!r}")
     exact = plan_latencies == "exact"

@@ -706,7 +706,7 @@ def _tool_schemas(
     names: Sequence[str],
     demo_prompt_p: float,
     max_distractors: int,
-    latency_range_ms: Sequence[float] = (1.0, 1000.0),
+    latency_range_ms: Sequence[float],
 ) -> list[dict[str, Any]]:
     """The task's tools: the demo catalogue with its real latencies (the CLI's prompt), or the
     needed tools plus a few distractors, shuffled, each with a fresh random latency."""
@@ -755,7 +755,7 @@ def generate_tasks(
     split: str = "train",
     demo_prompt_p: float = 0.3,
     max_distractors: int = 3,
-    latency_range_ms: Sequence[float] = (1.0, 1000.0),
+    latency_range_ms: Sequence[float] | None = None,
 ) -> list[Task]:
     """``n`` seeded synthetic tasks.
 
@@ -764,10 +764,13 @@ def generate_tasks(
     appear (see :func:`value_split`). ``demo_prompt_p``: share of tasks whose prompt lists the
     whole demo catalogue with its real latencies; the others list the needed tools and up to
     ``max_distractors`` others, each with a random ``x-latency-ms`` drawn from
-    ``latency_range_ms`` (default 1-1000 ms).
+    ``latency_range_ms`` (default
+    :data:`~hf_asynclm.data.simulate.DEFAULT_LATENCY_RANGE_MS`, 1-1000 ms).
     """
-    from .simulate import check_latency_range
+    from .simulate import DEFAULT_LATENCY_RANGE_MS, check_latency_range
 
+    if latency_range_ms is None:
+        latency_range_ms = DEFAULT_LATENCY_RANGE_MS
     latency_range_ms = check_latency_range(latency_range_ms)
     if n < 0:
         raise ValueError("n must be >= 0")
