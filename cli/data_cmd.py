@@ -73,6 +73,22 @@ def _parse_tpot(ctx: click.Context, param: click.Parameter, value: str) -> tuple
     return _parse_ms_range(value, check_tpot_range, "0 < LOW <= HIGH", "5,30")
 
 
+def _parse_drill_calls(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """``N`` or ``LOW,HIGH`` calls per drill (2-8); a usage error otherwise."""
+    if value is None:
+        return None
+    from hf_asynclm.data.drills import MAX_DRILL_CALLS
+
+    parts = [p.strip() for p in str(value).split(",")]
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        low, high = 0, -1
+    if not 2 <= low <= high <= MAX_DRILL_CALLS:
+        raise click.BadParameter(f"expected N or LOW,HIGH calls with 2 <= LOW <= HIGH <= {MAX_DRILL_CALLS} (e.g. 4 or 2,4), got {value!r}")
+    return low, high
+
+
 def _parse_latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
     from hf_asynclm.data.simulate import check_latency_range
 
@@ -186,6 +202,16 @@ task gives one trace per mode.
     help="Drills: kinds to generate in turn, comma-separated (default: the five of DRILL_KINDS; 'order', 'rank' and 'variants' only when named; see hf_asynclm.data.drills).",
 )
 @click.option(
+    "--drill-calls", default=None, callback=_parse_drill_calls, metavar="N|LOW,HIGH",
+    help="Drills: the number of calls (2-8) of each calls, plan, rank, variants and order drill, or a range "
+    "LOW,HIGH (default: plan 1-4, the others 2-4).",
+)
+@click.option(
+    "--drill-close-times", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+    help="Drills: the share of plan, rank, variants and order drills whose expected times all lie in one "
+    "window of 20-120 ms (2 ms apart at least), so that only their last digits tell the LPT order.",
+)
+@click.option(
     "--tokenizer", "tokenizer_path", default=None, metavar="PATH",
     help="Tokenizer (folder or Hub id) to count tokens for timing and --max-tokens. Default: ~4 chars per token.",
 )
@@ -252,6 +278,8 @@ def build(
     split: str,
     shapes: list[str] | None,
     drill_kinds: list[str] | None,
+    drill_calls: tuple[int, int] | None,
+    drill_close_times: float,
     tokenizer_path: str | None,
     max_tokens: int,
     user_interrupt_rate: float,
@@ -284,10 +312,16 @@ def build(
         except Exception as exc:  # noqa: BLE001 - any loading failure is a usage error here
             raise click.ClickException(f"cannot load tokenizer {tokenizer_path!r}: {exc}") from exc
 
+    if source != "drills" and (drill_calls is not None or drill_close_times):
+        raise click.UsageError("--drill-calls and --drill-close-times shape copy drills: use them with --source drills")
     if source == "drills":
         from hf_asynclm.data.drills import copy_drills
 
-        drills = copy_drills(n, seed=seed, split=split, kinds=drill_kinds)
+        try:
+            drills = copy_drills(n, seed=seed, split=split, kinds=drill_kinds, calls=drill_calls,
+                                 close_times=drill_close_times)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("w", encoding="utf-8") as fh:

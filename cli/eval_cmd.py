@@ -25,6 +25,11 @@ from .common import DEFAULT_MAX_NEW_TOKENS
     help="--plan-drills: calls with arguments (as the 'plan' drills), or tools without parameters (the 'rank' drills: "
     "only the expected times tell the order).",
 )
+@click.option(
+    "--plan-close-times", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+    help="--plan-drills: the share of tasks whose expected times all lie in one window of 20-120 ms (the hard "
+    "case of the LPT order: only the last digits differ); 0 keeps the tasks of every earlier evaluation.",
+)
 @click.option("--bfcl-categories", default="simple_python,multiple,parallel,parallel_multiple", show_default=True)
 @click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
 @click.option("--seed", type=int, default=1, show_default=True)
@@ -87,6 +92,7 @@ def eval_command(
     n_bfcl: int,
     n_plan: int,
     plan_arguments: bool,
+    plan_close_times: float,
     bfcl_categories: str,
     modes: str,
     seed: int,
@@ -190,8 +196,8 @@ def eval_command(
         if n_plan:
             from hf_asynclm.data.drills import plan_tasks
 
-            plans = plan_tasks(n_plan, seed=seed, split="eval", arguments=plan_arguments)
-            name = "plan-drills" if plan_arguments else "rank-drills"
+            plans = plan_tasks(n_plan, seed=seed, split="eval", arguments=plan_arguments, close_times=plan_close_times)
+            name = ("plan-drills" if plan_arguments else "rank-drills") + ("-close" if plan_close_times else "")
             run_tasks(evaluate_bfcl, plans, name, result_format=bfcl_results, name=name)
     for report in reports:
         console.print(format_report(report))

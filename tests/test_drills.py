@@ -269,3 +269,113 @@ def test_plan_tasks_are_held_out_cheat_sheet_tasks_with_the_calls_asked_for():
         plan_tasks(-1)
     with pytest.raises(ValueError, match="calls must be"):
         plan_tasks(3, calls=(3, 2))
+
+
+def _plan_of(d: dict) -> dict[str, int]:
+    """The cheat-sheet plan of a plan/rank/variants drill: call id -> expected ms."""
+    return {cid: int(ms) for cid, ms in re.findall(r"(c\d) .+? ~(\d+)ms", d["messages"][0]["content"].split("\nPlan: ", 1)[1])}
+
+
+def test_default_drills_are_byte_for_byte_those_every_recipe_was_built_from():
+    # the README's recipes rebuild their drill files with `data build`; the options added later must
+    # not move a single draw of the defaults (this digest was taken before --drill-calls existed)
+    import hashlib
+
+    from hf_asynclm.data.drills import EXTRA_DRILL_KINDS
+
+    text = "".join(json.dumps(d) + "\n" for d in copy_drills(48, seed=5, kinds=DRILL_KINDS + EXTRA_DRILL_KINDS))
+    assert hashlib.sha256(text.encode()).hexdigest() == "6c2a1217e3286d2f6b15943fd0126146e13438dc1c9f99f1ab67e8828e19b80b"
+    assert copy_drills(48, seed=5, kinds=DRILL_KINDS + EXTRA_DRILL_KINDS, calls=None, close_times=0.0) == [
+        json.loads(x) for x in text.splitlines()]
+
+
+@pytest.mark.parametrize("calls,expected", [(4, {4}), ((2, 3), {2, 3}), ((6, 6), {6})])
+def test_drill_calls_sets_the_number_of_calls_of_every_multi_call_kind(calls, expected):
+    kinds = ["calls", "plan", "rank", "variants", "order", "echo"]
+    drills = copy_drills(120, seed=9, kinds=kinds, calls=calls)
+    for d in drills:
+        n_calls = len([b for b in parse_blocks(d["segments"][0]["text"]) if b.kind == "call"])
+        if d["category"] == "echo":
+            assert n_calls == 0 and "calls" in d["meta"]  # kinds without calls are drawn as before
+        else:
+            assert n_calls in expected, (d["category"], n_calls)
+    seen = {len([b for b in parse_blocks(d["segments"][0]["text"]) if b.kind == "call"]) for d in drills if d["category"] != "echo"}
+    assert seen == expected
+    assert all(d["meta"]["calls"] == list(calls if isinstance(calls, tuple) else (calls, calls)) for d in drills)
+
+
+def test_close_times_put_every_expected_time_of_a_drill_in_one_narrow_window():
+    for kind in ("plan", "rank", "variants"):
+        drills = copy_drills(150, seed=10, kinds=[kind], calls=(2, 6), close_times=1.0)
+        for d in drills:
+            ms = _plan_of(d)
+            k = len(ms)
+            assert max(ms.values()) - min(ms.values()) <= max(120, 3 * k)
+            assert 20 <= min(ms.values()) and max(ms.values()) <= 900
+            assert min(abs(a - b) for a in ms.values() for b in ms.values() if a != b) >= 2 and len(set(ms.values())) == k
+            # still written longest first, however close the times are
+            blocks = [b for b in parse_blocks(d["segments"][0]["text"]) if b.kind == "call"]
+            assert [ms[b.call_id] for b in blocks] == sorted(ms.values(), reverse=True)
+            assert d["meta"]["close_times"] == 1.0
+    for d in copy_drills(60, seed=10, kinds=["order"], calls=4, close_times=1.0):
+        times = [t["function"]["x-latency-ms"] for t in d["tools"]]
+        assert max(times) - min(times) <= 120 and len(set(times)) == len(times)
+
+
+def test_close_times_is_a_share_and_spread_times_stay_as_they_were():
+    drills = copy_drills(400, seed=11, kinds=["variants"], calls=4, close_times=0.5)
+    spans = [max(ms.values()) - min(ms.values()) for ms in map(_plan_of, drills)]
+    close = sum(s <= 120 for s in spans)
+    # about half close (spread draws of four times over 20-900 ms fall within 120 ms only rarely)
+    assert 150 <= close <= 260 and max(spans) > 400
+    # the seeded draws are reproducible
+    assert copy_drills(40, seed=11, kinds=["variants"], calls=4, close_times=0.5) == drills[:40]
+
+
+def test_drill_options_reject_bad_values_with_a_clear_error():
+    with pytest.raises(ValueError, match="close_times is a probability"):
+        copy_drills(3, kinds=["plan"], close_times=1.5)
+    with pytest.raises(ValueError, match="2 <= low <= high <= 8"):
+        copy_drills(3, kinds=["plan"], calls=1)
+    with pytest.raises(ValueError, match="2 <= low <= high <= 8"):
+        copy_drills(3, kinds=["plan"], calls=(4, 3))
+    with pytest.raises(ValueError, match="none of them is in"):
+        copy_drills(3, kinds=["echo", "pick"], calls=3)
+    with pytest.raises(ValueError, match="none of them is in"):
+        copy_drills(3, kinds=["calls"], close_times=0.5)  # calls drills have no expected times
+
+
+def test_cli_drill_calls_and_close_times(tmp_path):
+    from click.testing import CliRunner
+
+    from hf_asynclm_cli.main import app
+
+    out = tmp_path / "d.jsonl"
+    runner = CliRunner()
+    base = ["data", "build", "--source", "drills", "--n", "8", "--drill-kinds", "variants", "--out", str(out)]
+    ok = runner.invoke(app, base + ["--drill-calls", "4", "--drill-close-times", "1"])
+    assert ok.exit_code == 0, ok.output
+    drills = [json.loads(x) for x in out.read_text().splitlines()]
+    assert drills == copy_drills(8, seed=0, kinds=["variants"], calls=4, close_times=1.0)
+    assert all(len(_plan_of(d)) == 4 and d["meta"]["calls"] == [4, 4] for d in drills)
+    for bad, words in ((["--drill-calls", "1"], "2 <= LOW <= HIGH <= 8"), (["--drill-calls", "a,b"], "LOW,HIGH"),
+                       (["--drill-close-times", "2"], "0<=x<=1")):
+        res = runner.invoke(app, base + bad)
+        assert res.exit_code == 2 and words in res.output, res.output
+    not_drills = runner.invoke(app, ["data", "build", "--n", "2", "--drill-calls", "3", "--out", str(out)])
+    assert not_drills.exit_code == 2 and "--source drills" in not_drills.output
+    no_kind = runner.invoke(app, ["data", "build", "--source", "drills", "--n", "2", "--drill-kinds", "echo",
+                                  "--drill-close-times", "0.5", "--out", str(out)])
+    assert no_kind.exit_code == 2 and "none of them" in no_kind.output
+
+
+def test_plan_tasks_with_close_times():
+    from hf_asynclm.data.drills import plan_tasks
+
+    assert plan_tasks(30, seed=4) == plan_tasks(30, seed=4, close_times=0.0)
+    for arguments in (True, False):
+        for t in plan_tasks(40, seed=4, calls=(4, 4), arguments=arguments, close_times=1.0):
+            ms = [round(c.latency_s * 1000) for c in t.calls]
+            assert max(ms) - min(ms) <= 120 and len(set(ms)) == 4
+    with pytest.raises(ValueError, match="probability"):
+        plan_tasks(3, close_times=-0.1)

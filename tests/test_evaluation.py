@@ -232,9 +232,10 @@ def test_eval_cli_plan_drills(tmp_path):
     LPT order rate (the shipped model, a few tokens per task)."""
     from hf_asynclm_cli.eval_cmd import eval_command
 
-    for flag, name in (("--plan-arguments", "plan-drills"), ("--no-plan-arguments", "rank-drills")):
+    for flags, name in ((["--plan-arguments"], "plan-drills"), (["--no-plan-arguments"], "rank-drills"),
+                        (["--plan-close-times", "1"], "plan-drills-close")):
         out = tmp_path / f"{name}.json"
-        r = CliRunner().invoke(eval_command, ["--synthetic", "0", "--plan-drills", "3", flag,
+        r = CliRunner().invoke(eval_command, ["--synthetic", "0", "--plan-drills", "3", *flags,
                                      "--clock", "virtual", "--max-new-tokens", "20", "--out", str(out)])
         assert r.exit_code == 0, r.output
         (report,) = json.loads(out.read_text())

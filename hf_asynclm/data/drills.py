@@ -58,6 +58,17 @@ The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan
 for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
 miscopied. ``copy_drills(..., kinds=...)`` picks which kinds to generate.
 
+Two options (:class:`DrillOptions`, ``data build --drill-calls`` / ``--drill-close-times``) shape
+the multi-call kinds; at their defaults every drill is byte for byte what it was before them:
+
+* ``calls=4`` (or a range ``(2, 3)``): the number of calls of each ``calls``, ``plan``, ``rank``,
+  ``variants`` and ``order`` drill, e.g. only four-call plans, the ones cml-tiny orders worst;
+* ``close_times=0.7``: 70 % of the ``plan``, ``rank``, ``variants`` and ``order`` drills draw all
+  their expected times in one window of 20-120 ms (``~310ms``, ``~341ms``, ``~322ms``), so the
+  hundreds digit alone does not tell the order. cml-tiny's four-call errors on BFCL were swaps of
+  times less than 30 ms apart; 2,000 such four-call ``variants`` drills in its stage 3 were the first
+  data to move its four-call order (docs/CML_TINY_HISTORY.md, session 29).
+
 Values come from the same split-aware pools as the synthetic tasks
 (:class:`~hf_asynclm.data.synthetic.Pools`), so drills of the ``train`` split never contain
 an ``eval`` value.
@@ -71,6 +82,11 @@ Example:
 ['echo', 'pick', 'result']
 >>> d[0]["segments"][0]["role"], d[0]["mode"]
 ('model', 'drill')
+>>> import re
+>>> v = copy_drills(1, seed=0, kinds=["variants"], calls=4, close_times=1.0)[0]
+>>> times = [int(t) for t in re.findall(r"~([0-9]+)ms", v["messages"][0]["content"])]
+>>> len(times), max(times) - min(times) <= 120, v["meta"]["calls"]
+(4, True, [4, 4])
 
 ```
 """
@@ -79,6 +95,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..cml import format_call, format_interrupt, format_trap
@@ -135,15 +152,55 @@ def _values(p: Pools, k: int) -> list[tuple[str, str]]:
 _Drill = tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, Any]]]
 """A drill's ``messages``, ``segments`` and ``tools``."""
 
+#: Kinds whose number of calls ``calls=`` (``--drill-calls``) sets.
+CALL_COUNT_KINDS: tuple[str, ...] = ("calls", "plan", "rank", "variants", "order")
+#: Kinds whose expected times ``close_times=`` (``--drill-close-times``) draws close together.
+TIMED_KINDS: tuple[str, ...] = ("plan", "rank", "variants", "order")
+#: The most calls ``calls=`` allows (the ``order`` drills list up to three more tools than they call).
+MAX_DRILL_CALLS = 8
 
-def _echo(p: Pools) -> _Drill:
+
+@dataclass(frozen=True)
+class DrillOptions:
+    """How :func:`copy_drills` draws the multi-call kinds; the defaults keep every drill as it was.
+
+    Attributes:
+        calls: ``(low, high)``: each drill of :data:`CALL_COUNT_KINDS` gets ``low``-``high`` calls
+            (``plan``: 1-4 by default, the others 2-4).
+        close_times: probability that a drill of :data:`TIMED_KINDS` draws all its expected times in
+            one window of 20-120 ms (2 ms apart at least) rather than spread over 20-900 ms. Models
+            that compare only the hundreds digit get such plans wrong: cml-tiny's four-call errors
+            on BFCL were swaps of times less than 30 ms apart (docs/CML_TINY_HISTORY.md, session 29).
+    """
+
+    calls: tuple[int, int] | None = None
+    close_times: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.calls is not None:
+            low, high = self.calls
+            if not 2 <= low <= high <= MAX_DRILL_CALLS:
+                raise ValueError(f"calls must be (low, high) with 2 <= low <= high <= {MAX_DRILL_CALLS}, got {self.calls}")
+        if not 0.0 <= self.close_times <= 1.0:
+            raise ValueError(f"close_times is a probability in [0, 1], got {self.close_times}")
+
+    def n_calls(self, p: Pools) -> int:
+        """A drill's number of calls: ``calls`` if set, else 2-4 (the draw the drills always made)."""
+        return p.rng.randint(*(self.calls or (2, 4)))
+
+    @property
+    def is_default(self) -> bool:
+        return self.calls is None and self.close_times == 0.0
+
+
+def _echo(p: Pools, o: DrillOptions) -> _Drill:
     vals = [v for _, v in _values(p, p.rng.randint(2, 5))]
     ask = p.rng.choice(("Repeat: {}.", "Say back {}.", "Copy exactly: {}", "Echo {}"))
     sep = p.rng.choice((", ", "; ", " "))
     return ([{"role": "user", "content": ask.format(sep.join(vals))}], [{"role": "model", "text": sep.join(vals) + "."}], [])
 
 
-def _pick(p: Pools) -> _Drill:
+def _pick(p: Pools, o: DrillOptions) -> _Drill:
     r = p.rng
     pairs = _values(p, r.randint(2, 6))
     keys = r.sample(_KEYS, len(pairs)) if r.random() < 0.5 else [f for f, _ in pairs]
@@ -169,7 +226,7 @@ LOOKUP_TOOL: dict[str, Any] = {
 }
 
 
-def _result(p: Pools) -> _Drill:
+def _result(p: Pools, o: DrillOptions) -> _Drill:
     r = p.rng
     key = p.code() if r.random() < 0.5 else p.city()
     pairs = _values(p, r.randint(2, 4))
@@ -195,9 +252,9 @@ def _call_ids(p: Pools, k: int) -> list[str]:
     return [f"{x}{p.rng.randint(1, 9)}" for x in p.rng.sample("abcdefghkmnprstw", k)]
 
 
-def _calls(p: Pools) -> _Drill:
+def _calls(p: Pools, o: DrillOptions) -> _Drill:
     r = p.rng
-    keys = [v for _, v in _values(p, r.randint(2, 4))]
+    keys = [v for _, v in _values(p, o.n_calls(p))]
     ids = _call_ids(p, len(keys))
     field = r.choice(_FIELDS)
     results = {cid: (k, _value(p, field)) for cid, k in zip(ids, keys)}
@@ -269,8 +326,25 @@ def _distinct_names(p: Pools, k: int) -> list[str]:
     return names
 
 
-def _spaced_times(p: Pools, k: int, gap_ms: int) -> list[int]:
-    """``k`` expected times of 20-900 ms, each at least ``gap_ms`` from the others."""
+def _close_times(p: Pools, k: int) -> list[int]:
+    """``k`` expected times of 20-900 ms that lie in one window of 20-120 ms (wider for many calls:
+    at least ``3 * k``), each at least 2 ms from the others: only the tens and units tell them apart."""
+    r = p.rng
+    width = r.randint(max(20, 3 * k), max(120, 3 * k))
+    low = r.randint(20, 900 - width)
+    times: list[int] = []
+    while len(times) < k:  # a point blocks at most 3 of the window's width + 1 values: never stuck
+        ms = r.randint(low, low + width)
+        if all(abs(ms - t) >= 2 for t in times):
+            times.append(ms)
+    return times
+
+
+def _spaced_times(p: Pools, k: int, gap_ms: int, close_times: float = 0.0) -> list[int]:
+    """``k`` expected times of 20-900 ms, each at least ``gap_ms`` from the others; with probability
+    ``close_times`` (a draw only when it is above 0) :func:`_close_times` instead."""
+    if close_times > 0 and p.rng.random() < close_times:
+        return _close_times(p, k)
     times: list[int] = []
     while len(times) < k:
         ms = p.rng.randint(20, 900)
@@ -279,8 +353,12 @@ def _spaced_times(p: Pools, k: int, gap_ms: int) -> list[int]:
     return times
 
 
-def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> Task:
-    """A cheat-sheet task over 1-3 made-up tools: ``n_calls`` calls (default 1-4) with 20-900 ms each;
+def _plan_task(
+    p: Pools, n_calls: int | None = None, distinct: bool = False, call_range: tuple[int, int] = (1, 4),
+    close_times: float = 0.0,
+) -> Task:
+    """A cheat-sheet task over 1-3 made-up tools: ``n_calls`` calls (default: drawn from ``call_range``)
+    with 20-900 ms each (with probability ``close_times``: all in one narrow window, :func:`_close_times`);
     ``distinct``: no call repeats an earlier one (same tool and arguments), as the runtime's
     ``no_repeat_calls`` demands (the drills keep the draws they always had)."""
     r = p.rng
@@ -288,7 +366,9 @@ def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> 
     for _ in range(r.randint(1, 3)):
         signatures.append((_made_up_name(p), {a: r.choice(_TYPES) for a in r.sample(_ARG_NAMES, r.randint(1, 3))}))
     calls: list[PlannedCall] = []
-    for i in range(r.randint(1, 4) if n_calls is None else n_calls):
+    k = r.randint(*call_range) if n_calls is None else n_calls
+    close = _close_times(p, k) if close_times > 0 and r.random() < close_times else None
+    for i in range(k):
         name, args = signatures[i] if i < len(signatures) else r.choice(signatures)
         values = {a: _literal(p, t) for a, t in args.items()}
         if distinct:
@@ -300,7 +380,8 @@ def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> 
                 name, args = _made_up_name(p), {"value": "integer"}
                 signatures.append((name, args))
                 values = {"value": r.randint(10, 5000)}
-        calls.append(PlannedCall(f"c{i + 1}", name, values, latency_s=r.randint(20, 900) / 1000.0))
+        ms = close[i] if close is not None else r.randint(20, 900)
+        calls.append(PlannedCall(f"c{i + 1}", name, values, latency_s=ms / 1000.0))
     tools = [_made_up_tool(name, args) for name, args in signatures]
     ask = r.choice(_PLAN_ASKS)
     used = len({c.name for c in calls})
@@ -308,12 +389,13 @@ def _plan_task(p: Pools, n_calls: int | None = None, distinct: bool = False) -> 
     return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
 
 
-def _rank_task(p: Pools, n_calls: int) -> Task:
+def _rank_task(p: Pools, n_calls: int, close_times: float = 0.0) -> Task:
     """A cheat-sheet task of ``n_calls`` made-up tools without parameters (``c1 name() ~300ms``),
-    their times 20-900 ms and at least 5 ms apart: only the times tell the calls' order."""
+    their times 20-900 ms and at least 5 ms apart (``close_times``: see :func:`_spaced_times`):
+    only the times tell the calls' order."""
     r = p.rng
     names = _distinct_names(p, n_calls)
-    times = _spaced_times(p, n_calls, gap_ms=5)
+    times = _spaced_times(p, n_calls, gap_ms=5, close_times=close_times)
     calls = [PlannedCall(f"c{i + 1}", n, {}, latency_s=t / 1000.0) for i, (n, t) in enumerate(zip(names, times))]
     tools = [_made_up_tool(n, {}) for n in names]
     ask = r.choice(_PLAN_ASKS)
@@ -321,7 +403,7 @@ def _rank_task(p: Pools, n_calls: int) -> Task:
     return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
 
 
-def _variants_task(p: Pools, n_calls: int) -> Task:
+def _variants_task(p: Pools, n_calls: int, close_times: float = 0.0) -> Task:
     """A cheat-sheet task of ``n_calls`` calls to one made-up tool (sometimes a second tool takes
     the last call) whose arguments share their values but one, as BFCL's parallel requests do
     (``c1 f(temp=300, gas="air") ~90ms; c2 f(temp=350, gas="air") ~420ms``); times 20-900 ms, at
@@ -336,7 +418,7 @@ def _variants_task(p: Pools, n_calls: int) -> Task:
     base = {a: _literal(p, t) for a, t in types.items()}
     second_args = {a: r.choice(_TYPES) for a in r.sample(_ARG_NAMES, r.randint(1, 2))}
     with_second = n_calls > 2 and r.random() < 0.3
-    times = _spaced_times(p, n_calls, gap_ms=5)
+    times = _spaced_times(p, n_calls, gap_ms=5, close_times=close_times)
     calls: list[PlannedCall] = []
     seen: list[Any] = []
     for i in range(n_calls):
@@ -386,24 +468,25 @@ def _plan_drill(task: Task) -> _Drill:
     return task.messages, _plan_segments(task), task.tools
 
 
-def _plan(p: Pools) -> _Drill:
-    return _plan_drill(_plan_task(p))
+def _plan(p: Pools, o: DrillOptions) -> _Drill:
+    return _plan_drill(_plan_task(p, call_range=o.calls or (1, 4), close_times=o.close_times))
 
 
-def _rank(p: Pools) -> _Drill:
-    return _plan_drill(_rank_task(p, p.rng.randint(2, 4)))
+def _rank(p: Pools, o: DrillOptions) -> _Drill:
+    return _plan_drill(_rank_task(p, o.n_calls(p), close_times=o.close_times))
 
 
-def _variants(p: Pools) -> _Drill:
-    return _plan_drill(_variants_task(p, p.rng.randint(2, 4)))
+def _variants(p: Pools, o: DrillOptions) -> _Drill:
+    return _plan_drill(_variants_task(p, o.n_calls(p), close_times=o.close_times))
 
 
-def _order(p: Pools) -> _Drill:
+def _order(p: Pools, o: DrillOptions) -> _Drill:
     r = p.rng
-    k = r.randint(2, 4)
+    k = o.n_calls(p)
     n_tools = k + r.randint(0, 3)
     names = _distinct_names(p, n_tools)
-    times = _spaced_times(p, len(names), gap_ms=25)  # the longest-first order is never a tie
+    # the longest-first order is never a tie (close times: 2 ms apart at least)
+    times = _spaced_times(p, len(names), gap_ms=25, close_times=o.close_times)
     arg = {n: r.choice(_ARG_NAMES) for n in names}
     tools = [_made_up_tool(n, {arg[n]: "string"}, latency_ms=ms) for n, ms in zip(names, times)]
     latency = dict(zip(names, times))
@@ -436,7 +519,7 @@ def _order(p: Pools) -> _Drill:
     return [{"role": "user", "content": ask.format(listed)}], segs, tools
 
 
-_MAKERS: dict[str, Callable[[Pools], _Drill]] = {
+_MAKERS: dict[str, Callable[[Pools, DrillOptions], _Drill]] = {
     "echo": _echo,
     "pick": _pick,
     "result": _result,
@@ -449,7 +532,12 @@ _MAKERS: dict[str, Callable[[Pools], _Drill]] = {
 
 
 def copy_drills(
-    n: int, seed: int = 0, split: str = "train", kinds: Sequence[str] | None = None
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    kinds: Sequence[str] | None = None,
+    calls: int | tuple[int, int] | None = None,
+    close_times: float = 0.0,
 ) -> list[dict[str, Any]]:
     """``n`` copy drills (kinds in turn), as trace dicts ``hf-asynclm train`` reads.
 
@@ -459,6 +547,11 @@ def copy_drills(
         split: value pool (``train``, ``eval`` or ``all``), as for the synthetic tasks.
         kinds: which of :data:`DRILL_KINDS` and :data:`EXTRA_DRILL_KINDS` to generate, in turn
             (default: all of :data:`DRILL_KINDS`).
+        calls: the number of calls (or a ``(low, high)`` range, 2-8) of each drill of
+            :data:`CALL_COUNT_KINDS`; default: as before (``plan`` 1-4, the others 2-4).
+        close_times: the share of drills of :data:`TIMED_KINDS` whose expected times all lie in one
+            window of 20-120 ms (:class:`DrillOptions`); default 0, the times spread over 20-900 ms.
+            With either option at its default the drills are byte for byte what they were without it.
 
     Returns:
         dicts with ``task_id``, ``mode="drill"``, ``source="drill"``, ``category`` (the kind),
@@ -471,11 +564,21 @@ def copy_drills(
     if unknown or not kinds:
         raise ValueError(f"unknown drill kinds {unknown or '(none given)'}; "
                          f"choose from {list(DRILL_KINDS + EXTRA_DRILL_KINDS)}")
+    options = DrillOptions(calls=(calls, calls) if isinstance(calls, int) else calls, close_times=close_times)
+    if options.calls is not None and not set(kinds) & set(CALL_COUNT_KINDS):
+        raise ValueError(f"calls= sets the number of calls of the kinds {list(CALL_COUNT_KINDS)}; none of them is in {list(kinds)}")
+    if options.close_times and not set(kinds) & set(TIMED_KINDS):
+        raise ValueError(f"close_times= draws the times of the kinds {list(TIMED_KINDS)}; none of them is in {list(kinds)}")
     pools = Pools(random.Random(f"drills-{seed}-{split}"), split=split)
+    meta_options: dict[str, Any] = {}
+    if options.calls is not None:
+        meta_options["calls"] = list(options.calls)
+    if options.close_times:
+        meta_options["close_times"] = options.close_times
     out: list[dict[str, Any]] = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        messages, segments, tools = _MAKERS[kind](pools)
+        messages, segments, tools = _MAKERS[kind](pools, options)
         out.append({
             "task_id": f"drill-{split}-{seed}-{i}",
             "mode": "drill",
@@ -484,13 +587,14 @@ def copy_drills(
             "messages": messages,
             "tools": tools,
             "segments": segments,
-            "meta": {"seed": seed, "kind": kind},
+            "meta": {"seed": seed, "kind": kind, **meta_options},
         })
     return out
 
 
 def plan_tasks(
-    n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int] = (2, 4), arguments: bool = True
+    n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int] = (2, 4), arguments: bool = True,
+    close_times: float = 0.0,
 ) -> list[Task]:
     """``n`` plan-drill tasks to *evaluate* on: the ``plan`` drill's prompt as a :class:`Task`.
 
@@ -500,7 +604,9 @@ def plan_tasks(
     the LPT order (longest expected time first) and traps. Unlike BFCL the tool names and
     values are new in every task and the format is the one the drills train, so the LPT order
     rate measures the one skill of comparing expected times. ``arguments=False``: the ``rank``
-    drills' tasks instead (tools without parameters, one per call). Tasks of one ``seed`` are the same
+    drills' tasks instead (tools without parameters, one per call). ``close_times``: the share of tasks
+    whose expected times all lie in one window of 20-120 ms (:class:`DrillOptions`; 0 keeps the tasks
+    of every earlier evaluation). Tasks of one ``seed`` are the same
     on every run; the default seed stream is not the drills' (``copy_drills`` uses
     ``drills-{seed}-{split}``, these ``plan-tasks-{seed}-{split}``).
 
@@ -519,14 +625,20 @@ def plan_tasks(
     lo, hi = calls
     if not 1 <= lo <= hi:
         raise ValueError(f"calls must be (low, high) with 1 <= low <= high, got {calls}")
+    if not 0.0 <= close_times <= 1.0:
+        raise ValueError(f"close_times is a probability in [0, 1], got {close_times}")
     pools = Pools(random.Random(f"plan-tasks-{seed}-{split}"), split=split)
     out = []
     for i in range(n):
         k = pools.rng.randint(lo, hi)
-        task = _plan_task(pools, n_calls=k, distinct=True) if arguments else _rank_task(pools, k)
+        task = (_plan_task(pools, n_calls=k, distinct=True, close_times=close_times) if arguments
+                else _rank_task(pools, k, close_times=close_times))
         task.task_id = f"plan-{split}-{seed}-{i}"
         out.append(task)
     return out
 
 
-__all__ = ["DRILL_KINDS", "EXTRA_DRILL_KINDS", "LOOKUP_TOOL", "copy_drills", "plan_tasks"]
+__all__ = [
+    "CALL_COUNT_KINDS", "DRILL_KINDS", "DrillOptions", "EXTRA_DRILL_KINDS", "LOOKUP_TOOL", "MAX_DRILL_CALLS",
+    "TIMED_KINDS", "copy_drills", "plan_tasks",
+]
