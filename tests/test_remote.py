@@ -634,3 +634,41 @@ def test_a_loop_of_malformed_blocks_stops_resubmitting(engines: Any) -> None:
     result = remote(engine, tools=[get_weather]).generate(PROMPT, max_new_tokens=400)
     assert result.stats.stop_reason == "cml_errors"
     assert len(result.malformed) == 8 and len(engine.requests) <= 9
+
+
+def test_openai_stream_reads_the_usage_chunk_after_the_finish_chunk() -> None:
+    """``transformers serve`` (5.25 on), vLLM and SGLang send token counts only in a last usage chunk, after the
+    finish chunk and when asked (``stream_options.include_usage``): the finish chunk carries them, since one
+    streamed chunk may hold several tokens and our own count falls short."""
+    import json as _json
+
+    from hf_asynclm.remote.backends import OpenAICompletionsBackend, SegmentRequest, _OpenAIStream
+
+    backend = OpenAICompletionsBackend("http://127.0.0.1:9")
+    assert backend.body(SegmentRequest(prompt="Hi", max_new_tokens=8))["stream_options"] == {"include_usage": True}
+
+    class _Response:
+        def __init__(self, lines: list[str]) -> None:
+            self.lines = lines
+
+        def iter_lines(self) -> Any:
+            yield from self.lines
+
+        def close(self) -> None:
+            pass
+
+    def event(**data: Any) -> str:
+        return "data: " + _json.dumps(data)
+
+    text = event(choices=[{"text": "ab cd", "index": 0, "finish_reason": None}])
+    finish = event(choices=[{"text": "", "index": 0, "finish_reason": "length"}])
+    usage = event(choices=[], usage={"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20})
+    for lines in ([text, "", finish, "", usage, "", "data: [DONE]"], [text, finish, "data: {not json", usage]):
+        chunks = list(_OpenAIStream(backend, _Response([]), _Response(lines)))
+        assert [c.text for c in chunks] == ["ab cd", ""] and chunks[-1].finish_reason == "length"
+        assert (chunks[-1].generated_tokens, chunks[-1].prompt_tokens) == (8, 12)
+    # without a usage chunk the finish chunk comes as it was; a stream cut before any finish is still an error
+    (_, last) = list(_OpenAIStream(backend, _Response([]), _Response([text, finish, "data: [DONE]"])))
+    assert last.finish_reason == "length" and last.generated_tokens is None
+    with pytest.raises(Exception, match="without a finish reason"):
+        list(_OpenAIStream(backend, _Response([]), _Response([text])))

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -563,6 +564,9 @@ class OpenAICompletionsBackend:
     def body(self, request: SegmentRequest) -> dict[str, Any]:
         """The JSON body of a streaming completions request."""
         body: dict[str, Any] = {"prompt": request.prompt, "stream": True, "max_tokens": max(1, int(request.max_new_tokens))}
+        # the server's token counts: vLLM, SGLang and `transformers serve` (5.25 on) send them only in a last
+        # usage chunk when asked; our own count of streamed chunks falls short where a chunk holds several tokens
+        body["stream_options"] = {"include_usage": True}
         if self.model is not None:
             body["model"] = self.model
         if request.stop:
@@ -617,7 +621,16 @@ class _SSEStream:
     def parse(self, data: Any) -> StreamChunk | None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    #: Whether events may follow the finish chunk before ``[DONE]`` (OpenAI's usage chunk): the finish
+    #: chunk is then held until ``[DONE]`` or the end of the stream, and those events go to :meth:`trailer`.
+    trailing_events = False
+
+    def trailer(self, finish: StreamChunk, data: Any) -> StreamChunk:
+        """An event after the finish chunk (before ``[DONE]``): the finish chunk to yield (by default unchanged)."""
+        return finish
+
     def __iter__(self) -> Iterator[StreamChunk]:
+        finish: StreamChunk | None = None
         try:
             for line in self._response.iter_lines():
                 if self._closed:
@@ -627,6 +640,12 @@ class _SSEStream:
                 payload = line[len("data:") :].strip()
                 if payload == "[DONE]":
                     break
+                if finish is not None:  # e.g. the usage chunk (stream_options.include_usage); never an error now
+                    try:
+                        finish = self.trailer(finish, json.loads(payload))
+                    except ValueError:
+                        pass
+                    continue
                 try:
                     data = json.loads(payload)
                 except ValueError as exc:
@@ -636,9 +655,15 @@ class _SSEStream:
                 chunk = self.parse(data)
                 if chunk is None:
                     continue
+                if chunk.finish_reason is not None and self.trailing_events:
+                    finish = chunk  # held until [DONE] or the stream's end: a usage chunk may follow
+                    continue
                 yield chunk
                 if chunk.finish_reason is not None:
-                    return  # a usage-only chunk may follow (stream_options.include_usage): not needed
+                    return
+            if finish is not None:
+                yield finish
+                return
             if not self._closed:
                 raise RemoteEngineError(
                     f"the stream of {self.url} ended without a finish reason", endpoint=self.endpoint, kind="cut", retryable=True
@@ -732,12 +757,25 @@ class _TGIHTTPStream(_SSEStream):
 class _OpenAIStream(_SSEStream):
     """An open ``/v1/completions`` stream."""
 
+    trailing_events = True
+
     def __init__(self, backend: "OpenAICompletionsBackend", client: Any, response: Any) -> None:
         super().__init__(backend.endpoint, backend.url, client, response)
         self.backend = backend
 
     def parse(self, data: Any) -> StreamChunk | None:
         return self._chunk(data)
+
+    def trailer(self, finish: StreamChunk, data: Any) -> StreamChunk:
+        """The usage chunk after the finish chunk: the server's token counts win over ours."""
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict):
+            return finish
+        counts: dict[str, int] = {}
+        for field, key in (("generated_tokens", "completion_tokens"), ("prompt_tokens", "prompt_tokens")):
+            if getattr(finish, field) is None and isinstance(usage.get(key), int):
+                counts[field] = usage[key]
+        return dataclasses.replace(finish, **counts) if counts else finish
 
     def _chunk(self, data: Any) -> StreamChunk | None:
         backend = self.backend
