@@ -66,8 +66,10 @@ the multi-call kinds; at their defaults every drill is byte for byte what it was
 * ``close_times=0.7``: 70 % of the ``plan``, ``rank``, ``variants`` and ``order`` drills draw all
   their expected times in one window of 20-120 ms (``~310ms``, ``~341ms``, ``~322ms``), so the
   hundreds digit alone does not tell the order. cml-tiny's four-call errors on BFCL were swaps of
-  times less than 30 ms apart; 2,000 such four-call ``variants`` drills in its stage 3 were the first
-  data to move its four-call order (docs/CML_TINY_HISTORY.md, session 29).
+  times less than 30 ms apart; 2,000 such four-call ``variants`` drills in its stage 3 moved its
+  four-call order once (session 29: 9 of 22) and not with other draws (session 30: 3 of 18), and
+  ``hf-asynclm eval --plan-drills 200 --plan-close-times 1`` shows the shipped weights barely compare
+  such times (docs/CML_TINY_HISTORY.md).
 
 Values come from the same split-aware pools as the synthetic tasks
 (:class:`~hf_asynclm.data.synthetic.Pools`), so drills of the ``train`` split never contain
@@ -187,10 +189,6 @@ class DrillOptions:
     def n_calls(self, p: Pools) -> int:
         """A drill's number of calls: ``calls`` if set, else 2-4 (the draw the drills always made)."""
         return p.rng.randint(*(self.calls or (2, 4)))
-
-    @property
-    def is_default(self) -> bool:
-        return self.calls is None and self.close_times == 0.0
 
 
 def _echo(p: Pools, o: DrillOptions) -> _Drill:
@@ -340,10 +338,16 @@ def _close_times(p: Pools, k: int) -> list[int]:
     return times
 
 
+def _draws_close(p: Pools, close_times: float) -> bool:
+    """Whether a drill's times are drawn close together: with probability ``close_times``, a draw
+    only when it is above 0 (so the default keeps every earlier drill's draws)."""
+    return close_times > 0 and p.rng.random() < close_times
+
+
 def _spaced_times(p: Pools, k: int, gap_ms: int, close_times: float = 0.0) -> list[int]:
     """``k`` expected times of 20-900 ms, each at least ``gap_ms`` from the others; with probability
-    ``close_times`` (a draw only when it is above 0) :func:`_close_times` instead."""
-    if close_times > 0 and p.rng.random() < close_times:
+    ``close_times`` :func:`_close_times` instead."""
+    if _draws_close(p, close_times):
         return _close_times(p, k)
     times: list[int] = []
     while len(times) < k:
@@ -367,7 +371,7 @@ def _plan_task(
         signatures.append((_made_up_name(p), {a: r.choice(_TYPES) for a in r.sample(_ARG_NAMES, r.randint(1, 3))}))
     calls: list[PlannedCall] = []
     k = r.randint(*call_range) if n_calls is None else n_calls
-    close = _close_times(p, k) if close_times > 0 and r.random() < close_times else None
+    close = _close_times(p, k) if _draws_close(p, close_times) else None
     for i in range(k):
         name, args = signatures[i] if i < len(signatures) else r.choice(signatures)
         values = {a: _literal(p, t) for a, t in args.items()}
