@@ -629,8 +629,7 @@ def plan_tasks(
     lo, hi = calls
     if not 1 <= lo <= hi:
         raise ValueError(f"calls must be (low, high) with 1 <= low <= high, got {calls}")
-    if not 0.0 <= close_times <= 1.0:
-        raise ValueError(f"close_times is a probability in [0, 1], got {close_times}")
+    DrillOptions(close_times=close_times)  # checks it
     pools = Pools(random.Random(f"plan-tasks-{seed}-{split}"), split=split)
     out = []
     for i in range(n):
