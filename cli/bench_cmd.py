@@ -119,6 +119,7 @@ def bench() -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Generation budget of the model policy.")
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--device", default=None, metavar="DEVICE", help="Device of the model (cpu, cuda, cuda:1); default: cpu. Times on a GPU are read after its queued work finishes.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True, help="Output folder.")
 @click.option("--no-warmup", is_flag=True, help="Skip the unrecorded warm-up task.")
 def latency_command(
@@ -136,6 +137,7 @@ def latency_command(
     max_new_tokens: int,
     data_dir: str | None,
     threads: int | None,
+    device: str | None,
     out_dir: Path,
     no_warmup: bool,
 ) -> None:
@@ -158,7 +160,7 @@ def latency_command(
             for w in workloads
             for tp, tt in conditions
         ]
-        bm = load_bench_model(model_spec)
+        bm = load_bench_model(model_spec, device=device)
         console.print(f"model: {bm.label}")
         for note in bm.notes:
             console.print(f"[yellow]note: {note}[/yellow]")
@@ -212,6 +214,7 @@ def latency_command(
 @click.option("--latency-scale", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="Tool latencies (x the 30-500 ms distribution).")
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--device", default=None, metavar="DEVICE", help="Device of the model (cpu, cuda, cuda:1); default: cpu. Times on a GPU are read after its queued work finishes.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
 def accuracy_command(
     model_spec: str | None,
@@ -226,6 +229,7 @@ def accuracy_command(
     latency_scale: float,
     data_dir: str | None,
     threads: int | None,
+    device: str | None,
     out_dir: Path,
 ) -> None:
     """BFCL AST accuracy of the calls a checkpoint emits, per category, sync vs async; rate of valid CML."""
@@ -241,7 +245,7 @@ def accuracy_command(
             modes=modes, cheat_sheet=cheat_sheet, max_new_tokens=max_new_tokens, latency_scale=latency_scale, data_dir=data_dir,
             threads=threads,
         )
-        bm = load_bench_model(model_spec)
+        bm = load_bench_model(model_spec, device=device)
         console.print(f"model: {bm.label}")
         with _progress(console) as bar:
             job = bar.add_task("accuracy", total=None, current="")
@@ -266,6 +270,7 @@ def accuracy_command(
 @click.option("--generations", type=click.IntRange(min=1), default=5, show_default=True, help="(c) generations per tool kind.")
 @click.option("--emulate-tpot-ms", "tpot_ms", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True, help="(c) emulated decode step for the 'decode thread sleeps' rows.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--device", default=None, metavar="DEVICE", help="Device of the model (cpu, cuda, cuda:1); default: cpu. Times on a GPU are read after its queued work finishes.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
 def overhead_command(
     model_spec: str | None,
@@ -277,6 +282,7 @@ def overhead_command(
     generations: int,
     tpot_ms: float,
     threads: int | None,
+    device: str | None,
     out_dir: Path,
 ) -> None:
     """Runtime overhead: (a) tokens/s vs plain generate, (b) interrupt cost, (c) dispatch latency, (d) constrained calls."""
@@ -291,7 +297,7 @@ def overhead_command(
             new_tokens=new_tokens, reps=reps, interrupt_tokens=interrupt_tokens, context_tokens=context_tokens,
             calls=n_calls, generations=generations, threads=threads, emulated_tpot_ms=tpot_ms,
         )
-        bm = load_bench_model(model_spec)
+        bm = load_bench_model(model_spec, device=device)
         console.print(f"model: {bm.label}")
         with _progress(console) as bar:
             job = bar.add_task("overhead", total=4, current="")

@@ -400,6 +400,13 @@ def load_alm(settings: ModelSettings, tools: Any) -> Any:
 
     common = dict(tools=tools, mode=settings.mode, system_prompt=settings.system_prompt, call_timeout_s=settings.call_timeout)
     if settings.backend == "local":
+        if settings.device:
+            from hf_asynclm.asynclm import check_device
+
+            try:
+                check_device(settings.device)
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
         try:
             with user_errors(f"cannot load model {settings.model!r}" if settings.model else "cannot load the default model"):
                 return AsyncLM.from_pretrained(

@@ -85,6 +85,7 @@ from .common import DEFAULT_MAX_NEW_TOKENS
     "or trace, {\"result\": \"<code>\"} (the shape the simulator gives such calls in the training traces).",
 )
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="BFCL data folder.")
+@click.option("--device", default=None, metavar="DEVICE", help="Device of the model (cpu, cuda, cuda:1, mps). Default: cpu.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the full report as JSON.")
 def eval_command(
     model_path: str | None,
@@ -108,6 +109,7 @@ def eval_command(
     bfcl_results: str,
     exclude_files: tuple[Path, ...],
     data_dir: Path | None,
+    device: str | None,
     out: Path | None,
 ) -> None:
     """Print CML validity and task success of a checkpoint on held-out tasks.
@@ -138,12 +140,19 @@ def eval_command(
     clocked = {"clock": clock, "tpot_range_ms": tpot_range}
 
     from hf_asynclm import AsyncLM
+    from hf_asynclm.asynclm import check_device
     from hf_asynclm.evaluation import evaluate_bfcl, evaluate_synthetic, format_report
+
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as exc:
+            raise click.UsageError(f"--device: {exc}") from None
 
     try:
         alm = AsyncLM.from_pretrained(
             model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls,
-            complete_names=complete_names, quote_numbers=quote_numbers,
+            complete_names=complete_names, quote_numbers=quote_numbers, device=device,
         )
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None

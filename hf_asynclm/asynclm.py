@@ -165,6 +165,32 @@ _RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`, or a ``ValueError`` that says why this machine cannot use it.
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    >>> check_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown device 'gpu': use cpu, cuda, cuda:N or mps
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU answers"
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available to this torch ({torch.__version__}, {build})")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch has no MPS (Apple GPU) support here")
+    return dev
+
+
 def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     """Runtime settings a checkpoint folder records for itself (``cml_training.json`` ->
     ``"runtime"``), checked; ``{}`` when it records none.
@@ -336,10 +362,14 @@ class AsyncLM(SessionControl):
         :class:`AsyncLM` constructor; settings the checkpoint records for the runtime
         (:func:`checkpoint_runtime_defaults`: ``interrupt_at="word"`` and ``constrain_calls="schema"``
         for checkpoints trained by ``hf-asynclm train``) apply where those arguments leave them out or
-        pass ``None``.
+        pass ``None``. ``device`` (``"cuda"``, ``"cuda:1"``, ...) moves the model there, after
+        :func:`check_device` says the machine has it; half-precision weights stay half precision
+        on a GPU and run in float32 on a CPU unless ``dtype`` says otherwise.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if device is not None:
+            device = check_device(device)  # before any weights load
         if path_or_repo is None:
             if not (DEFAULT_CHECKPOINT / "config.json").exists():
                 raise FileNotFoundError(

@@ -1035,7 +1035,6 @@ class CallGrammarProcessor(LogitsProcessor):
         self.grounded = grounded
         self.no_repeat = no_repeat
         self.markers = markers
-        self._marker_ids = torch.tensor(sorted(markers.by_id))
         self._blocked = set(getattr(tokenizer, "all_special_ids", []) or []) - set(markers.by_id)
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is not None:
@@ -1296,8 +1295,8 @@ class CallGrammarProcessor(LogitsProcessor):
             ]
             pool = [torch.tensor([m.head, m.end])]
         pool += [index[c] for c in keys]
-        tokens = torch.cat(pool)
-        tokens = tokens[~torch.isin(tokens, checked)]
+        tokens = torch.cat(pool).to(scores.device)  # the index lives on the CPU, the scores where the model runs
+        tokens = tokens[~torch.isin(tokens, checked.to(scores.device))]
         values, order = torch.sort(scores[tokens], descending=True, stable=True)
         return self._best_valid(ids, state, after, checker, tokens[order].tolist(), values.tolist())
 

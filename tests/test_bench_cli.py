@@ -71,6 +71,11 @@ def test_bad_input_gives_usage_errors(tmp_path) -> None:
         result = runner.invoke(bench, args)
         assert result.exit_code == code, (args, result.output)
         assert text in result.output
+    # a device this machine lacks: one line, before any weights load
+    for command in ("latency", "overhead", "accuracy"):
+        result = runner.invoke(bench, [command, "--model", "random", "--device", "gpu", "--out", str(tmp_path)])
+        assert result.exit_code == 1 and "unknown device 'gpu': use cpu, cuda, cuda:N or mps" in result.output, result.output
+        assert "Traceback" not in result.output
     # a data folder without BFCL files: one line, no traceback
     result = runner.invoke(bench, ["latency", "--model", "random", "--data-dir", str(tmp_path), "--n", "1", "--threads", "1", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output

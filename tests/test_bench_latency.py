@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from hf_asynclm.bench.latency import (
     BENCH_MODES,
@@ -280,3 +281,40 @@ def test_tasks_beyond_the_models_context_are_left_out_and_said() -> None:
     small.model.config.max_position_embeddings = sizes[0]  # even the shortest prompt leaves no room
     with pytest.raises(ValueError, match="left; use a model with a longer context"):
         run_latency(cfg, small)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices (the GPU side: tests/test_cuda.py)
+# ---------------------------------------------------------------------------------------------
+def test_devices_this_machine_lacks_are_refused_before_any_weights_load():
+    from hf_asynclm.asynclm import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu': use cpu, cuda, cuda:N or mps"):
+        check_device("gpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        load_bench_model("random", device="tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda:1': no CUDA GPU is available to this torch"):
+            load_bench_model("random", device="cuda:1")
+    else:  # pragma: no cover - a GPU machine
+        with pytest.raises(ValueError, match=r"CUDA device\(s\)"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_the_random_llama_1b_model_has_llama_3_2_1b_layers(monkeypatch):
+    """``--model random-llama-1b``: Llama 3.2 1B's layer shape with random weights and the test
+    tokenizer (float32 on a CPU). The shape is cut down here to keep the test light; the full
+    one is built on a GPU in tests/test_cuda.py."""
+    from hf_asynclm.bench import latency
+
+    assert latency.LLAMA_3_2_1B_SHAPE["num_hidden_layers"] == 16 and latency.LLAMA_3_2_1B_SHAPE["hidden_size"] == 2048
+    small = dict(latency.LLAMA_3_2_1B_SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    monkeypatch.setattr(latency, "LLAMA_3_2_1B_SHAPE", small)
+    bm = latency.load_bench_model("random-llama-1b", device="cpu")
+    assert "Llama 3.2 1B's shape" in bm.label and "float32" in bm.label and bm.path is None
+    cfg = bm.model.config
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}  # transformers 5 / 4.x
+    assert cfg.tie_word_embeddings and rope["rope_theta"] == 500000.0
+    assert bm.model.config.vocab_size == len(bm.tokenizer) and bm.model.device.type == "cpu"

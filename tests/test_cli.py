@@ -322,6 +322,12 @@ def test_bad_options(args, needle):
     assert_user_error(result, needle)
 
 
+def test_a_device_this_machine_lacks_is_one_line():
+    result = invoke("run", "Hi", "--tools", "none", "--device", "gpu")
+    assert result.exit_code == 1
+    assert_user_error(result, "unknown device 'gpu': use cpu, cuda, cuda:N or mps")
+
+
 def test_unreachable_endpoint_is_one_line():
     # Nothing listens on port 9 of the loopback: whether the remote backend is installed yet
     # or not, the answer is one line.

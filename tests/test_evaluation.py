@@ -115,6 +115,8 @@ def test_eval_cli_bad_input():
     assert r.exit_code == 2 and "sundial" in r.output
     r = runner.invoke(eval_command, ["--bfcl-results", "xml"])
     assert r.exit_code == 2 and "--bfcl-results" in r.output
+    r = runner.invoke(eval_command, ["--device", "gpu", "--synthetic", "1"])
+    assert r.exit_code == 2 and "--device: unknown device 'gpu'" in r.output
 
 
 def test_eval_cli_leaves_out_tasks_the_checkpoint_trained_on(tmp_path):

@@ -224,7 +224,7 @@ def run_accuracy(
     done = 0
     per_task: list[dict[str, Any]] = []
     with torch_threads(config.threads), torch.inference_mode():
-        env = _environment()
+        env = _environment(bm.model.device)
         for category, cat_tasks in tasks.items():
             for task in cat_tasks:
                 toolset = ToolSet(task, seed=config.seed, latency_scale=config.latency_scale)

@@ -96,6 +96,8 @@ __all__ = [
     "LatencyConfig",
     "BenchModel",
     "load_bench_model",
+    "synchronize",
+    "device_name",
     "load_workload",
     "run_latency",
     "summarize",
@@ -230,6 +232,31 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the work queued on ``device`` (a no-op on a CPU).
+
+    A CUDA forward pass returns before its kernels finish; the benchmarks call this before
+    they read a clock, so that a time measured on a GPU is the time the work took.
+    """
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+#: Llama 3.2 1B's shape (``config.json`` of ``meta-llama/Llama-3.2-1B``), for ``--model random-llama-1b``.
+LLAMA_3_2_1B_SHAPE: dict[str, Any] = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
 @dataclass
 class BenchModel:
     """A model and tokenizer for the benchmarks, with a label saying which one it is."""
@@ -247,36 +274,55 @@ class BenchModel:
         return Path(self.path.rstrip("/\\")).name if self.path else "tiny-random"
 
 
-def load_bench_model(spec: str | None = None) -> BenchModel:
-    """The benchmark model.
+def load_bench_model(spec: str | None = None, device: str | torch.device | None = None) -> BenchModel:
+    """The benchmark model, on ``device`` (default: the CPU).
 
     ``None`` / ``"default"``: the shipped ``cml-tiny`` checkpoint when present, else a tiny
     random Llama (said in the label); ``"random"``: the tiny random Llama with the test
-    tokenizer; anything else: a checkpoint folder or Hub id (:meth:`AsyncLM.from_pretrained`).
-    A tokenizer without a chat template gets the CML template (noted).
+    tokenizer; ``"random-llama-1b"``: a Llama with Llama 3.2 1B's layers and random weights
+    (the test tokenizer's vocabulary; bfloat16 on a GPU), for real decode times of a 1B model
+    under the oracle policy, which needs no trained weights; anything else: a checkpoint folder
+    or Hub id (:meth:`AsyncLM.from_pretrained`). A tokenizer without a chat template gets the CML
+    template (noted).
     """
     from ..asynclm import DEFAULT_CHECKPOINT, AsyncLM
     from ..prompting import CML_CHAT_TEMPLATE
 
     notes: list[str] = []
     interrupt_at = "token"
+    from ..asynclm import check_device
+
+    target = check_device(device) if device is not None else torch.device("cpu")
     if spec in (None, "", "default"):
         if (DEFAULT_CHECKPOINT / "config.json").exists():
             spec = str(DEFAULT_CHECKPOINT)
         else:
             spec = "random"
             notes.append(f"the shipped checkpoint is missing from {DEFAULT_CHECKPOINT}: a tiny random Llama stands in")
-    if spec in ("random", "tiny-random"):
+    if spec in ("random", "tiny-random", "random-llama-1b"):
         from ..testing import tiny_llama, tiny_tokenizer
 
         tok = tiny_tokenizer()
-        model = tiny_llama(tok, max_position_embeddings=16384)
-        label, path = "tiny random Llama (hf_asynclm.testing.tiny_llama, 2 layers, hidden 32; test tokenizer, 400 tokens)", None
+        if spec == "random-llama-1b":
+            with target:  # initialised where it runs: 1.2B random numbers are slow to make on a CPU
+                model = tiny_llama(tok, max_position_embeddings=16384, **LLAMA_3_2_1B_SHAPE)
+            if target.type != "cpu":
+                model = model.to(torch.bfloat16)
+            n_params = sum(p.numel() for p in model.parameters())
+            label = (f"random Llama of Llama 3.2 1B's shape (16 layers, hidden 2048, {n_params / 1e9:.2f}B parameters, "
+                     f"{str(model.dtype).replace('torch.', '')}; test tokenizer, {len(tok)} tokens)")
+        else:
+            model = tiny_llama(tok, max_position_embeddings=16384)
+            label = "tiny random Llama (hf_asynclm.testing.tiny_llama, 2 layers, hidden 32; test tokenizer, 400 tokens)"
+        model = model.to(target)
+        path = None
     else:
-        alm = AsyncLM.from_pretrained(spec)
+        alm = AsyncLM.from_pretrained(spec, device=device)
         model, tok, interrupt_at = alm.model, alm.tokenizer, alm.interrupt_at
         n_params = sum(p.numel() for p in model.parameters())
         label, path = f"{Path(str(spec)).name} ({type(model).__name__}, {n_params / 1e6:.1f}M parameters, vocabulary {len(tok)})", str(spec)
+    if target.type != "cpu":
+        label += f", on {device_name(target)}"
     if not getattr(tok, "chat_template", None):
         tok.chat_template = CML_CHAT_TEMPLATE
         notes.append("the tokenizer had no chat template: the CML chat template was set")
@@ -284,6 +330,14 @@ def load_bench_model(spec: str | None = None) -> BenchModel:
         notes.append("CML markers are not single tokens in this tokenizer: the sync baseline stops on the string [END]")
     model.eval()
     return BenchModel(model, tok, label, path, notes, interrupt_at)
+
+
+def device_name(device: torch.device | str) -> str:
+    """``cuda:0 (NVIDIA H200)`` for a GPU, else the device's own name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def _sample(tasks: list[Task], n: int, seed: int, tag: str) -> list[Task]:
@@ -414,6 +468,8 @@ def forward_clock(model: Any) -> Iterator[list[tuple[float, float, int, bool]]]:
     """
     records: list[tuple[float, float, int, bool]] = []
     original = model.forward
+    device = getattr(model, "device", torch.device("cpu"))
+    on_gpu = device.type == "cuda"
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -422,6 +478,8 @@ def forward_clock(model: Any) -> Iterator[list[tuple[float, float, int, bool]]]:
         n = int(ids.shape[-1]) if ids is not None else 1
         t0 = time.monotonic()
         out = original(*args, **kwargs)
+        if on_gpu:
+            synchronize(device)  # the pass has run when its end is read
         records.append((t0, time.monotonic(), n, prefill))
         return out
 
@@ -682,7 +740,7 @@ def run_sync_baseline(
             used_ids.add(call.call_id)
         extra = tok.encode(format_interrupt(call.call_id or "error", " ".join(text.splitlines())), add_special_tokens=False)
         injected += len(extra)
-        ids = torch.cat([ids, torch.tensor([extra], dtype=ids.dtype)], dim=-1)
+        ids = torch.cat([ids, torch.tensor([extra], dtype=ids.dtype, device=ids.device)], dim=-1)
         injections.append((time.monotonic(), call.call_id or "error", record.status != "done"))
     text_out = tok.decode(ids[0, prompt_len:], skip_special_tokens=True)
     t_end = time.monotonic()
@@ -1078,7 +1136,7 @@ def run_task(
     return out
 
 
-def _environment() -> dict[str, Any]:
+def _environment(device: torch.device | str | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -1086,6 +1144,7 @@ def _environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "device": device_name(device) if device is not None else "cpu",
     }
     try:
         import transformers
@@ -1204,7 +1263,7 @@ def run_latency(
         stack.enter_context(torch.inference_mode())
         stack.enter_context(emu)
         records = stack.enter_context(forward_clock(bm.model))
-        env = _environment()
+        env = _environment(bm.model.device)
         if config.warmup:
             run_task(bm, tasks[0], config, records)
         for i, task in enumerate(tasks):

@@ -109,10 +109,12 @@ def text_throughput(bm: Any, new_tokens: int, reps: int) -> dict[str, Any]:
     """Tokens/s of the hf-asynclm loop and of plain ``generate`` (interleaved), and their ratio."""
     from ..asynclm import AsyncLM
 
+    from .latency import synchronize
+
     model, tok = bm.model, bm.tokenizer
     alm = AsyncLM(model, tok, tools=[])
     inputs = tok(_PROMPT, return_tensors="pt")
-    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     kwargs: dict[str, Any] = {
         "max_new_tokens": new_tokens,
         "min_new_tokens": new_tokens,
@@ -126,11 +128,13 @@ def text_throughput(bm: Any, new_tokens: int, reps: int) -> dict[str, Any]:
     def plain() -> tuple[float, int]:
         t0 = time.perf_counter()
         out = model.generate(**inputs, **kwargs)
+        synchronize(out.device)
         return time.perf_counter() - t0, int(out.shape[1] - inputs["input_ids"].shape[1])
 
     def ours() -> tuple[float, int]:
         t0 = time.perf_counter()
         out = model.generate(**inputs, custom_generate=alm.custom_generate, **kwargs)
+        synchronize(out.device)
         return time.perf_counter() - t0, int(out.shape[1] - inputs["input_ids"].shape[1])
 
     plain()
@@ -193,11 +197,13 @@ def _crop(cache: Any, length: int) -> None:
 def interrupt_cost(bm: Any, sizes: Sequence[int], context_tokens: int, reps: int) -> dict[str, Any]:
     """Time a ride-along step and a stop + re-enter of ``generate`` add to a decode step."""
     from ..cache_inject import CacheDriver, cache_argument_name
+    from .latency import synchronize
 
     model, tok = bm.model, bm.tokenizer
+    device = model.device
     base = tok.encode(_PROMPT, add_special_tokens=False)
     ctx = (base * (context_tokens // max(1, len(base)) + 1))[:context_tokens]
-    ctx_ids = torch.tensor([ctx], dtype=torch.long)
+    ctx_ids = torch.tensor([ctx], dtype=torch.long, device=device)
     driver = CacheDriver(model)
     driver.forward(ctx_ids)
     L = driver.seq_length
@@ -206,21 +212,25 @@ def interrupt_cost(bm: Any, sizes: Sequence[int], context_tokens: int, reps: int
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def ride(extra: list[int]) -> float:
-        feed = torch.tensor([[int(last[0, 0])] + extra], dtype=torch.long)
+        feed = torch.tensor([[int(last[0, 0])] + extra], dtype=torch.long, device=device)
+        synchronize(device)
         t0 = time.perf_counter()
         driver.forward(feed)
+        synchronize(device)
         dt = time.perf_counter() - t0
         _crop(driver.cache, L)
         driver.next_position = L
         return dt
 
     def reenter(extra: list[int]) -> float:
-        full = torch.cat([ctx_ids, torch.tensor([[int(last[0, 0])] + extra], dtype=torch.long)], dim=-1)
+        full = torch.cat([ctx_ids, torch.tensor([[int(last[0, 0])] + extra], dtype=torch.long, device=device)], dim=-1)
+        synchronize(device)
         t0 = time.perf_counter()
         model.generate(
             input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=1, do_sample=False, pad_token_id=pad,
             **{cache_kw: driver.cache},
         )
+        synchronize(device)
         dt = time.perf_counter() - t0
         _crop(driver.cache, L)
         driver.next_position = L
@@ -327,7 +337,7 @@ def dispatch_latency(bm: Any, calls: int, generations: int, emulated_tpot_ms: fl
                         if j == 0:
                             first.append(record.started_at - t_end)
                 kind = "async def" if tool is ping else "def (thread pool)"
-                label = "real CPU decode" if decode == "real" else f"emulated {emulated_tpot_ms:g} ms/token (decode thread sleeps)"
+                label = f"real {'GPU' if bm.model.device.type == 'cuda' else 'CPU'} decode" if decode == "real" else f"emulated {emulated_tpot_ms:g} ms/token (decode thread sleeps)"
                 samples[f"{kind} / {label}"] = lat
                 rows.append(
                     {
@@ -371,6 +381,7 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
     from ..call_grammar import CallGrammarProcessor
     from ..demo_tools import demo_tools
     from ..name_completion import NameCompletionProcessor
+    from .latency import synchronize
 
     model, tok = bm.model, bm.tokenizer
     if not marker_token_ids(tok).single_token:
@@ -379,7 +390,7 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
     prompt = alm.encode_prompt("Weather in Paris, and a hotel in Rio de Janeiro under $250?")["input_ids"][0].tolist()
     ids = prompt + tok.encode(_CONSTRAINED_TEXT, add_special_tokens=False)
     with torch.inference_mode():
-        logits = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
+        logits = model(torch.tensor([ids], device=model.device)).logits[0].float()  # where generation has them
     schemas = alm.registry.schemas()
     report: dict[str, Any] = {"reps": reps, "prompt_tokens": len(prompt)}
     positions = range(len(prompt), len(ids))
@@ -395,10 +406,12 @@ def constrained_cost(bm: Any, reps: int) -> dict[str, Any] | None:
         for _ in range(reps):
             proc = make_proc()  # a fresh one per pass, as per generation
             for pos in positions:
-                seq = torch.tensor([ids[:pos]])
+                seq = torch.tensor([ids[:pos]], device=logits.device)
                 scores = logits[pos - 1 : pos].clone()
+                synchronize(logits.device)
                 t0 = time.perf_counter()
                 proc(seq, scores)
+                synchronize(logits.device)
                 (outside if outside_at[pos] else inside).append(time.perf_counter() - t0)
                 rejected += not proc.allowed(ids[:pos], ids[pos])
         return inside, outside, rejected
@@ -442,7 +455,7 @@ def run_overhead(config: OverheadConfig, bm: Any | None = None, progress: Callab
 
     bm = bm or load_bench_model()
     with torch_threads(config.threads), torch.inference_mode():
-        env = _environment()
+        env = _environment(bm.model.device)
         text = text_throughput(bm, config.new_tokens, config.reps)
         if progress:
             progress(1, "text")
