@@ -44,7 +44,7 @@ for f in "$W"/eval_*.txt; do grep -E "task success|calls right|valid CML|LPT" "$
 pack
 
 # 2. timings, one at a time
-timeout 200 "${HF[@]}" bench overhead --device "$DEVICE" --reps "$REPS" --out "$W/overhead_cml-tiny" > "$W/overhead.txt" 2>&1
+timeout 200 "${HF[@]}" bench overhead --device "$DEVICE" --reps "$REPS" --calls 10 --generations 3 --out "$W/overhead_cml-tiny" > "$W/overhead.txt" 2>&1
 log "bench overhead cml-tiny: exit $?"; pack
 timeout 240 "${HF[@]}" bench latency --model random-llama-1b --device "$DEVICE" --workload bfcl-parallel --n "$N_LAT" \
     --out "$W/latency_llama-1b" > "$W/latency_llama-1b.txt" 2>&1
