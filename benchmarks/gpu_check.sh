@@ -28,13 +28,14 @@ pack() { cp "$W/summary.txt" "$OUT/summary.txt"; tar czf "$OUT/gpu_check.tgz" -C
 log "device $DEVICE; $(python3 -c 'import torch, transformers; d = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"; print(f"{d}; torch {torch.__version__}, transformers {transformers.__version__}")')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$W/summary.txt"
 
-# 1. correctness (these share the machine: nothing here is a timing)
-python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$W/pytest.log" 2>&1 &
+# 1. correctness (these share the machine: nothing here is a timing; 4 CPU threads each, not 16 for all)
+C=(env OMP_NUM_THREADS=4)
+"${C[@]}" python3 -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "$W/pytest.log" 2>&1 &
 P_TEST=$!
-timeout 400 "${HF[@]}" eval --device "$DEVICE" --synthetic "$N_SYN" --clock virtual \
+"${C[@]}" timeout 400 "${HF[@]}" eval --device "$DEVICE" --synthetic "$N_SYN" --clock virtual \
     --out "$W/eval_cml-tiny-v28_${N_SYN}_virtual_gpu.json" > "$W/eval_synthetic.txt" 2>&1 &
 P_SYN=$!
-timeout 400 "${HF[@]}" eval --device "$DEVICE" --synthetic 0 --bfcl "$N_BFCL" --bfcl-categories parallel,parallel_multiple \
+"${C[@]}" timeout 400 "${HF[@]}" eval --device "$DEVICE" --synthetic 0 --bfcl "$N_BFCL" --bfcl-categories parallel,parallel_multiple \
     --clock virtual $EX --out "$W/eval_cml-tiny-v28_bfclpar_virtual_gpu.json" > "$W/eval_bfclpar.txt" 2>&1
 log "eval bfclpar: exit $?"
 wait $P_SYN; log "eval synthetic: exit $?"

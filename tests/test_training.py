@@ -322,12 +322,14 @@ def test_selective_loss_equals_the_full_loss(scratch_run):
 
     tok = AutoTokenizer.from_pretrained(scratch_run)
     model = AutoModelForCausalLM.from_pretrained(scratch_run)
-    batch = CMLCollator(tok.pad_token_id)([tokenize_example(tok, e) for e in EXAMPLES])
-    reference = model(**batch).loss
     cfg = TrainConfig(data="unused", output_dir=str(scratch_run / "tmp"))
     trainer = _make_trainer_class()(model=model, args=_training_arguments(cfg, scratch_run / "tmp"), train_dataset=[0])
+    # the Trainer has moved the model to its device (a GPU where there is one): the batch goes there too
+    batch = CMLCollator(tok.pad_token_id)([tokenize_example(tok, e) for e in EXAMPLES])
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     with torch.no_grad():
+        reference = model(**batch).loss
         assert torch.allclose(trainer.compute_loss(model, batch, num_items_in_batch=n), reference, atol=1e-5)
         assert torch.allclose(trainer.compute_loss(model, batch), reference, atol=1e-5)
 
@@ -363,6 +365,7 @@ def test_call_id_loss_weight_scales_the_loss_on_call_ids_only(scratch_run):
     plain = _make_trainer_class()(model=model, args=args, train_dataset=[0])
     weighted = _make_trainer_class()(model=model, args=args, train_dataset=[0], call_id_loss_weight=5.0,
                                      call_head_ids=(ids.call, ids.head))
+    batch = {k: v.to(model.device) for k, v in batch.items()}  # where the Trainers put the model
     labels = batch["labels"][:, 1:]
     n = (labels != IGNORE_INDEX).sum()
     with torch.no_grad():
