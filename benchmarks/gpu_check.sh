@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of hf-asynclm, in one run (about 7 minutes on one NVIDIA H200):
+# The GPU checks of hf-asynclm, in one run (on one NVIDIA H200, 2026-12-04: part 1 took 6 minutes, the
+# overhead benchmark 1.3; the latency run on the 1B-shaped model did not finish in the 1.5 minutes left):
 #   1. correctness, side by side: tests/test_cuda.py (the GPU against the CPU in the same test) and
 #      tests/test_training.py (the Trainer takes the GPU when there is one), while the shipped
 #      cml-tiny is evaluated on the GPU with the README's commands (fp16 weights, --clock virtual:
