@@ -121,7 +121,8 @@ class GenerationStats:
     resubmissions: int = 0
     #: remote engines: time to first token of each streamed segment (request), in seconds
     segment_ttft_s: list[float] = field(default_factory=list)
-    #: remote engines: backend, endpoint, retries, resumes and one summary per segment
+    #: remote engines: backend, endpoint, retries, resumes, ``dropped_chars`` (text a chunk of several tokens
+    #: held past a trap or a sync call, written without the result, dropped) and one summary per segment
     remote: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -105,6 +105,8 @@ class FakeEngine:
         token_delay_s: seconds between two tokens (and before the first).
         faults: fault specs, one per request in order (None: a normal request).
         openai_stop_in_output: keep a matched stop string in OpenAI streams (vLLM drops it).
+        tokens_per_chunk: OpenAI streams: tokens per chunk (``transformers serve`` 5.25 and vLLM /
+            SGLang with a stream interval send several; the usage still counts tokens).
     """
 
     def __init__(
@@ -115,12 +117,14 @@ class FakeEngine:
         token_delay_s: float = 0.0,
         faults: list[dict[str, Any] | None] | None = None,
         openai_stop_in_output: bool = False,
+        tokens_per_chunk: int = 1,
     ) -> None:
         self.script = script
         self.cue = cue
         self.token_delay_s = token_delay_s
         self.faults: list[dict[str, Any] | None] = list(faults or [])
         self.openai_stop_in_output = openai_stop_in_output
+        self.tokens_per_chunk = tokens_per_chunk
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -425,11 +429,13 @@ class _Handler(BaseHTTPRequestHandler):
                 payload["usage"] = usage
             return "data: " + json.dumps(payload) + "\n\n"
 
+        n = len(tokens) + (1 if finish == "eos_token" else 0)
+        k = self.engine.tokens_per_chunk
+        chunks = ["".join(tokens[i : i + k]) for i in range(0, len(tokens), k)]
         try:
-            if not self._stream_tokens(req, tokens, fault, lambda i, tok: self._chunk(chunk(tok, None))):
+            if not self._stream_tokens(req, chunks, fault, lambda i, text: self._chunk(chunk(text, None))):
                 return
             reason = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}[finish]
-            n = len(tokens) + (1 if finish == "eos_token" else 0)
             usage = {"prompt_tokens": len(tokenize(req.prompt)), "completion_tokens": n, "total_tokens": n + len(tokenize(req.prompt))}
             self._chunk(chunk("", reason, usage, stop_reason=matched))
             self._chunk("data: [DONE]\n\n")

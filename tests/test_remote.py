@@ -629,6 +629,25 @@ def test_transformers_serve_runs_cml_end_to_end(transformers_server: Any, mode: 
     assert len(result.stats.segment_ttft_s) == 2 and result.text == "   18 C."
 
 
+@pytest.mark.parametrize("mode", ["async", "sync", "sync-parallel"])
+def test_text_past_a_wait_in_a_chunk_of_several_tokens_is_dropped(engines: Any, mode: str) -> None:
+    """A server that sends several tokens per chunk (``transformers serve`` 5.25, vLLM / SGLang stream
+    intervals) runs past the trap, or past the call in sync mode, within one chunk: the model wrote that
+    text without the result. It is dropped, the result goes in right after the block, and the model
+    writes on from there, as a local run would."""
+    engine = engines(ONE_CALL, tokens_per_chunk=64)  # the whole script in one chunk
+    tool, on_event = trap_gated_weather() if mode == "async" else (get_weather, None)
+    result = remote(engine, "openai", mode=mode, tools=[tool]).generate(PROMPT, max_new_tokens=200, on_event=on_event)
+    assert model_text(result) == ONE_CALL
+    wait = "[END]" if mode == "sync" else "[TRAP] [END]"
+    assert wait + W1_INTR in result.raw_text
+    assert result.stats.remote["dropped_chars"] > 0
+    # nothing written after the wait went back to the server: each resubmitted prompt ends with an injection
+    for request in engine.requests[1:]:
+        assert request.prompt.endswith("[END]"), request.prompt
+    assert [c.status for c in result.calls] == ["done"]
+
+
 def test_a_loop_of_malformed_blocks_stops_resubmitting(engines: Any) -> None:
     engine = engines(" Done [END]" * 30)
     result = remote(engine, tools=[get_weather]).generate(PROMPT, max_new_tokens=400)

@@ -652,6 +652,7 @@ class RemoteAsyncLM(SessionControl):
             "segments": segments,
             "retries": 0,
             "resumes": 0,
+            "dropped_chars": 0,
         }
         generated = 0
         retries = 0  # consecutive failed attempts with no token received
@@ -752,10 +753,23 @@ class RemoteAsyncLM(SessionControl):
                             if cut_at is not None:
                                 text = text[: cut_at - len(window)]
                                 user_stop_hit = True
-                        if text:
-                            session.raw_text += text
-                            recent = (recent + text)[-max(longest_stop, 1) * 4 :]
-                            self._feed(session, monitor, text)
+                        # A chunk may hold several tokens (transformers serve 5.25, vLLM / SGLang stream
+                        # intervals): fed one block end at a time, so that what the model wrote after a trap
+                        # (or a call in sync mode) in the same chunk, without its result, is dropped, as a
+                        # local run never samples it.
+                        pieces = _split_after_block_ends(session.raw_text, text) if text else []
+                        for k, piece in enumerate(pieces):
+                            session.raw_text += piece
+                            recent = (recent + piece)[-max(longest_stop, 1) * 4 :]
+                            self._feed(session, monitor, piece)
+                            if k + 1 < len(pieces) and (session.trap_pending or session.sync_waits):
+                                dropped = "".join(pieces[k + 1 :])
+                                stats.remote["dropped_chars"] += len(dropped)
+                                logger.debug("dropped %r: written after a wait, in the same chunk", dropped)
+                                end = "cut"
+                                break
+                        if end == "cut":
+                            break
                         if user_stop_hit:
                             end = "stop_sequence"
                             break
@@ -898,6 +912,35 @@ class RemoteAsyncLM(SessionControl):
             session.settle()
             return self._inject(session, monitor)
         return 0
+
+
+def _split_after_block_ends(before: str, text: str) -> list[str]:
+    """``text`` cut right after each ``[END]`` that ends inside it and before its last character
+    (one that began in the tail of ``before`` too); the pieces join to ``text``.
+
+    >>> _split_after_block_ends("", "a [TRAP] [END] b [END] c")
+    ['a [TRAP] [END]', ' b [END]', ' c']
+    >>> _split_after_block_ends("x [TRAP] [EN", "D] more")
+    ['D]', ' more']
+    >>> _split_after_block_ends("", "no block [END]")
+    ['no block [END]']
+    """
+    window = before[-(len(_END) - 1) :]
+    joined = window + text
+    cuts: list[int] = []
+    at = joined.find(_END)
+    while at >= 0:
+        end = at + len(_END) - len(window)
+        if 0 < end < len(text):
+            cuts.append(end)
+        at = joined.find(_END, at + 1)
+    pieces: list[str] = []
+    prev = 0
+    for cut in cuts:
+        pieces.append(text[prev:cut])
+        prev = cut
+    pieces.append(text[prev:])
+    return pieces
 
 
 def _first_stop_end(text: str, stops: list[str], start: int) -> int | None:
