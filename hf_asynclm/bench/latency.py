@@ -285,13 +285,11 @@ def load_bench_model(spec: str | None = None, device: str | torch.device | None 
     or Hub id (:meth:`AsyncLM.from_pretrained`). A tokenizer without a chat template gets the CML
     template (noted).
     """
-    from ..asynclm import DEFAULT_CHECKPOINT, AsyncLM
+    from ..asynclm import DEFAULT_CHECKPOINT, AsyncLM, check_device
     from ..prompting import CML_CHAT_TEMPLATE
 
     notes: list[str] = []
     interrupt_at = "token"
-    from ..asynclm import check_device
-
     target = check_device(device) if device is not None else torch.device("cpu")
     if spec in (None, "", "default"):
         if (DEFAULT_CHECKPOINT / "config.json").exists():
@@ -304,12 +302,13 @@ def load_bench_model(spec: str | None = None, device: str | torch.device | None 
 
         tok = tiny_tokenizer()
         if spec == "random-llama-1b":
-            with target:  # initialised where it runs: 1.2B random numbers are slow to make on a CPU
+            with target:  # initialised where it runs: a billion random numbers are slow to make on a CPU
                 model = tiny_llama(tok, max_position_embeddings=16384, **LLAMA_3_2_1B_SHAPE)
             if target.type != "cpu":
                 model = model.to(torch.bfloat16)
             n_params = sum(p.numel() for p in model.parameters())
-            label = (f"random Llama of Llama 3.2 1B's shape (16 layers, hidden 2048, {n_params / 1e9:.2f}B parameters, "
+            cfg = model.config
+            label = (f"random Llama of Llama 3.2 1B's shape ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {n_params / 1e9:.2f}B parameters, "
                      f"{str(model.dtype).replace('torch.', '')}; test tokenizer, {len(tok)} tokens)")
         else:
             model = tiny_llama(tok, max_position_embeddings=16384)

@@ -108,7 +108,6 @@ def _marker_ids(tokenizer: Any) -> list[int]:
 def text_throughput(bm: Any, new_tokens: int, reps: int) -> dict[str, Any]:
     """Tokens/s of the hf-asynclm loop and of plain ``generate`` (interleaved), and their ratio."""
     from ..asynclm import AsyncLM
-
     from .latency import synchronize
 
     model, tok = bm.model, bm.tokenizer
