@@ -22,6 +22,14 @@ from hf_asynclm.testing import ScriptedPolicy, tiny_gemma3, tiny_llama, tiny_tok
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = "cuda"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 def lookup(key: str) -> dict:
@@ -94,20 +102,12 @@ def test_the_call_constraint_searches_the_vocabulary_with_gpu_scores():
     """None of the most likely tokens is valid: the whole-vocabulary search (a CPU index) works on CUDA scores."""
     from hf_asynclm.call_grammar import CallGrammarProcessor
 
-    weather = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
     tok = tiny_tokenizer()
     ids = tok.encode("[CALL] w1 [HEAD] get_weather(", add_special_tokens=False)
     scores = torch.linspace(1.0, 0.0, len(tok)).unsqueeze(0)
     kept = {}
     for device in ("cpu", CUDA):
-        proc = CallGrammarProcessor(tok, [weather], candidates=2, max_scan=4)
+        proc = CallGrammarProcessor(tok, [WEATHER], candidates=2, max_scan=4)
         out = proc(torch.tensor([ids], device=device), scores.to(device))
         assert out.device.type == torch.device(device).type and proc.vocabulary_searches == 1
         kept[device] = torch.nonzero(out[0] > float("-inf")).flatten().tolist()
@@ -156,20 +156,12 @@ def test_training_runs_on_the_gpu_and_the_checkpoint_generates_there(tmp_path):
     checkpoint that loads onto the GPU and generates."""
     from hf_asynclm.training.train import TRAINING_RECORD, TrainConfig, train
 
-    weather = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather.",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
     examples = [
         {
             "task_id": f"w{i}",
             "mode": "async",
             "messages": [{"role": "user", "content": f"Weather in {city}?"}],
-            "tools": [weather],
+            "tools": [WEATHER],
             "segments": [
                 {"role": "model", "text": f'[CALL] w1 [HEAD] get_weather(city="{city}") [END] [TRAP] [END]'},
                 {"role": "inject", "text": f'[INTR] w1 [HEAD] {{"temp_c": {10 + i}}} [END]'},
