@@ -318,3 +318,5 @@ def test_the_random_llama_1b_model_has_llama_3_2_1b_layers(monkeypatch):
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}  # transformers 5 / 4.x
     assert cfg.tie_word_embeddings and rope["rope_theta"] == 500000.0
     assert bm.model.config.vocab_size == len(bm.tokenizer) and bm.model.device.type == "cpu"
+    # its reports and tables name it as itself, not as the 2-layer tiny random Llama
+    assert bm.name == "random-llama-1b" and latency.load_bench_model("random").name == "tiny-random"

@@ -267,11 +267,13 @@ class BenchModel:
     path: str | None = None
     notes: list[str] = field(default_factory=list)
     interrupt_at: str = "token"
+    random_spec: str = "tiny-random"
 
     @property
     def name(self) -> str:
-        """Short name for file names and tables: the checkpoint's folder or repo name, or ``tiny-random``."""
-        return Path(self.path.rstrip("/\\")).name if self.path else "tiny-random"
+        """Short name for file names and tables: the checkpoint's folder or repo name, else the random
+        model's spec (``tiny-random``, ``random-llama-1b``)."""
+        return Path(self.path.rstrip("/\\")).name if self.path else self.random_spec
 
 
 def load_bench_model(spec: str | None = None, device: str | torch.device | None = None) -> BenchModel:
@@ -328,7 +330,8 @@ def load_bench_model(spec: str | None = None, device: str | torch.device | None 
     if not marker_token_ids(tok).single_token:
         notes.append("CML markers are not single tokens in this tokenizer: the sync baseline stops on the string [END]")
     model.eval()
-    return BenchModel(model, tok, label, path, notes, interrupt_at)
+    random_spec = "random-llama-1b" if spec == "random-llama-1b" else "tiny-random"
+    return BenchModel(model, tok, label, path, notes, interrupt_at, random_spec)
 
 
 def device_name(device: torch.device | str) -> str:
