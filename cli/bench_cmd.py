@@ -41,7 +41,8 @@ Examples:
 \b
 Each workload x condition writes latency_<workload>_<policy>_<condition>.json / .md and a
 timeline PNG of its median task to --out (the model policy names the model too:
-latency_bfcl-parallel_model-cml-tiny_real.json); a combined table goes to latency_summary.md
+latency_bfcl-parallel_model-cml-tiny_real.json, and so does the oracle on real decode:
+latency_bfcl-parallel_oracle-random-llama-1b_real.json); a combined table goes to latency_summary.md
 (oracle) or latency_summary_model.md (model policy, one row per model).
 """
 
@@ -183,7 +184,7 @@ def latency_command(
                 bar.console.print(md, markup=False, highlight=False, soft_wrap=True)
         # the summary covers every report of this policy in --out (earlier commands included)
         stems = {latency_stem(r) for r in reports}
-        pattern = "latency_*_oracle_*.json" if policy == "oracle" else "latency_*_model-*_*.json"
+        pattern = "latency_*_oracle[_-]*.json" if policy == "oracle" else "latency_*_model-*_*.json"
         for path in sorted(out_dir.glob(pattern)):
             if path.stem not in stems:
                 try:

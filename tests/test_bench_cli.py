@@ -30,6 +30,27 @@ def test_latency_command_writes_json_markdown_and_timelines(tmp_path) -> None:
     assert "async / sync" in result.output
 
 
+def test_oracle_runs_of_two_models_on_real_decode_keep_both_reports(tmp_path, monkeypatch) -> None:
+    """Real decode times are the model's: a run of random-llama-1b (cut down here) must not overwrite
+    the tiny random Llama's report in the same folder, and the summary lists both."""
+    from hf_asynclm.bench import latency
+
+    small = dict(latency.LLAMA_3_2_1B_SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    monkeypatch.setattr(latency, "LLAMA_3_2_1B_SHAPE", small)
+    for model in ("random", "random-llama-1b"):
+        args = ["latency", "--model", model, "--data-dir", MINI, "--n", "1", "--modes", "sync,async", "--latency-scale", "0.1",
+                "--threads", "1", "--no-warmup", "--out", str(tmp_path)]
+        result = CliRunner().invoke(bench, args)
+        assert result.exit_code == 0, result.output
+    for name in ("tiny-random", "random-llama-1b"):
+        stem = f"latency_bfcl-parallel_oracle-{name}_real"
+        assert json.loads((tmp_path / f"{stem}.json").read_text())["model_name"] == name
+        assert (tmp_path / f"{stem}.md").exists()
+    summary = (tmp_path / "latency_summary.md").read_text()
+    assert "| oracle | tiny-random | real decode |" in summary and "| oracle | random-llama-1b | real decode |" in summary
+
+
 def test_model_policy_files_and_summary_name_the_model(tmp_path) -> None:
     args = ["latency", "--policy", "model", "--model", "random", "--data-dir", MINI, "--n", "1", "--max-new-tokens", "6",
             "--latency-scale", "0.1", "--threads", "1", "--no-warmup", "--out", str(tmp_path)]

@@ -255,6 +255,8 @@ def test_file_stems_name_the_model_of_a_model_policy_run() -> None:
 
     assert latency_stem(report("oracle", 5.0, 59.0, model_name="cml-tiny")) == "latency_bfcl-parallel_oracle_emu5ms-ttft59ms"
     assert latency_stem(report("model", model_name="gemma-3-270m-cml")) == "latency_bfcl-parallel_model-gemma-3-270m-cml_real"
+    # the oracle under real decode times the model's own decode steps: its name is in the stem too
+    assert latency_stem(report("oracle", model_name="random-llama-1b")) == "latency_bfcl-parallel_oracle-random-llama-1b_real"
     # reports written before model_name existed: the label's name
     old = report("model", model="cml-tiny (LlamaForCausalLM, 3.5M parameters, vocabulary 512)")
     assert report_model_name(old) == "cml-tiny" and latency_stem(old).endswith("_model-cml-tiny_real")

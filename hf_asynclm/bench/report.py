@@ -213,15 +213,17 @@ def latency_stem(report: Mapping[str, Any]) -> str:
     """File stem of a latency report: ``latency_<workload>_<policy>_<condition>``.
 
     With the model policy the model's name joins the policy (``model-cml-tiny``): the numbers
-    are the model's, and two models' runs must not overwrite each other. The oracle policy's
-    numbers do not depend on the model, so its stems carry none.
+    are the model's, and two models' runs must not overwrite each other. So it does for the
+    oracle policy under real decode (``oracle-random-llama-1b``), whose times are the model's
+    decode times; under emulated decode the oracle's numbers do not depend on the model, and
+    its stems carry none.
     """
     cfg = report["config"]
     tpot, ttft = cfg.get("tpot_ms"), cfg.get("ttft_ms")
     condition = "real" if tpot is None else f"emu{tpot:g}ms-ttft{ttft:g}ms"
     policy = cfg["policy"]
-    if policy == "model":
-        policy = f"model-{report_model_name(report)}"
+    if policy == "model" or tpot is None:
+        policy = f"{policy}-{report_model_name(report)}"
     return f"latency_{cfg['workload']}_{policy}_{condition}"
 
 
