@@ -54,7 +54,7 @@ if [[ ",$PARTS," == *,correctness,* ]]; then
         --clock virtual $EX --out "$W/eval_cml-tiny-v28_bfclpar_virtual_gpu.json" > "$W/eval_bfclpar.txt" 2>&1
     log "eval bfclpar: exit $?"
   else
-    log "eval bfclpar: skipped (bfcl-eval is not installed: pip install --no-deps bfcl-eval==2026.3.23)"
+    log "eval bfclpar: skipped (no BFCL data: pip install --no-deps bfcl-eval==2026.3.23, or set BFCL_DATA_DIR)"
   fi
   wait $P_SYN; log "eval synthetic: exit $?"
   wait $P_TEST; log "pytest ${TESTS[*]}: exit $? -- $(tail -n 1 "$W/pytest.log")"
