@@ -111,6 +111,7 @@ def bfcl_tasks(
     n: int, seed: int, split: str = "train", data_dir: str | None = None, cheat_sheet: float = 0.5, split_seed: int = 0,
     plan_latencies: str = "rounded",
     latency_range_ms: tuple[float, float] | None = None,
+    plan_layout: str = "call-first",
 ) -> list[Any]:
     """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
     first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
@@ -123,7 +124,8 @@ def bfcl_tasks(
     (``bfcl.with_cheat_sheet``); the latencies (drawn from ``latency_range_ms``, default
     1-1000 ms; ``plan_latencies="rounded"``: to 10 ms above 100 ms, ``"exact"``: to the
     millisecond) become the calls' ``latency_s``, which the simulator then uses as both
-    expected and execution time.
+    expected and execution time. ``plan_layout`` is how the plan writes each call
+    (``bfcl.PLAN_LAYOUTS``).
 
     Raises ``ImportError`` when ``hf_asynclm.data.bfcl`` is missing and ``FileNotFoundError``
     when the BFCL data is.
@@ -158,7 +160,8 @@ def bfcl_tasks(
     out = []
     for t in pool[:n]:
         if rng.random() < cheat_sheet:
-            t = bfcl.with_cheat_sheet(t, {c.call_id: sample_latency_ms(rng, low, high, exact=exact) for c in t.calls})
+            t = bfcl.with_cheat_sheet(t, {c.call_id: sample_latency_ms(rng, low, high, exact=exact) for c in t.calls},
+                                      layout=plan_layout)
         out.append(t)
     return out
 
@@ -241,6 +244,12 @@ task gives one trace per mode.
     "millisecond (~387ms, as measured latencies and `hf-asynclm eval`'s cheat sheets are).",
 )
 @click.option(
+    "--plan-layout", type=click.Choice(["call-first", "time-first"]), default="call-first", show_default=True,
+    help="BFCL cheat sheets and plan, rank and variants drills: how the plan writes each call, call-first "
+    "(c1 f(a=1) ~300ms) or time-first (~300ms c1 f(a=1)). Train a model on one layout and record it "
+    "(hf-asynclm train --plan-layout) so that eval and bench write its plans that way.",
+)
+@click.option(
     "--latency-ms", "latency_ms", default="1,1000", show_default=True, callback=_parse_latency, metavar="LOW,HIGH",
     help="Expected call latencies, drawn from U(LOW, HIGH) ms: BFCL cheat sheets, synthetic tools outside the "
     "demo catalogue (whose latencies are its own) and any tool without one.",
@@ -287,6 +296,7 @@ def build(
     demo_prompt: float,
     cheat_sheet: float,
     plan_latencies: str,
+    plan_layout: str,
     latency_ms: tuple[float, float],
     tpot_ms: tuple[float, float],
     split_seed: int,
@@ -314,12 +324,15 @@ def build(
 
     if source != "drills" and (drill_calls is not None or drill_close_times):
         raise click.UsageError("--drill-calls and --drill-close-times shape copy drills: use them with --source drills")
+    if source == "synthetic" and plan_layout != "call-first":
+        raise click.UsageError("--plan-layout writes cheat-sheet plans (BFCL tasks and drills): use it with --source "
+                               "bfcl, both or drills")
     if source == "drills":
         from hf_asynclm.data.drills import copy_drills
 
         try:
             drills = copy_drills(n, seed=seed, split=split, kinds=drill_kinds, calls=drill_calls,
-                                 close_times=drill_close_times)
+                                 close_times=drill_close_times, plan_layout=plan_layout)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from exc
         try:
@@ -340,7 +353,7 @@ def build(
     if source in ("bfcl", "both"):
         try:
             found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet, split_seed=split_seed,
-                               plan_latencies=plan_latencies, latency_range_ms=latency_ms)
+                               plan_latencies=plan_latencies, latency_range_ms=latency_ms, plan_layout=plan_layout)
         except (ImportError, FileNotFoundError, ValueError) as exc:
             if source == "bfcl":
                 raise click.ClickException(f"BFCL tasks unavailable: {exc}") from exc

@@ -30,6 +30,11 @@ from .common import DEFAULT_MAX_NEW_TOKENS
     help="--plan-drills: the share of tasks whose expected times all lie in one window of 20-120 ms (the hard "
     "case of the LPT order: only the last digits differ); 0 keeps the tasks of every earlier evaluation.",
 )
+@click.option(
+    "--plan-layout", type=click.Choice(["call-first", "time-first"]), default=None,
+    help="How the cheat-sheet plans of --bfcl and --plan-drills write each call: call-first (c1 f(a=1) ~300ms) or "
+    "time-first (~300ms c1 f(a=1)). Default: what the checkpoint records, else call-first.",
+)
 @click.option("--bfcl-categories", default="simple_python,multiple,parallel,parallel_multiple", show_default=True)
 @click.option("--modes", default="async", show_default=True, help="Comma-separated modes to run (async,sync,sync-parallel).")
 @click.option("--seed", type=int, default=1, show_default=True)
@@ -94,6 +99,7 @@ def eval_command(
     n_plan: int,
     plan_arguments: bool,
     plan_close_times: float,
+    plan_layout: str | None,
     bfcl_categories: str,
     modes: str,
     seed: int,
@@ -152,7 +158,7 @@ def eval_command(
     try:
         alm = AsyncLM.from_pretrained(
             model_path, interrupt_at=interrupt_at, constrain_calls=constrain_calls, no_repeat_calls=no_repeat_calls,
-            complete_names=complete_names, quote_numbers=quote_numbers, device=device,
+            complete_names=complete_names, quote_numbers=quote_numbers, plan_layout=plan_layout, device=device,
         )
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot load model {model_path or '(default)'}: {str(exc).splitlines()[0]}") from None
@@ -200,12 +206,13 @@ def eval_command(
             chosen = []
             for t in eval_tasks[:n_bfcl]:
                 lat = {c.call_id: rng.randint(30, 500) for c in t.calls}
-                chosen.append(bfcl.with_cheat_sheet(t, lat))
+                chosen.append(bfcl.with_cheat_sheet(t, lat, layout=alm.plan_layout))
             run_tasks(evaluate_bfcl, chosen, "bfcl", result_format=bfcl_results)
         if n_plan:
             from hf_asynclm.data.drills import plan_tasks
 
-            plans = plan_tasks(n_plan, seed=seed, split="eval", arguments=plan_arguments, close_times=plan_close_times)
+            plans = plan_tasks(n_plan, seed=seed, split="eval", arguments=plan_arguments, close_times=plan_close_times,
+                               layout=alm.plan_layout)
             name = ("plan-drills" if plan_arguments else "rank-drills") + ("-close" if plan_close_times else "")
             run_tasks(evaluate_bfcl, plans, name, result_format=bfcl_results, name=name)
     for report in reports:

@@ -80,6 +80,9 @@ Examples:
               help="Also record complete_names: the runtime does not let the model end a name from the conversation early in its text.")
 @click.option("--quote-numbers", is_flag=True, default=None,
               help="Also record quote_numbers: the runtime does not let the model write a number its conversation lacks in its text.")
+@click.option("--plan-layout", type=click.Choice(["call-first", "time-first"]), default=None,
+              help="What the checkpoint records for the layout of its cheat-sheet plans: the one the data was built "
+              "with (hf-asynclm data build --plan-layout); eval and bench write its plans that way [call-first].")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def train_command(quiet: bool, **options: Any) -> None:
     """Train a CML checkpoint: a tiny model from scratch, or fine-tune --base (full or --lora).

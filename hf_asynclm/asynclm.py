@@ -36,6 +36,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from .call_grammar import CallGrammarProcessor, ConstrainCalls, check_constrain_calls, check_no_repeat_calls
+from .data.bfcl import check_plan_layout
 from .name_completion import NameCompletionProcessor, check_complete_names, check_quote_numbers
 from .cml import marker_token_ids, visible_text
 from .executor.executor import ToolExecutor
@@ -162,6 +163,7 @@ _RUNTIME_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "no_repeat_calls": check_no_repeat_calls,
     "complete_names": check_complete_names,
     "quote_numbers": check_quote_numbers,
+    "plan_layout": check_plan_layout,
 }
 
 
@@ -279,6 +281,11 @@ class AsyncLM(SessionControl):
             a number may only end where one of them ends (``"579.0"`` is refused where a result
             said ``579.5``; the same processor, ``numbers=True``). For small models whose answers
             only quote results; not for a model that computes (a sum, a date) in its answer.
+        plan_layout: how cheat-sheet plans for this model write each call
+            (:data:`~hf_asynclm.data.bfcl.PLAN_LAYOUTS`): ``"call-first"`` (``c1 f(a=1) ~300ms``) or
+            ``"time-first"`` (``~300ms c1 f(a=1)``). The runtime never writes a plan itself; prompt
+            builders (:func:`~hf_asynclm.data.bfcl.with_cheat_sheet`, ``hf-asynclm eval`` and ``bench``)
+            read it, so that a model sees plans in the layout it was trained on.
     """
 
     def __init__(
@@ -302,6 +309,7 @@ class AsyncLM(SessionControl):
         no_repeat_calls: bool = False,
         complete_names: bool = False,
         quote_numbers: bool = False,
+        plan_layout: str = "call-first",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -318,6 +326,7 @@ class AsyncLM(SessionControl):
             raise ValueError("no_repeat_calls=True works through constrained decoding: pass constrain_calls='schema' or 'grounded'")
         self.complete_names = check_complete_names(complete_names)
         self.quote_numbers = check_quote_numbers(quote_numbers)
+        self.plan_layout = check_plan_layout(plan_layout)
         self.model = model
         self.tokenizer = tokenizer
         self.registry = ToolRegistry.coerce(tools)

@@ -629,6 +629,7 @@ def render_model_card(
         no_repeat_calls=runtime.get("no_repeat_calls") is True,
         complete_names=runtime.get("complete_names") is True,
         quote_numbers=runtime.get("quote_numbers") is True,
+        plan_layout=runtime.get("plan_layout"),
     )
     return card
 

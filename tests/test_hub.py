@@ -376,6 +376,11 @@ def test_card_from_the_trainers_record(tmp_path: Path, caplog: pytest.LogCapture
     (folder / "cml_training.json").write_text(json.dumps(record))
     text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
     assert '`"interrupt_at": "sentence"`' in text and "one at a time (paced)" in text and "between words" not in text
+    assert "plan_layout" not in text
+    record["runtime"]["plan_layout"] = "time-first"
+    (folder / "cml_training.json").write_text(json.dumps(record))
+    text = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma"}).text
+    assert '`"plan_layout": "time-first"`' in text and "~420ms c1 f(a=1)" in text
     card = render_model_card(folder, "org/cml-gemma", card_data={"license": "gemma", "base_model": "google/gemma-3-270m"})
     assert card.data.base_model == "google/gemma-3-270m"
 

@@ -202,7 +202,7 @@ def run_accuracy(
         if not config.cheat_sheet:
             return task.messages
         lat = {cid: round(s * 1000 / config.latency_scale) for cid, s in toolset.planned_latencies().items()}
-        return with_cheat_sheet(task, lat).messages
+        return with_cheat_sheet(task, lat, layout=bm.plan_layout).messages
 
     # tasks whose prompt does not fit the model's context are left out, and said
     budget = config.max_new_tokens if policy is None else 0

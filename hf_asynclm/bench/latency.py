@@ -268,6 +268,7 @@ class BenchModel:
     notes: list[str] = field(default_factory=list)
     interrupt_at: str = "token"
     random_spec: str = "tiny-random"
+    plan_layout: str = "call-first"  # how cheat-sheet plans are written for it (the checkpoint's record)
 
     @property
     def name(self) -> str:
@@ -291,7 +292,7 @@ def load_bench_model(spec: str | None = None, device: str | torch.device | None 
     from ..prompting import CML_CHAT_TEMPLATE
 
     notes: list[str] = []
-    interrupt_at = "token"
+    interrupt_at, plan_layout = "token", "call-first"
     target = check_device(device) if device is not None else torch.device("cpu")
     if spec in (None, "", "default"):
         if (DEFAULT_CHECKPOINT / "config.json").exists():
@@ -319,7 +320,7 @@ def load_bench_model(spec: str | None = None, device: str | torch.device | None 
         path = None
     else:
         alm = AsyncLM.from_pretrained(spec, device=device)
-        model, tok, interrupt_at = alm.model, alm.tokenizer, alm.interrupt_at
+        model, tok, interrupt_at, plan_layout = alm.model, alm.tokenizer, alm.interrupt_at, alm.plan_layout
         n_params = sum(p.numel() for p in model.parameters())
         label, path = f"{Path(str(spec)).name} ({type(model).__name__}, {n_params / 1e6:.1f}M parameters, vocabulary {len(tok)})", str(spec)
     if target.type != "cpu":
@@ -331,7 +332,7 @@ def load_bench_model(spec: str | None = None, device: str | torch.device | None 
         notes.append("CML markers are not single tokens in this tokenizer: the sync baseline stops on the string [END]")
     model.eval()
     random_spec = "random-llama-1b" if spec == "random-llama-1b" else "tiny-random"
-    return BenchModel(model, tok, label, path, notes, interrupt_at, random_spec)
+    return BenchModel(model, tok, label, path, notes, interrupt_at, random_spec, plan_layout)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -1103,13 +1104,13 @@ def _timeline(trace: RunTrace, classes: list[str], blocks: list[dict[str, Any]],
 # ---------------------------------------------------------------------------------------------
 
 
-def _messages(task: Task, policy: str, toolset: ToolSet) -> list[dict[str, Any]]:
+def _messages(task: Task, policy: str, toolset: ToolSet, layout: str = "call-first") -> list[dict[str, Any]]:
     if policy != "model":
         return task.messages
     from ..data.bfcl import with_cheat_sheet
 
     lat = {cid: round(s * 1000) for cid, s in toolset.planned_latencies().items()}
-    return with_cheat_sheet(task, lat).messages
+    return with_cheat_sheet(task, lat, layout=layout).messages
 
 
 def run_task(
@@ -1122,7 +1123,7 @@ def run_task(
     """Run one task in every mode of ``config`` (in ``order``); return the raw traces."""
     toolset = _toolset(task, config)
     expected = toolset.planned_latencies()
-    messages = _messages(task, config.policy, toolset)
+    messages = _messages(task, config.policy, toolset, bm.plan_layout)
     out: dict[str, RunTrace] = {}
     for mode in order or config.modes:
         policy = None
@@ -1204,7 +1205,7 @@ def describe_left_out(left_out: Sequence[Mapping[str, Any]], budget: int = 0) ->
 def prompt_tokens(bm: BenchModel, task: Task, config: LatencyConfig) -> int:
     """Tokens of the prompt ``task`` gets in ``config`` (chat template, tools, cheat sheet)."""
     toolset = _toolset(task, config)
-    return prompt_length(bm, _messages(task, config.policy, toolset), toolset.registry().schemas())
+    return prompt_length(bm, _messages(task, config.policy, toolset, bm.plan_layout), toolset.registry().schemas())
 
 
 def split_by_context(bm: BenchModel, tasks: Sequence[Task], config: LatencyConfig) -> tuple[list[Task], list[dict[str, Any]]]:
@@ -1214,7 +1215,7 @@ def split_by_context(bm: BenchModel, tasks: Sequence[Task], config: LatencyConfi
     keep, skipped = [], []
     for task in tasks:
         toolset = _toolset(task, config)
-        out = beyond_context(bm, task, _messages(task, config.policy, toolset), toolset.registry().schemas(), budget)
+        out = beyond_context(bm, task, _messages(task, config.policy, toolset, bm.plan_layout), toolset.registry().schemas(), budget)
         if out is None:
             keep.append(task)
         else:

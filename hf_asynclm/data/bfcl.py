@@ -77,6 +77,8 @@ __all__ = [
     "parse_call",
     "join_chains",
     "multistep_parallel_tasks",
+    "PLAN_LAYOUTS",
+    "check_plan_layout",
     "with_cheat_sheet",
     "split",
 ]
@@ -616,13 +618,50 @@ def multistep_parallel_tasks(
 # ---------------------------------------------------------------------------------------------
 
 
-def with_cheat_sheet(task: Task, latencies_ms: Mapping[str, int] | None = None) -> Task:
+#: How :func:`with_cheat_sheet` writes each planned call: ``"call-first"`` (``c1 f(a=1) ~300ms``, every
+#: checkpoint up to cml-tiny v28) or ``"time-first"`` (``~300ms c1 f(a=1)``: the expected time right before
+#: the call id, so that a small model finds the id of the longest call next to its time, however long
+#: the call's arguments are).
+PLAN_LAYOUTS = ("call-first", "time-first")
+
+
+def check_plan_layout(layout: str) -> str:
+    """Return ``layout`` when it is one of :data:`PLAN_LAYOUTS`, else raise ``ValueError``.
+
+    >>> check_plan_layout("time-first")
+    'time-first'
+    >>> check_plan_layout("time")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown plan layout 'time': use call-first or time-first
+    """
+    if layout not in PLAN_LAYOUTS:
+        raise ValueError(f"unknown plan layout {layout!r}: use {' or '.join(PLAN_LAYOUTS)}")
+    return layout
+
+
+def with_cheat_sheet(task: Task, latencies_ms: Mapping[str, int] | None = None, layout: str = "call-first") -> Task:
     """A copy of ``task`` whose last user message ends with the plan of its ground-truth calls.
 
     As the paper did for its latency runs: ``"\\nPlan: c1 get_x(a=1) ~300ms; c2 get_y(b=2)
     ~120ms after c1"``. Latencies come from ``latencies_ms`` (by call id; also stored in the
-    copy's ``latency_s``), else from the calls' ``latency_s``, else are not shown.
+    copy's ``latency_s``), else from the calls' ``latency_s``, else are not shown. ``layout``
+    (:data:`PLAN_LAYOUTS`) ``"time-first"`` writes each time before its call id instead:
+    ``"\\nPlan: ~300ms c1 get_x(a=1); ~120ms c2 get_y(b=2) after c1"``; a checkpoint records the
+    layout it was trained on (``AsyncLM.plan_layout``).
+
+    Example:
+
+    ```python
+    >>> from hf_asynclm.data.tasks import PlannedCall, Task
+    >>> t = Task("t", "demo", "parallel", [{"role": "user", "content": "Go."}], [],
+    ...          [PlannedCall("c1", "f", {"a": 1}), PlannedCall("c2", "g", {}, depends_on=["c1"])])
+    >>> with_cheat_sheet(t, {"c1": 300, "c2": 120}, layout="time-first").messages[-1]["content"]
+    'Go.\\nPlan: ~300ms c1 f(a=1); ~120ms c2 g() after c1'
+
+    ```
     """
+    check_plan_layout(layout)
     new = copy.deepcopy(task)
     parts = []
     for c in new.calls:
@@ -634,7 +673,7 @@ def with_cheat_sheet(task: Task, latencies_ms: Mapping[str, int] | None = None) 
             ms = c.latency_s * 1000.0
         text = f"{c.call_id} {c.body()}"
         if ms is not None:
-            text += f" ~{round(ms)}ms"
+            text = f"~{round(ms)}ms {text}" if layout == "time-first" else f"{text} ~{round(ms)}ms"
         if c.depends_on:
             text += f" after {', '.join(c.depends_on)}"
         parts.append(text)
@@ -651,6 +690,8 @@ def with_cheat_sheet(task: Task, latencies_ms: Mapping[str, int] | None = None) 
     else:
         new.messages.append({"role": "user", "content": plan.lstrip("\n")})
     new.meta["cheat_sheet"] = True
+    if layout != "call-first":
+        new.meta["plan_layout"] = layout
     return new
 
 

@@ -58,8 +58,9 @@ The first three were the shipped recipe's stage 1-3 drills; ``calls`` and ``plan
 for stage 4, after the evaluation showed parallel requests repeating one call and BFCL names
 miscopied. ``copy_drills(..., kinds=...)`` picks which kinds to generate.
 
-Two options (:class:`DrillOptions`, ``data build --drill-calls`` / ``--drill-close-times``) shape
-the multi-call kinds; at their defaults every drill is byte for byte what it was before them:
+Three options (:class:`DrillOptions`, ``data build --drill-calls`` / ``--drill-close-times`` /
+``--plan-layout``) shape the multi-call kinds; at their defaults every drill is byte for byte what it
+was before them:
 
 * ``calls=4`` (or a range ``(2, 3)``): the number of calls of each ``calls``, ``plan``, ``rank``,
   ``variants`` and ``order`` drill, e.g. only four-call plans, the ones cml-tiny orders worst;
@@ -70,6 +71,9 @@ the multi-call kinds; at their defaults every drill is byte for byte what it was
   four-call order once (session 29: 9 of 22) and not with other draws (session 30: 3 of 18), and
   ``hf-asynclm eval --plan-drills 200 --plan-close-times 1`` shows the shipped weights barely compare
   such times (docs/CML_TINY_HISTORY.md).
+* ``plan_layout="time-first"``: the plans of the ``plan``, ``rank`` and ``variants`` drills write each
+  expected time right before its call id (``Plan: ~310ms c1 f(a=1); ~95ms c2 g()``,
+  :func:`hf_asynclm.data.bfcl.with_cheat_sheet`); the calls, tools and the model's part stay the same.
 
 Values come from the same split-aware pools as the synthetic tasks
 (:class:`~hf_asynclm.data.synthetic.Pools`), so drills of the ``train`` split never contain
@@ -102,7 +106,7 @@ from typing import Any, Callable, Sequence
 
 from ..cml import format_call, format_interrupt, format_trap
 from .synthetic import Pools
-from .bfcl import with_cheat_sheet
+from .bfcl import check_plan_layout, with_cheat_sheet
 from .tasks import PlannedCall, Task
 
 #: Drill kinds ``copy_drills`` generates in turn by default.
@@ -158,6 +162,8 @@ _Drill = tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, Any]]]
 CALL_COUNT_KINDS: tuple[str, ...] = ("calls", "plan", "rank", "variants", "order")
 #: Kinds whose expected times ``close_times=`` (``--drill-close-times``) draws close together.
 TIMED_KINDS: tuple[str, ...] = ("plan", "rank", "variants", "order")
+#: Kinds whose prompt holds a cheat-sheet plan (its layout: ``plan_layout=``, ``--plan-layout``).
+PLAN_KINDS: tuple[str, ...] = ("plan", "rank", "variants")
 #: The most calls ``calls=`` allows (the ``order`` drills list up to three more tools than they call).
 MAX_DRILL_CALLS = 8
 
@@ -173,10 +179,14 @@ class DrillOptions:
             one window of 20-120 ms (2 ms apart at least) rather than spread over 20-900 ms. Models
             that compare only the hundreds digit get such plans wrong: cml-tiny's four-call errors
             on BFCL were swaps of times less than 30 ms apart (docs/CML_TINY_HISTORY.md, session 29).
+        plan_layout: how the cheat-sheet plans of the ``plan``, ``rank`` and ``variants`` drills write
+            each call (:data:`hf_asynclm.data.bfcl.PLAN_LAYOUTS`): ``"call-first"`` (``c1 f(a=1)
+            ~300ms``) or ``"time-first"`` (``~300ms c1 f(a=1)``).
     """
 
     calls: tuple[int, int] | None = None
     close_times: float = 0.0
+    plan_layout: str = "call-first"
 
     def __post_init__(self) -> None:
         if self.calls is not None:
@@ -185,6 +195,7 @@ class DrillOptions:
                 raise ValueError(f"calls must be (low, high) with 2 <= low <= high <= {MAX_DRILL_CALLS}, got {self.calls}")
         if not 0.0 <= self.close_times <= 1.0:
             raise ValueError(f"close_times is a probability in [0, 1], got {self.close_times}")
+        check_plan_layout(self.plan_layout)
 
     def n_calls(self, p: Pools) -> int:
         """A drill's number of calls: ``calls`` if set, else 2-4 (the draw the drills always made)."""
@@ -359,7 +370,7 @@ def _spaced_times(p: Pools, k: int, gap_ms: int, close_times: float = 0.0) -> li
 
 def _plan_task(
     p: Pools, n_calls: int | None = None, distinct: bool = False, call_range: tuple[int, int] = (1, 4),
-    close_times: float = 0.0,
+    close_times: float = 0.0, layout: str = "call-first",
 ) -> Task:
     """A cheat-sheet task over 1-3 made-up tools: ``n_calls`` calls (default: drawn from ``call_range``)
     with 20-900 ms each (with probability ``close_times``: all in one narrow window, :func:`_close_times`);
@@ -390,10 +401,10 @@ def _plan_task(
     ask = r.choice(_PLAN_ASKS)
     used = len({c.name for c in calls})
     category = ("parallel_multiple" if used > 1 else "parallel") if len(calls) > 1 else ("multiple" if len(tools) > 1 else "simple")
-    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
+    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls), layout=layout)
 
 
-def _rank_task(p: Pools, n_calls: int, close_times: float = 0.0) -> Task:
+def _rank_task(p: Pools, n_calls: int, close_times: float = 0.0, layout: str = "call-first") -> Task:
     """A cheat-sheet task of ``n_calls`` made-up tools without parameters (``c1 name() ~300ms``),
     their times 20-900 ms and at least 5 ms apart (``close_times``: see :func:`_spaced_times`):
     only the times tell the calls' order."""
@@ -404,10 +415,10 @@ def _rank_task(p: Pools, n_calls: int, close_times: float = 0.0) -> Task:
     tools = [_made_up_tool(n, {}) for n in names]
     ask = r.choice(_PLAN_ASKS)
     category = "parallel_multiple" if n_calls > 1 else "simple"
-    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
+    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls), layout=layout)
 
 
-def _variants_task(p: Pools, n_calls: int, close_times: float = 0.0) -> Task:
+def _variants_task(p: Pools, n_calls: int, close_times: float = 0.0, layout: str = "call-first") -> Task:
     """A cheat-sheet task of ``n_calls`` calls to one made-up tool (sometimes a second tool takes
     the last call) whose arguments share their values but one, as BFCL's parallel requests do
     (``c1 f(temp=300, gas="air") ~90ms; c2 f(temp=350, gas="air") ~420ms``); times 20-900 ms, at
@@ -450,7 +461,7 @@ def _variants_task(p: Pools, n_calls: int, close_times: float = 0.0) -> Task:
     else:
         ask = r.choice(_PLAN_ASKS)
     category = "parallel_multiple" if with_second else "parallel"
-    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls))
+    return with_cheat_sheet(Task("drill", "drill", category, [{"role": "user", "content": ask}], tools, calls), layout=layout)
 
 
 def _plan_segments(task: Task) -> list[dict[str, str]]:
@@ -473,15 +484,15 @@ def _plan_drill(task: Task) -> _Drill:
 
 
 def _plan(p: Pools, o: DrillOptions) -> _Drill:
-    return _plan_drill(_plan_task(p, call_range=o.calls or (1, 4), close_times=o.close_times))
+    return _plan_drill(_plan_task(p, call_range=o.calls or (1, 4), close_times=o.close_times, layout=o.plan_layout))
 
 
 def _rank(p: Pools, o: DrillOptions) -> _Drill:
-    return _plan_drill(_rank_task(p, o.n_calls(p), close_times=o.close_times))
+    return _plan_drill(_rank_task(p, o.n_calls(p), close_times=o.close_times, layout=o.plan_layout))
 
 
 def _variants(p: Pools, o: DrillOptions) -> _Drill:
-    return _plan_drill(_variants_task(p, o.n_calls(p), close_times=o.close_times))
+    return _plan_drill(_variants_task(p, o.n_calls(p), close_times=o.close_times, layout=o.plan_layout))
 
 
 def _order(p: Pools, o: DrillOptions) -> _Drill:
@@ -542,6 +553,7 @@ def copy_drills(
     kinds: Sequence[str] | None = None,
     calls: int | tuple[int, int] | None = None,
     close_times: float = 0.0,
+    plan_layout: str = "call-first",
 ) -> list[dict[str, Any]]:
     """``n`` copy drills (kinds in turn), as trace dicts ``hf-asynclm train`` reads.
 
@@ -556,6 +568,8 @@ def copy_drills(
         close_times: the share of drills of :data:`TIMED_KINDS` whose expected times all lie in one
             window of 20-120 ms (:class:`DrillOptions`); default 0, the times spread over 20-900 ms.
             With either option at its default the drills are byte for byte what they were without it.
+        plan_layout: how the plans of the ``plan``, ``rank`` and ``variants`` drills write each call
+            (:data:`hf_asynclm.data.bfcl.PLAN_LAYOUTS`; default ``"call-first"``, as before the option).
 
     Returns:
         dicts with ``task_id``, ``mode="drill"``, ``source="drill"``, ``category`` (the kind),
@@ -568,17 +582,22 @@ def copy_drills(
     if unknown or not kinds:
         raise ValueError(f"unknown drill kinds {unknown or '(none given)'}; "
                          f"choose from {list(DRILL_KINDS + EXTRA_DRILL_KINDS)}")
-    options = DrillOptions(calls=(calls, calls) if isinstance(calls, int) else calls, close_times=close_times)
+    options = DrillOptions(calls=(calls, calls) if isinstance(calls, int) else calls, close_times=close_times,
+                           plan_layout=plan_layout)
     if options.calls is not None and not set(kinds) & set(CALL_COUNT_KINDS):
         raise ValueError(f"calls= sets the number of calls of the kinds {list(CALL_COUNT_KINDS)}; none of them is in {list(kinds)}")
     if options.close_times and not set(kinds) & set(TIMED_KINDS):
         raise ValueError(f"close_times= draws the times of the kinds {list(TIMED_KINDS)}; none of them is in {list(kinds)}")
+    if options.plan_layout != "call-first" and not set(kinds) & set(PLAN_KINDS):
+        raise ValueError(f"plan_layout= writes the plans of the kinds {list(PLAN_KINDS)}; none of them is in {list(kinds)}")
     pools = Pools(random.Random(f"drills-{seed}-{split}"), split=split)
     meta_options: dict[str, Any] = {}
     if options.calls is not None:
         meta_options["calls"] = list(options.calls)
     if options.close_times:
         meta_options["close_times"] = options.close_times
+    if options.plan_layout != "call-first":
+        meta_options["plan_layout"] = options.plan_layout
     out: list[dict[str, Any]] = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
@@ -598,7 +617,7 @@ def copy_drills(
 
 def plan_tasks(
     n: int, seed: int = 0, split: str = "eval", calls: tuple[int, int] = (2, 4), arguments: bool = True,
-    close_times: float = 0.0,
+    close_times: float = 0.0, layout: str = "call-first",
 ) -> list[Task]:
     """``n`` plan-drill tasks to *evaluate* on: the ``plan`` drill's prompt as a :class:`Task`.
 
@@ -610,7 +629,8 @@ def plan_tasks(
     rate measures the one skill of comparing expected times. ``arguments=False``: the ``rank``
     drills' tasks instead (tools without parameters, one per call). ``close_times``: the share of tasks
     whose expected times all lie in one window of 20-120 ms (:class:`DrillOptions`; 0 keeps the tasks
-    of every earlier evaluation). Tasks of one ``seed`` are the same
+    of every earlier evaluation). ``layout``: how the plan writes each call
+    (:data:`hf_asynclm.data.bfcl.PLAN_LAYOUTS`; the checkpoint's ``AsyncLM.plan_layout``). Tasks of one ``seed`` are the same
     on every run; the default seed stream is not the drills' (``copy_drills`` uses
     ``drills-{seed}-{split}``, these ``plan-tasks-{seed}-{split}``).
 
@@ -629,13 +649,13 @@ def plan_tasks(
     lo, hi = calls
     if not 1 <= lo <= hi:
         raise ValueError(f"calls must be (low, high) with 1 <= low <= high, got {calls}")
-    DrillOptions(close_times=close_times)  # checks it
+    DrillOptions(close_times=close_times, plan_layout=layout)  # checks them
     pools = Pools(random.Random(f"plan-tasks-{seed}-{split}"), split=split)
     out = []
     for i in range(n):
         k = pools.rng.randint(lo, hi)
-        task = (_plan_task(pools, n_calls=k, distinct=True, close_times=close_times) if arguments
-                else _rank_task(pools, k, close_times=close_times))
+        task = (_plan_task(pools, n_calls=k, distinct=True, close_times=close_times, layout=layout) if arguments
+                else _rank_task(pools, k, close_times=close_times, layout=layout))
         task.task_id = f"plan-{split}-{seed}-{i}"
         out.append(task)
     return out
@@ -643,5 +663,5 @@ def plan_tasks(
 
 __all__ = [
     "CALL_COUNT_KINDS", "DRILL_KINDS", "DrillOptions", "EXTRA_DRILL_KINDS", "LOOKUP_TOOL", "MAX_DRILL_CALLS",
-    "TIMED_KINDS", "copy_drills", "plan_tasks",
+    "PLAN_KINDS", "TIMED_KINDS", "copy_drills", "plan_tasks",
 ]

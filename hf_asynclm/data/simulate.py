@@ -667,6 +667,8 @@ def simulate(
     }
     if paced:
         meta["interrupt_at"] = interrupt_at
+    if (task.meta or {}).get("plan_layout"):  # a cheat sheet in a layout other than call-first
+        meta["plan_layout"] = task.meta["plan_layout"]
     if followup:
         meta["followup_calls"] = [c["call_id"] for c in followup.get("calls", [])] if user["fired"] else []
         if user["fired"]:

@@ -38,11 +38,13 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..call_grammar import check_constrain_calls, check_no_repeat_calls
+from ..data.bfcl import check_plan_layout
 from ..name_completion import check_complete_names, check_quote_numbers
 from ..generation import check_interrupt_at
 from ..cml import MARKERS, add_cml_tokens, marker_token_ids
@@ -159,6 +161,7 @@ class TrainConfig:
     no_repeat_calls: bool = False  # recorded only when True (needs constrain_calls on)
     complete_names: bool = False  # recorded only when True
     quote_numbers: bool = False  # recorded only when True
+    plan_layout: str = "call-first"  # how the data's cheat-sheet plans write each call; recorded unless call-first
 
     # bookkeeping
     logging_steps: int = 10
@@ -236,6 +239,7 @@ class TrainConfig:
         check_no_repeat_calls(self.no_repeat_calls)
         check_complete_names(self.complete_names)
         check_quote_numbers(self.quote_numbers)
+        check_plan_layout(self.plan_layout)
         if self.no_repeat_calls and self.constrain_calls == "off":
             raise ValueError("no_repeat_calls works through constrained calls: record constrain_calls 'schema' or 'grounded' too")
         if self.base_model is None and self.hidden_size % self.num_heads:
@@ -677,6 +681,7 @@ def train(config: TrainConfig) -> Path:
         elif config.gradient_checkpointing:
             model.config.use_cache = False
 
+    _check_plan_layout(examples, config.plan_layout)
     stats = DatasetStats(files=[str(p) for p in config.data_files])
     dataset: CMLDataset = tokenize_examples(tokenizer, examples, max_length=config.max_length,
                                             truncate=config.truncate, stats=stats)
@@ -738,6 +743,7 @@ def train(config: TrainConfig) -> Path:
                 **({"no_repeat_calls": True} if config.no_repeat_calls else {}),
                 **({"complete_names": True} if config.complete_names else {}),
                 **({"quote_numbers": True} if config.quote_numbers else {}),
+                **({"plan_layout": config.plan_layout} if config.plan_layout != "call-first" else {}),
             },
             "simulator": summarize_meta(dataset.examples),
             "config": _jsonable({**dataclasses.asdict(config), "learning_rate": config.resolved_learning_rate()}),
@@ -865,6 +871,21 @@ def _version(dist: str) -> str | None:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _check_plan_layout(examples: Sequence[dict[str, Any]], plan_layout: str) -> None:
+    """Raise ``ValueError`` when traces record a cheat-sheet layout (``meta["plan_layout"]``, written by
+    ``data build --plan-layout``) other than the one the checkpoint is to record."""
+    found = Counter(str((ex.get("meta") or {}).get("plan_layout")) for ex in examples
+                    if isinstance(ex.get("meta"), dict) and ex["meta"].get("plan_layout"))
+    other = {k: n for k, n in found.items() if k != plan_layout}
+    if other:
+        layout, n = max(other.items(), key=lambda kv: kv[1])
+        raise ValueError(
+            f"{n} training traces were built with --plan-layout {layout}, but the checkpoint would record "
+            f"plan_layout={plan_layout!r}: pass --plan-layout {layout} (TrainConfig.plan_layout), or rebuild the data "
+            f"with hf-asynclm data build --plan-layout {plan_layout}"
+        )
 
 
 def cml_tokenizer_for_base(base: str | Path, adapter_dir: str | Path | None = None) -> Any:
