@@ -1104,7 +1104,7 @@ def _timeline(trace: RunTrace, classes: list[str], blocks: list[dict[str, Any]],
 # ---------------------------------------------------------------------------------------------
 
 
-def _messages(task: Task, policy: str, toolset: ToolSet, layout: str = "call-first") -> list[dict[str, Any]]:
+def _messages(task: Task, policy: str, toolset: ToolSet, layout: str) -> list[dict[str, Any]]:
     if policy != "model":
         return task.messages
     from ..data.bfcl import with_cheat_sheet

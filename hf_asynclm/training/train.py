@@ -876,7 +876,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def _check_plan_layout(examples: Sequence[dict[str, Any]], plan_layout: str) -> None:
     """Raise ``ValueError`` when traces record a cheat-sheet layout (``meta["plan_layout"]``, written by
     ``data build --plan-layout``) other than the one the checkpoint is to record."""
-    found = Counter(str((ex.get("meta") or {}).get("plan_layout")) for ex in examples
+    found = Counter(str(ex["meta"]["plan_layout"]) for ex in examples
                     if isinstance(ex.get("meta"), dict) and ex["meta"].get("plan_layout"))
     other = {k: n for k, n in found.items() if k != plan_layout}
     if other:
