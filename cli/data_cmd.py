@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 _MODES = ("async", "sync", "sync-parallel")
 #: BFCL categories used for training data (the live ones are held out for evaluation).
 _BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "multi_turn_base")
+#: What ``data build --bfcl-categories`` takes: the categories above and the multi-step parallel tasks
+#: joined from ``multi_turn_base`` first turns.
+BFCL_TRAIN_CATEGORIES = _BFCL_CATEGORIES + ("multistep_parallel",)
 
 
 def _parse_modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -112,9 +115,12 @@ def bfcl_tasks(
     plan_latencies: str = "rounded",
     latency_range_ms: tuple[float, float] | None = None,
     plan_layout: str = "call-first",
+    categories: Iterable[str] | None = None,
 ) -> list[Any]:
     """Up to ``n`` BFCL tasks of ``split`` (seeded sample): the single-turn categories, the
-    first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those.
+    first turns of ``multi_turn_base`` and multi-step parallel tasks joined from those
+    (``categories``: only those of :data:`BFCL_TRAIN_CATEGORIES`; ``None``: all, the draw data
+    built before the option had).
 
     The train/eval split is ``bfcl.split(tasks, seed=split_seed)``, the same one evaluation
     and the benchmarks use (their ``--split-seed``, default 0), whatever ``seed`` samples: data
@@ -128,10 +134,16 @@ def bfcl_tasks(
     (``bfcl.PLAN_LAYOUTS``).
 
     Raises ``ImportError`` when ``hf_asynclm.data.bfcl`` is missing and ``FileNotFoundError``
-    when the BFCL data is.
+    when the BFCL data is; ``ValueError`` for an unknown category.
     """
     from hf_asynclm.data import bfcl
     from hf_asynclm.data.simulate import DEFAULT_LATENCY_RANGE_MS, check_latency_range, sample_latency_ms
+
+    wanted = set(BFCL_TRAIN_CATEGORIES if categories is None else categories)
+    unknown = sorted(wanted - set(BFCL_TRAIN_CATEGORIES))
+    if unknown or not wanted:
+        raise ValueError(f"unknown BFCL training categories {', '.join(unknown) or '(none)'}; choose from "
+                         f"{', '.join(BFCL_TRAIN_CATEGORIES)}")
 
     low, high = check_latency_range(DEFAULT_LATENCY_RANGE_MS if latency_range_ms is None else latency_range_ms)
     if plan_latencies not in ("rounded", "exact"):
@@ -147,13 +159,16 @@ def bfcl_tasks(
         if cat not in available:
             logger.warning("BFCL category %s not found; skipped", cat)
             continue
+        if cat not in wanted and not (cat == "multi_turn_base" and "multistep_parallel" in wanted):
+            continue
         tasks = [bfcl.to_task(e, cat) for e in bfcl.load_category(cat, data_dir)]
         train, ev = bfcl.split(tasks, seed=split_seed)
         part = train if split == "train" else ev
-        pool.extend(part)
+        if cat in wanted:
+            pool.extend(part)
         if cat == "multi_turn_base":
             multi_turn = part
-    if len([t for t in multi_turn if 1 <= len(t.calls) <= 5]) >= 3:
+    if "multistep_parallel" in wanted and len([t for t in multi_turn if 1 <= len(t.calls) <= 5]) >= 3:
         pool.extend(bfcl.multistep_parallel_tasks(max(1, n // 5), seed, pool=multi_turn))
     pool = [t for t in pool if t.calls]
     rng.shuffle(pool)
@@ -276,6 +291,11 @@ task gives one trace per mode.
     "varied, one of several shapes per call (hf_asynclm.data.simulate.VARIED_RESULT_SHAPES), so that a model goes on "
     "after results of any shape. Neither uses the keys of the evaluation's default BFCL result.",
 )
+@click.option(
+    "--bfcl-categories", default=None, callback=_comma_choices("BFCL category", lambda: BFCL_TRAIN_CATEGORIES),
+    help="BFCL: only tasks of these categories, comma-separated (default: all of "
+    "simple_python, multiple, parallel, parallel_multiple, multi_turn_base, multistep_parallel).",
+)
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")
 def build(
@@ -302,6 +322,7 @@ def build(
     split_seed: int,
     interrupt_at: str,
     generic_results: str,
+    bfcl_categories: list[str] | None,
     data_dir: str | None,
     stats_path: Path | None,
 ) -> None:
@@ -324,6 +345,8 @@ def build(
 
     if source != "drills" and (drill_calls is not None or drill_close_times):
         raise click.UsageError("--drill-calls and --drill-close-times shape copy drills: use them with --source drills")
+    if source not in ("bfcl", "both") and bfcl_categories:
+        raise click.UsageError("--bfcl-categories picks BFCL tasks: use it with --source bfcl or both")
     if source == "synthetic" and plan_layout != "call-first":
         raise click.UsageError("--plan-layout writes cheat-sheet plans (BFCL tasks and drills): use it with --source "
                                "bfcl, both or drills")
@@ -353,7 +376,8 @@ def build(
     if source in ("bfcl", "both"):
         try:
             found = bfcl_tasks(n, seed, split=split, data_dir=data_dir, cheat_sheet=cheat_sheet, split_seed=split_seed,
-                               plan_latencies=plan_latencies, latency_range_ms=latency_ms, plan_layout=plan_layout)
+                               plan_latencies=plan_latencies, latency_range_ms=latency_ms, plan_layout=plan_layout,
+                               categories=bfcl_categories)
         except (ImportError, FileNotFoundError, ValueError) as exc:
             if source == "bfcl":
                 raise click.ClickException(f"BFCL tasks unavailable: {exc}") from exc

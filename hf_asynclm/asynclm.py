@@ -201,7 +201,8 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     traces only put interrupts between words or right after a block, and its markers are single
     tokens (calls can be held to the tools' schemas; ``--constrain-calls`` records another setting,
     e.g. the shipped cml-tiny's ``"grounded"``, ``--no-repeat-calls`` adds ``"no_repeat_calls": true``,
-    ``--complete-names`` adds ``"complete_names": true``, ``--quote-numbers`` ``"quote_numbers": true``
+    ``--complete-names`` adds ``"complete_names": true``, ``--quote-numbers`` ``"quote_numbers": true``,
+    ``--plan-layout time-first`` ``"plan_layout": "time-first"``
     and ``--interrupt-at sentence`` records paced interrupts, for a model trained on paced traces). A value this version does not know is left out
     with a warning (the constructor's default applies).
 
@@ -210,7 +211,7 @@ def checkpoint_runtime_defaults(folder: str | Path) -> dict[str, Any]:
     ```python
     >>> from hf_asynclm.asynclm import DEFAULT_CHECKPOINT, checkpoint_runtime_defaults
     >>> checkpoint_runtime_defaults(DEFAULT_CHECKPOINT)
-    {'interrupt_at': 'sentence', 'constrain_calls': 'grounded', 'no_repeat_calls': True, 'complete_names': True}
+    {'interrupt_at': 'sentence', 'constrain_calls': 'grounded', 'no_repeat_calls': True, 'complete_names': True, 'plan_layout': 'time-first'}
 
     ```
     """

@@ -490,3 +490,47 @@ def test_real_bfcl_package_counts():
     assert all(len(t.calls) >= 2 for t in bfcl.load_tasks("parallel", data_dir=root))
     ms = bfcl.multistep_parallel_tasks(10, seed=0, data_dir=root)
     assert all(len(t.meta["parts"]) == 3 for t in ms)
+
+
+def test_data_build_bfcl_categories_picks_tasks_and_keeps_the_default_draw(tmp_path):
+    """`data build --bfcl-categories parallel,parallel_multiple` builds traces of those categories
+    only (the same tasks of them as the full draw); naming every category is the default draw, and
+    the option is checked (unknown names, non-BFCL sources)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hf_asynclm_cli.data_cmd import bfcl_tasks, data
+
+    base = ["build", "--n", "200", "--seed", "4", "--source", "bfcl", "--data-dir", str(MINI), "--modes", "async",
+            "--max-tokens", "0", "--cheat-sheet", "1.0", "--split", "eval"]  # the mini fixture's larger side
+
+    def build(name, *extra):
+        out = tmp_path / name
+        r = CliRunner().invoke(data, [*base, "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    everything = build("all.jsonl")
+    picked = build("par.jsonl", "--bfcl-categories", "parallel,parallel_multiple")
+    assert {ex["category"] for ex in everything} > {"parallel", "parallel_multiple"}
+    assert picked and {ex["category"] for ex in picked} <= {"parallel", "parallel_multiple"}
+    # the same training tasks of those categories as the full draw holds (its side of the split)
+    par_ids = {ex["task_id"] for ex in everything if ex["category"] in ("parallel", "parallel_multiple")}
+    assert {ex["task_id"] for ex in picked} == par_ids
+    # naming every category is the default draw, line for line
+    every = "simple_python,multiple,parallel,parallel_multiple,multi_turn_base,multistep_parallel"
+    assert build("every.jsonl", "--bfcl-categories", every) == everything
+    multistep = build("ms.jsonl", "--bfcl-categories", "multistep_parallel")
+    assert multistep and {ex["category"] for ex in multistep} == {"multistep_parallel"}
+
+    for extra, words in ((["--bfcl-categories", "parallel,live_simple"], "unknown BFCL category(s) live_simple"),
+                         (["--bfcl-categories", " , "], "unknown BFCL category(s) (none)")):
+        r = CliRunner().invoke(data, [*base, "--out", str(tmp_path / "bad.jsonl"), *extra])
+        assert r.exit_code == 2 and words in r.output, r.output
+    r = CliRunner().invoke(data, ["build", "--out", str(tmp_path / "s.jsonl"), "--n", "5", "--bfcl-categories", "parallel"])
+    assert r.exit_code == 2 and "use it with --source bfcl or both" in r.output, r.output
+    with pytest.raises(ValueError, match="unknown BFCL training categories live_simple"):
+        bfcl_tasks(5, 0, data_dir=str(MINI), categories=["live_simple"])
+    with pytest.raises(ValueError, match=r"unknown BFCL training categories \(none\)"):
+        bfcl_tasks(5, 0, data_dir=str(MINI), categories=[])

@@ -106,6 +106,8 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     assert AsyncLM.from_pretrained().complete_names is True
     assert AsyncLM.from_pretrained(constrain_calls="off").complete_names is True
     assert AsyncLM.from_pretrained(complete_names=False).complete_names is False
+    # ... and reads cheat-sheet plans written time first (~300ms c1 f(a=1)), the layout it was trained on
+    assert AsyncLM.from_pretrained().plan_layout == "time-first"
     folder = tmp_path / "ckpt"
     shutil.copytree(DEFAULT_CHECKPOINT, folder)
     record_path = folder / "cml_training.json"
@@ -115,7 +117,7 @@ def test_a_checkpoint_records_its_interrupt_rule(tmp_path, caplog):
     record_path.write_text(json.dumps(record))
     assert checkpoint_runtime_defaults(folder) == {}
     bare = AsyncLM.from_pretrained(folder)
-    assert bare.interrupt_at == "token" and bare.constrain_calls == "off"
+    assert bare.interrupt_at == "token" and bare.constrain_calls == "off" and bare.plan_layout == "call-first"
     # bad or unknown settings are left out with a warning, the weights still load
     record["runtime"] = {"interrupt_at": "paragraph", "speed": "fast", "constrain_calls": "json", "no_repeat_calls": "yes"}
     record_path.write_text(json.dumps(record))

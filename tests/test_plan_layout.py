@@ -157,33 +157,35 @@ def test_training_records_the_layout_and_refuses_data_of_another(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def time_first_checkpoint(tmp_path_factory):
-    """The shipped weights, with a record that says time-first (what eval and bench must follow)."""
+def call_first_checkpoint(tmp_path_factory):
+    """The shipped weights, with a record that holds no plan layout (call-first, as every checkpoint
+    made before the option: eval and bench must follow it)."""
     from hf_asynclm.asynclm import DEFAULT_CHECKPOINT
 
-    folder = tmp_path_factory.mktemp("ckpt") / "tf"
+    folder = tmp_path_factory.mktemp("ckpt") / "cf"
     shutil.copytree(DEFAULT_CHECKPOINT, folder)
     path = folder / "cml_training.json"
     record = json.loads(path.read_text())
-    record["runtime"]["plan_layout"] = "time-first"
+    assert record["runtime"].pop("plan_layout") == "time-first"
     path.write_text(json.dumps(record))
     return folder
 
 
-def test_the_shipped_model_reads_call_first_plans():
+def test_the_shipped_model_reads_time_first_plans():
     alm = AsyncLM.from_pretrained()
-    assert alm.plan_layout == "call-first"
+    assert alm.plan_layout == "time-first"
+    assert AsyncLM.from_pretrained(plan_layout="call-first").plan_layout == "call-first"  # the caller wins
     with pytest.raises(ValueError, match="unknown plan layout"):
         AsyncLM(alm.model, alm.tokenizer, plan_layout="diagonal")
 
 
 @pytest.mark.parametrize("flags, model, layout", [
-    ([], None, "call-first"),
-    (["--plan-layout", "time-first"], None, "time-first"),
-    ([], "tf", "time-first"),
-    (["--plan-layout", "call-first"], "tf", "call-first"),
+    ([], None, "time-first"),  # the shipped cml-tiny
+    (["--plan-layout", "call-first"], None, "call-first"),
+    ([], "cf", "call-first"),
+    (["--plan-layout", "time-first"], "cf", "time-first"),
 ])
-def test_eval_writes_plans_in_the_checkpoints_layout_unless_told(flags, model, layout, time_first_checkpoint, monkeypatch, tmp_path):
+def test_eval_writes_plans_in_the_checkpoints_layout_unless_told(flags, model, layout, call_first_checkpoint, monkeypatch, tmp_path):
     import hf_asynclm.evaluation as evaluation
     from hf_asynclm_cli.eval_cmd import eval_command
 
@@ -197,7 +199,7 @@ def test_eval_writes_plans_in_the_checkpoints_layout_unless_told(flags, model, l
     monkeypatch.setattr(evaluation, "evaluate_bfcl", spy)
     args = ["--synthetic", "0", "--plan-drills", "2", "--clock", "virtual", "--max-new-tokens", "4", *flags]
     if model:
-        args += ["--model", str(time_first_checkpoint)]
+        args += ["--model", str(call_first_checkpoint)]
     r = CliRunner().invoke(eval_command, args)
     assert r.exit_code == 0, r.output
     assert len(seen) == 2
@@ -206,11 +208,11 @@ def test_eval_writes_plans_in_the_checkpoints_layout_unless_told(flags, model, l
         assert [e[0] for e in entries] == [c.call_id for c in t.calls]
 
 
-def test_bench_models_carry_the_checkpoints_layout(time_first_checkpoint):
+def test_bench_models_carry_the_checkpoints_layout(call_first_checkpoint):
     from hf_asynclm.bench.latency import _messages, load_bench_model
 
-    assert load_bench_model(str(time_first_checkpoint)).plan_layout == "time-first"
-    assert load_bench_model().plan_layout == "call-first"
+    assert load_bench_model(str(call_first_checkpoint)).plan_layout == "call-first"
+    assert load_bench_model().plan_layout == "time-first"
     assert load_bench_model("random").plan_layout == "call-first"
 
     class Toolset:
