@@ -515,7 +515,7 @@ def test_data_build_bfcl_categories_picks_tasks_and_keeps_the_default_draw(tmp_p
     picked = build("par.jsonl", "--bfcl-categories", "parallel,parallel_multiple")
     assert {ex["category"] for ex in everything} > {"parallel", "parallel_multiple"}
     assert picked and {ex["category"] for ex in picked} <= {"parallel", "parallel_multiple"}
-    # the same training tasks of those categories as the full draw holds (its side of the split)
+    # the same tasks of those categories as the full draw holds (one side of the split)
     par_ids = {ex["task_id"] for ex in everything if ex["category"] in ("parallel", "parallel_multiple")}
     assert {ex["task_id"] for ex in picked} == par_ids
     # naming every category is the default draw, line for line
