@@ -156,10 +156,10 @@ def bfcl_tasks(
     pool: list[Any] = []
     multi_turn: list[Any] = []
     for cat in _BFCL_CATEGORIES:
+        if cat not in wanted and not (cat == "multi_turn_base" and "multistep_parallel" in wanted):
+            continue
         if cat not in available:
             logger.warning("BFCL category %s not found; skipped", cat)
-            continue
-        if cat not in wanted and not (cat == "multi_turn_base" and "multistep_parallel" in wanted):
             continue
         tasks = [bfcl.to_task(e, cat) for e in bfcl.load_category(cat, data_dir)]
         train, ev = bfcl.split(tasks, seed=split_seed)
@@ -293,8 +293,7 @@ task gives one trace per mode.
 )
 @click.option(
     "--bfcl-categories", default=None, callback=_comma_choices("BFCL category", lambda: BFCL_TRAIN_CATEGORIES),
-    help="BFCL: only tasks of these categories, comma-separated (default: all of "
-    "simple_python, multiple, parallel, parallel_multiple, multi_turn_base, multistep_parallel).",
+    help=f"BFCL: only tasks of these categories, comma-separated (default: all of {', '.join(BFCL_TRAIN_CATEGORIES)}).",
 )
 @click.option("--data-dir", default=None, metavar="DIR", help="BFCL data folder (default: the installed bfcl-eval).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the stats as JSON.")
