@@ -618,10 +618,10 @@ def multistep_parallel_tasks(
 # ---------------------------------------------------------------------------------------------
 
 
-#: How :func:`with_cheat_sheet` writes each planned call: ``"call-first"`` (``c1 f(a=1) ~300ms``, every
-#: checkpoint up to cml-tiny v28) or ``"time-first"`` (``~300ms c1 f(a=1)``: the expected time right before
-#: the call id, so that a small model finds the id of the longest call next to its time, however long
-#: the call's arguments are).
+#: How :func:`with_cheat_sheet` writes each planned call: ``"call-first"`` (``c1 f(a=1) ~300ms``: every
+#: checkpoint up to cml-tiny v28, gemma-3-270m-cml) or ``"time-first"`` (``~300ms c1 f(a=1)``: the expected
+#: time right before the call id, so that a small model finds the id of the longest call next to its time,
+#: however long the call's arguments are; cml-tiny since v35).
 PLAN_LAYOUTS = ("call-first", "time-first")
 
 
