@@ -637,14 +637,20 @@ class CallChecker:
     def writable(self, schema: Mapping[str, Any] | None, tool: str | None = None) -> bool:
         """Whether some value may be written for a parameter of this schema (of ``tool``): always,
         except where values must be grounded and the parameter takes only numbers the context
-        lacks (a reference to an earlier call is always a value)."""
+        lacks, or strings whose rule (pattern, lengths) no piece of the context keeps, or both
+        (a date pattern where the conversation names no date); a reference to an earlier call is
+        always a value, and so is any value of an enum or a free-text parameter."""
         grounding = self.grounding_for(tool)
         if grounding is None or self.call_ids:
             return True
         types = _types(schema)
-        if not types or types - {"integer", "number"} or (schema or {}).get("enum"):
+        if not types or types - {"integer", "number", "string"} or (schema or {}).get("enum") or is_free_text(schema):
             return True
-        return grounding.number_prefix("", integer="number" not in types, rule=self.rule(schema))
+        rule = self.rule(schema)
+        if "string" in types and (not rule.on_strings or grounding.completes("", rule)):
+            return True
+        numbers = types & {"integer", "number"}
+        return bool(numbers) and grounding.number_prefix("", integer="number" not in numbers, rule=rule)
 
     def callable(self, name: str) -> bool:
         """Whether the tool ``name`` can be called: each of its required parameters is :meth:`writable`."""

@@ -512,6 +512,34 @@ def test_grounded_parameters_with_no_value_in_the_context_are_not_offered() -> N
     assert status("math.f") == "PREFIX"
 
 
+def test_grounded_string_parameters_whose_rule_no_piece_of_the_context_keeps_are_not_offered() -> None:
+    """Grounded, a string parameter with a pattern (a date) can only be chosen where some piece of
+    the context keeps it; a tool whose required one cannot be is not offered, so that a model asked
+    for something its tools cannot do is not led into a call it can only write broken."""
+    calendar = {"name": "get_calendar", "description": "Events on a day.", "parameters": {"type": "object", "properties": {
+        "date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+        "note": {"type": "string", "pattern": r"^[a-z]+$"}}, "required": ["date"]}}
+    tools = [calendar, WEATHER]
+    no_date = "Prices of XZRA and RNVF?"
+    assert CallChecker(tools, grounding=no_date).check("get_c").name == "INVALID"
+    assert CallChecker(tools, grounding=no_date).check("get_w").name == "PREFIX"  # its city is any word
+    assert CallChecker(tools, grounding=no_date, call_ids=["k1"]).check("get_c").name == "PREFIX"  # date=k1
+    assert CallChecker(tools).check("get_c").name == "PREFIX"  # not grounded: the schema alone
+    dated = CallChecker(tools, grounding="Events ON 2027-01-02?")
+    assert dated.check("get_c").name == "PREFIX"
+    assert dated.check('get_calendar(date="2027-01-02")').name == "COMPLETE"
+    assert dated.check('get_calendar(date="2027-01-02", n').name == "INVALID"  # no lower-case word in the context
+    assert CallChecker(tools, grounding="Events ON 2027-01-02? Note: gym").check(
+        'get_calendar(date="2027-01-02", n').name == "PREFIX"
+    # an enum or a free-text parameter needs no copy
+    free = {**calendar, "parameters": {**calendar["parameters"], "properties": {
+        "date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$", "x-free-text": True}}}}
+    assert CallChecker([free, WEATHER], grounding=no_date).check("get_c").name == "PREFIX"
+    listed = {**calendar, "parameters": {**calendar["parameters"], "properties": {
+        "date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$", "enum": ["2027-01-02"]}}}}
+    assert CallChecker([listed, WEATHER], grounding=no_date).check("get_c").name == "PREFIX"
+
+
 def test_call_ids_in_the_prompt_are_not_calls_of_the_generation() -> None:
     """A prompt's example (``[CALL] w1 [HEAD] ...``) or an earlier turn names no call the executor
     knows: its ids may be used again and are no references; the generation's own ids are."""
